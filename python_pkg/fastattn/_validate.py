@@ -1,0 +1,105 @@
+"""Input checks for every public entry point. They run before any kernel and raise
+ValueError/TypeError messages that name the argument, what was expected, what was given,
+and how to fix it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def validate_qkv(q, k, v, *, names=("q", "k", "v")) -> None:
+    """q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), Hq % Hkv == 0."""
+    qn, kn, vn = names
+    for name, t in zip(names, (q, k, v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq_len, head_dim), got {t.ndim}-D "
+                f"with shape {tuple(t.shape)}; for (batch, seq_len, heads, head_dim) inputs "
+                f"pass {name}.transpose(1, 2)"
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+                f"got {t.dtype}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"{qn}, {kn}, {vn} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+            f"cast them with .to({q.dtype})"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"{qn}, {kn}, {vn} must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(
+            f"batch sizes differ: {qn} has {B}, {kn} has {k.shape[0]}, {vn} has {v.shape[0]}"
+        )
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(
+            f"{kn} and {vn} must have the same number of heads, got {k.shape[1]} and {v.shape[1]}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(
+            f"{kn} and {vn} must have the same sequence length, got {k.shape[2]} and {v.shape[2]}"
+        )
+    if k.shape[3] != D:
+        raise ValueError(
+            f"head dims differ: {qn} has {D}, {kn} has {k.shape[3]}; queries and keys must "
+            f"share the head dim"
+        )
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({Hq}) must be a multiple of the number of key/value "
+            f"heads ({Hkv}) for grouped-query attention"
+        )
+
+
+def normalize_window(window, causal: bool) -> tuple[int, int]:
+    """Returns (left, right), -1 meaning unbounded, with causal folded in as right <= 0."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is None:
+        left, right = -1, -1
+    else:
+        if (
+            not isinstance(window, Sequence)
+            or isinstance(window, str)
+            or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+        ):
+            raise ValueError(
+                f"window must be a pair of ints (left, right) with -1 for unbounded, got {window!r}"
+            )
+        left, right = int(window[0]), int(window[1])
+        if left < -1 or right < -1:
+            raise ValueError(
+                f"window entries must be >= 0, or -1 for unbounded, got window={window!r}"
+            )
+    if causal:
+        right = 0 if right == -1 else min(right, 0)
+    return left, right
+
+
+def validate_scale(scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D) if D > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale

@@ -1,0 +1,142 @@
+"""The public attention functions: validate, describe the call, dispatch, run.
+
+    out = attention(q, k, v, *, causal=False, window=None, block_mask=None,
+                    scale=None, backend="auto", return_lse=False)
+    out = scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                       is_causal=False, scale=None, enable_gqa=False)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from ._validate import normalize_window, validate_qkv, validate_scale
+from .backends.base import Problem
+
+
+def _check_block_mask(block_mask, B, Hq, Nq, Nk, device):
+    from .sparse import BlockMask  # local: sparse is optional for dense calls
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"block_mask must be a fastattn.sparse.BlockMask (build one with "
+            f"fastattn.sparse.causal(...), from_mask_fn(...) or from_dense(...)), "
+            f"got {type(block_mask).__name__}"
+        )
+    block_mask.validate_for(B=B, H=Hq, Nq=Nq, Nk=Nk)
+    return block_mask.to(device)
+
+
+def _empty_result(q, k, v, lse_fill: float):
+    B, Hq, Nq, _ = q.shape
+    Dv = v.shape[-1]
+    # Connected to the inputs through empty sums so autograd gives zero gradients.
+    zero = q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum()
+    out = q.new_zeros((B, Hq, Nq, Dv)) + zero.to(q.dtype)
+    lse = torch.full((B, Hq, Nq), lse_fill, dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None,
+              backend="auto", return_lse=False):
+    """Fused attention over q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
+
+    Hq must be a multiple of Hkv (GQA/MQA: query head h reads kv head h // (Hq // Hkv)).
+    Masks are bottom-right aligned (FlashAttention >= 2.1), with offset = Nk - Nq:
+
+        causal=True            query i sees key j iff j <= i + offset
+        window=(left, right)   i + offset - left <= j <= i + offset + right (-1: unbounded)
+        block_mask             a fastattn.sparse.BlockMask; intersected with the above
+
+        causal, Nq=3, Nk=5:    window=(1, 0), Nq=Nk=4:
+            x x x . .              x . . .
+            x x x x .              x x . .
+            x x x x x              . x x .
+                                   . . x x
+
+    A query that sees no key returns 0 (lse -inf) and gets zero gradients.
+    scale defaults to D ** -0.5. backend: "auto" (FASTATTN_BACKEND overrides), "cpu",
+    "triton", "cuda", "sdpa" or "reference". Returns out (B, Hq, Nq, Dv) in q's dtype, and
+    with return_lse=True also lse (B, Hq, Nq) float32, the natural-log log-sum-exp of the
+    scaled, masked scores.
+    """
+    backend = dispatch.validate_backend_name(backend)
+    validate_qkv(q, k, v)
+    left_right = normalize_window(window, causal)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = validate_scale(scale, D)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if block_mask is not None:
+        block_mask = _check_block_mask(block_mask, B, Hq, Nq, Nk, q.device)
+        if left_right != (-1, -1):
+            block_mask = block_mask.with_window(*left_right)
+            left_right = (-1, -1)
+    p = Problem(
+        device=q.device, dtype=q.dtype, B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv,
+        window=left_right, block_mask=block_mask, scale=scale,
+        needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+        return_lse=return_lse,
+    )
+    impl = dispatch.select(p, backend)  # raises before any kernel runs
+    if B == 0 or Hq == 0 or Nq == 0 or Nk == 0:
+        out, lse = _empty_result(q, k, v, float("-inf"))
+    else:
+        out, lse = impl.forward(q, k, v, p)
+    return (out, lse) if return_lse else out
+
+
+# Backends that scaled_dot_product_attention routes to; anything else goes to torch.
+_SDPA_FUSED = ("cuda", "triton", "cpu")
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention, same signature and semantics
+    (is_causal is top-left aligned, as in torch). Calls fastattn's fused kernels where they
+    apply (4-D inputs, no attn_mask, no dropout) and torch's own function otherwise."""
+    torch_sdpa = _torch_sdpa()
+    args = (query, key, value)
+    kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                  enable_gqa=enable_gqa)
+    route = (
+        all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in args)
+        and attn_mask is None
+        and dropout_p == 0.0
+        and query.dtype == key.dtype == value.dtype
+        and query.device == key.device == value.device
+        and query.shape[0] == key.shape[0] == value.shape[0]
+        and key.shape[1] == value.shape[1] and key.shape[2] == value.shape[2]
+        and query.shape[-1] == key.shape[-1]
+        and (query.shape[1] == key.shape[1] or (enable_gqa and key.shape[1] > 0
+                                                and query.shape[1] % key.shape[1] == 0))
+        and (not is_causal or query.shape[2] >= key.shape[2])
+        and min(query.shape[2], key.shape[2], query.shape[0], query.shape[1]) > 0
+    )
+    if not route:
+        return torch_sdpa(*args, **kwargs)
+    Nq, Nk = query.shape[2], key.shape[2]
+    # torch's causal is top-left: j <= i, i.e. right = Nq - Nk in bottom-right terms.
+    window = (-1, Nq - Nk) if is_causal else (-1, -1)
+    validate_scale(scale, query.shape[-1])
+    p = Problem(
+        device=query.device, dtype=query.dtype, B=query.shape[0], Hq=query.shape[1],
+        Hkv=key.shape[1], Nq=Nq, Nk=Nk, D=query.shape[-1], Dv=value.shape[-1],
+        window=window, block_mask=None, scale=validate_scale(scale, query.shape[-1]),
+        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in args),
+        return_lse=False,
+    )
+    try:
+        impl = dispatch.select(p, "auto", candidates=_SDPA_FUSED)
+    except dispatch.BackendUnavailableError:
+        return torch_sdpa(*args, **kwargs)
+    return impl.forward(query, key, value, p)[0]
+
+
+def _torch_sdpa():
+    """torch's original function, even while fastattn.patch_sdpa() has replaced it."""
+    return getattr(F.scaled_dot_product_attention, "__fastattn_original__",
+                   F.scaled_dot_product_attention)

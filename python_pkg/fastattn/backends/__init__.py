@@ -1,0 +1,1 @@
+"""Attention backends. Each module holds one `Backend` subclass; see base.py."""

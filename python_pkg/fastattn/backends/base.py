@@ -1,0 +1,99 @@
+"""What every backend shares: the description of one attention call (`Problem`) and the
+`Backend` interface the dispatcher talks to.
+
+A backend module defines one subclass of `Backend` and nothing that imports the public API
+or the dispatcher. Backends see causal/window already folded into `window = (left, right)`
+(bottom-right aligned, -1 = unbounded, causal == right <= 0), and when a block mask is
+given, the window already intersected into it (`problem.window == (-1, -1)` then).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Shapes and options of one call; no tensors. q (B, Hq, Nq, D), k (B, Hkv, Nk, D),
+    v (B, Hkv, Nk, Dv)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    D: int
+    Dv: int
+    window: tuple[int, int]  # (left, right), bottom-right aligned, -1 = unbounded
+    block_mask: Any  # fastattn.sparse.BlockMask or None
+    scale: float
+    needs_grad: bool
+    return_lse: bool
+
+    @property
+    def is_masked(self) -> bool:
+        return self.window != (-1, -1) or self.block_mask is not None
+
+
+class Backend(abc.ABC):
+    """Interface of a backend.
+
+    name:        registry key ("cpu", "triton", ...)
+    priority:    higher wins under backend="auto" among those that can serve a call
+    available(): (bool, reason) — is it built/installed/usable on this machine at all
+    why_not(p):  every reason it cannot serve problem p (empty list = it can)
+    forward(...): differentiable attention; returns (out, lse) where lse is (B, Hq, Nq)
+                  float32 natural-log log-sum-exp, or None when return_lse is False and
+                  computing it would cost extra
+    """
+
+    name: str = "?"
+    priority: int = 0
+    # Declared capabilities, shown by `fastattn info` and the README table.
+    devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = ()
+    max_head_dim: int = 0
+    supports_window: bool = False
+    supports_block_mask: bool = False
+    supports_backward: bool = False
+    supports_lse: bool = False
+
+    def available(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    def auto_priority(self, p: Problem) -> int | None:
+        """Priority under backend="auto" for problem p; None = serve it only when asked by
+        name (e.g. Triton's CPU interpreter: correct but far too slow to pick by default)."""
+        return self.priority
+
+    def why_not(self, p: Problem) -> list[str]:
+        reasons = []
+        ok, why = self.available()
+        if not ok:
+            return [why]
+        if p.device.type not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)}, inputs are on {p.device.type}")
+        if p.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            reasons.append(f"supports dtypes {names}, got {str(p.dtype).replace('torch.', '')}")
+        if max(p.D, p.Dv) > self.max_head_dim:
+            reasons.append(f"supports head dims up to {self.max_head_dim}, got {max(p.D, p.Dv)}")
+        if p.window != (-1, -1) and not self.supports_window:
+            reasons.append("does not support causal/window masks")
+        if p.block_mask is not None and not self.supports_block_mask:
+            reasons.append("does not support block masks")
+        if p.needs_grad and not self.supports_backward:
+            reasons.append("has no backward pass and an input requires grad")
+        if p.return_lse and not self.supports_lse:
+            reasons.append("cannot return the log-sum-exp (return_lse=True)")
+        return reasons
+
+    @abc.abstractmethod
+    def forward(self, q, k, v, p: Problem):
+        """q, k, v as in Problem; returns (out, lse or None)."""

@@ -1,0 +1,85 @@
+"""cpu: fastattn's fused C++ kernels (csrc/cpu), forward and backward.
+
+The kernels are torch.library custom ops defined in C++ (csrc/bindings/cpu_ops.cpp):
+
+    fastattn::cpu_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
+    fastattn::cpu_bwd(dout, q, k, v, out, lse, scale, window_left, window_right,
+                      block_mask[]) -> (dq, dk, dv)
+
+This module gives them fake (meta) implementations for torch.compile and registers the
+autograd formula, so calling torch.ops.fastattn.cpu_fwd is differentiable.
+block_mask[] is empty for dense/window calls, else BlockMask.kernel_tensors().
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Backend, Problem
+
+try:
+    from .. import _C  # noqa: F401  (loads the library that defines torch.ops.fastattn.cpu_*)
+
+    _LOAD_ERROR = None
+except ImportError as e:  # extension not built
+    _C = None
+    _LOAD_ERROR = str(e)
+
+
+def _register():
+    @torch.library.register_fake("fastattn::cpu_fwd")
+    def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask):
+        B, Hq, Nq, _ = q.shape
+        out = q.new_empty((B, Hq, Nq, v.shape[-1]))
+        lse = q.new_empty((B, Hq, Nq), dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("fastattn::cpu_bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, wl, wr, block_mask = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, *block_mask)
+        ctx.scale, ctx.wl, ctx.wr, ctx.n_bm = scale, wl, wr, len(block_mask)
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *block_mask = ctx.saved_tensors
+        if dlse is not None and bool((dlse != 0).any()):
+            raise RuntimeError(
+                "fastattn cpu backend: gradients through the returned lse are not supported; "
+                "use backend='reference' if the loss depends on lse"
+            )
+        dq, dk, dv = torch.ops.fastattn.cpu_bwd(
+            dout, q, k, v, out, lse, ctx.scale, ctx.wl, ctx.wr, block_mask)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd("fastattn::cpu_fwd", backward, setup_context=setup_context)
+
+
+if _C is not None:
+    _register()
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+    priority = 20
+    devices = ("cpu",)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    max_head_dim = 256
+    supports_window = True
+    supports_block_mask = True
+    supports_backward = True
+    supports_lse = True
+
+    def available(self):
+        if _C is None:
+            return False, (f"the compiled extension fastattn._C is not built ({_LOAD_ERROR}); "
+                           "run `pip install --no-build-isolation -e .`")
+        return True, "ok"
+
+    def forward(self, q, k, v, p: Problem):
+        bm = [] if p.block_mask is None else p.block_mask.kernel_tensors()
+        out, lse = torch.ops.fastattn.cpu_fwd(q, k, v, p.scale, p.window[0], p.window[1], bm)
+        return out, lse

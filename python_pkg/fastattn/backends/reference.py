@@ -1,0 +1,56 @@
+"""reference: naive attention that materializes the (Nq, Nk) scores. The oracle of every
+test and the "naive" baseline of every benchmark. Differentiable through plain autograd.
+
+Low-precision inputs are computed in float32 and cast back; float64 stays float64 (the
+tests' oracle)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..masking import window_mask
+from .base import Backend, Problem
+
+
+def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None):
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); mask: bool broadcastable to
+    (B, Hq, Nq, Nk), True = visible. Returns out (B, Hq, Nq, Dv) in q's dtype and lse
+    (B, Hq, Nq) float32. A row with no visible key gives out 0 and lse -inf."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
+    if Hkv != Hq:  # GQA: query head h reads kv head h // (Hq // Hkv)
+        kc = kc.repeat_interleave(Hq // Hkv, dim=1)
+        vc = vc.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
+    if window != (-1, -1):
+        m = window_mask(Nq, Nk, *window, device=q.device)
+        mask = m if mask is None else (mask & m)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    m_row = s.amax(dim=-1, keepdim=True).detach()
+    m_row = torch.where(torch.isfinite(m_row), m_row, torch.zeros_like(m_row))
+    p = torch.exp(s - m_row)
+    l_row = p.sum(dim=-1, keepdim=True)
+    out = torch.matmul(p / torch.where(l_row == 0, torch.ones_like(l_row), l_row), vc)
+    lse = (m_row + torch.log(l_row)).squeeze(-1)
+    return out.to(q.dtype), lse.float()
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    priority = 0
+    devices = ("cpu", "cuda")
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    max_head_dim = 1 << 30
+    supports_window = True
+    supports_block_mask = True
+    supports_backward = True
+    supports_lse = True
+
+    def forward(self, q, k, v, p: Problem):
+        mask = None
+        if p.block_mask is not None:
+            mask = p.block_mask.to_dense()  # (B|1, H|1, Nq, Nk) bool
+        return reference_attention(q, k, v, scale=p.scale, window=p.window, mask=mask)

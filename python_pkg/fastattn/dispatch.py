@@ -1,0 +1,105 @@
+"""Backend registry and selection: public API -> dispatch -> one backend.
+
+Backends register here by name; `select(problem, name)` returns the backend that serves a
+call. "auto" picks the highest-priority backend that can serve it (cuda > triton on GPU,
+cpu on CPU, reference as the last resort); FASTATTN_BACKEND overrides "auto". An explicit
+backend that cannot serve the call raises with every reason (and every other backend's,
+so the user sees what would work)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from .backends.base import Backend, Problem
+
+# name -> "module:Class", imported lazily so a missing optional dependency (triton, the CUDA
+# extension) only makes that backend unavailable.
+_BACKEND_PATHS = {
+    "reference": "fastattn.backends.reference:ReferenceBackend",
+    "sdpa": "fastattn.backends.sdpa:SDPABackend",
+    "cpu": "fastattn.backends.cpu:CPUBackend",
+    "triton": "fastattn.backends.triton:TritonBackend",
+    "cuda": "fastattn.backends.cuda:CUDABackend",
+}
+_instances: dict[str, Backend | None] = {}
+_import_errors: dict[str, str] = {}
+
+BACKEND_NAMES = tuple(_BACKEND_PATHS)
+
+
+class BackendUnavailableError(ValueError):
+    """Raised when the requested backend cannot serve a call; lists every reason."""
+
+
+def get(name: str) -> Backend | None:
+    if name not in _instances:
+        mod_name, cls_name = _BACKEND_PATHS[name].split(":")
+        try:
+            _instances[name] = getattr(importlib.import_module(mod_name), cls_name)()
+        except ImportError as e:  # optional backend not present
+            _instances[name] = None
+            _import_errors[name] = f"not installed: {e}"
+    return _instances[name]
+
+
+def availability(name: str) -> tuple[bool, str]:
+    b = get(name)
+    if b is None:
+        return False, _import_errors.get(name, "not installed")
+    return b.available()
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """{name: (available, reason)} for every backend fastattn knows."""
+    return {name: availability(name) for name in BACKEND_NAMES}
+
+
+def reasons(name: str, p: Problem) -> list[str]:
+    b = get(name)
+    if b is None:
+        return [_import_errors.get(name, "not installed")]
+    return b.why_not(p)
+
+
+def validate_backend_name(backend) -> str:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in _BACKEND_PATHS):
+        raise ValueError(
+            f"backend must be 'auto' or one of {', '.join(repr(n) for n in BACKEND_NAMES)}, "
+            f"got {backend!r}"
+        )
+    if backend == "auto":
+        env = os.environ.get("FASTATTN_BACKEND", "").strip()
+        if env and env != "auto":
+            if env not in _BACKEND_PATHS:
+                raise ValueError(
+                    f"environment variable FASTATTN_BACKEND must be 'auto' or one of "
+                    f"{', '.join(BACKEND_NAMES)}, got {env!r}"
+                )
+            return env
+    return backend
+
+
+def select(p: Problem, backend: str = "auto", *, candidates=None) -> Backend:
+    """The backend that serves problem p. `backend` must be validated already."""
+    if backend != "auto":
+        why = reasons(backend, p)
+        if why:
+            others = []
+            for name in BACKEND_NAMES:
+                if name != backend:
+                    r = reasons(name, p)
+                    others.append(f"  {name}: " + ("can serve it" if not r else "; ".join(r)))
+            raise BackendUnavailableError(
+                f"backend {backend!r} cannot serve this call:\n  - "
+                + "\n  - ".join(why)
+                + "\nother backends:\n"
+                + "\n".join(others)
+            )
+        return get(backend)
+    names = candidates if candidates is not None else BACKEND_NAMES
+    ok = [get(n) for n in names if not reasons(n, p) and get(n).auto_priority(p) is not None]
+    if not ok:
+        detail = "\n".join(f"  {n}: " + "; ".join(reasons(n, p)) for n in names)
+        raise BackendUnavailableError(f"no backend can serve this call:\n{detail}")
+    return max(ok, key=lambda b: b.auto_priority(p))
