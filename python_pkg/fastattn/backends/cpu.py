@@ -3,7 +3,7 @@
 The kernels are torch.library custom ops defined in C++ (csrc/bindings/cpu_ops.cpp):
 
     fastattn::cpu_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
-    fastattn::cpu_bwd(dout, q, k, v, out, lse, scale, window_left, window_right,
+    fastattn::cpu_bwd(dout, q, k, v, out, lse, dlse?, scale, window_left, window_right,
                       block_mask[]) -> (dq, dk, dv)
 
 This module gives them fake (meta) implementations for torch.compile and registers the
@@ -35,7 +35,7 @@ def _register():
         return out, lse
 
     @torch.library.register_fake("fastattn::cpu_bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask):
+    def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, block_mask):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx, inputs, output):
@@ -46,14 +46,10 @@ def _register():
 
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *block_mask = ctx.saved_tensors
-        if dlse is not None and bool((dlse != 0).any()):
-            raise RuntimeError(
-                "fastattn cpu backend: gradients through the returned lse are not supported; "
-                "use backend='reference' if the loss depends on lse"
-            )
+        # dlse flows in when a loss depends on the returned lse (ring attention merges on it).
         dq, dk, dv = torch.ops.fastattn.cpu_bwd(
-            dout, q, k, v, out, lse, ctx.scale, ctx.wl, ctx.wr, block_mask)
-        return dq, dk, dv, None, None, None, None
+            dout, q, k, v, out, lse, dlse, ctx.scale, ctx.wl, ctx.wr, block_mask)
+        return dq, dk, dv, None, None, None, [None] * ctx.n_bm
 
     torch.library.register_autograd("fastattn::cpu_fwd", backward, setup_context=setup_context)
 
@@ -80,6 +76,9 @@ class CPUBackend(Backend):
         return True, "ok"
 
     def forward(self, q, k, v, p: Problem):
-        bm = [] if p.block_mask is None else p.block_mask.kernel_tensors()
-        out, lse = torch.ops.fastattn.cpu_fwd(q, k, v, p.scale, p.window[0], p.window[1], bm)
+        if p.block_mask is None:
+            bm, (wl, wr) = [], p.window
+        else:  # the mask carries its own token rule for partial blocks
+            bm, (wl, wr) = p.block_mask.kernel_tensors(), p.block_mask.window
+        out, lse = torch.ops.fastattn.cpu_fwd(q, k, v, p.scale, wl, wr, bm)
         return out, lse

@@ -1,0 +1,141 @@
+// TORCH_LIBRARY bindings of the CPU kernels (csrc/cpu) plus the pybind11 module fastattn._C.
+//
+//   fastattn::cpu_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
+//   fastattn::cpu_bwd(dout, q, k, v, out, lse, dlse?, scale, window_left, window_right,
+//                     block_mask[]) -> (dq, dk, dv)
+//
+// The checks here guard the kernels against malformed calls that bypass the Python API
+// (which validates first and gives friendlier messages).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/attention_cpu.h"
+
+namespace {
+
+#define FA_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "fastattn cpu: ", __VA_ARGS__)
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto* t : {&q, &k, &v}) {
+    FA_CHECK(t->device().is_cpu(), "expected CPU tensors, got a tensor on ", t->device(),
+             "; use backend='cuda' or 'triton' for GPU tensors");
+    FA_CHECK(t->dim() == 4, "expected 4-D (B, H, N, D) tensors, got ", t->dim(), "-D");
+  }
+  const auto dt = q.scalar_type();
+  FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+           "supports float32, bfloat16 and float16, got ", dt);
+  FA_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "q, k, v must share one dtype");
+  FA_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "batch sizes differ");
+  FA_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), "k and v must have the same heads and length");
+  FA_CHECK(k.size(3) == q.size(3), "q and k must have the same head dim");
+  FA_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "query heads (", q.size(1),
+           ") must be a multiple of key/value heads (", k.size(1), ")");
+  FA_CHECK(q.size(3) >= 1 && q.size(3) <= 256 && v.size(3) >= 1 && v.size(3) <= 256,
+           "head dims must be in [1, 256], got ", q.size(3), " and ", v.size(3));
+}
+
+void check_block_mask(const std::vector<at::Tensor>& bm, const at::Tensor& q, const at::Tensor& k) {
+  if (bm.empty()) return;
+  FA_CHECK(bm.size() == 11, "block_mask must be the 11 tensors of BlockMask.kernel_tensors(), got ", bm.size());
+  for (size_t i = 0; i < 10; ++i) {
+    FA_CHECK(bm[i].scalar_type() == at::kInt && bm[i].is_contiguous() && bm[i].device().is_cpu(),
+             "block_mask tensor ", i, " must be a contiguous int32 CPU tensor");
+    FA_CHECK(bm[i].dim() == ((i % 5 == 0 || i % 5 == 2) ? 3 : 4), "block_mask tensor ", i, " has the wrong rank");
+  }
+  FA_CHECK(bm[10].scalar_type() == at::kByte && bm[10].dim() == 3 && bm[10].is_contiguous(),
+           "block_mask partial_masks must be a contiguous uint8 (P, BLOCK_M, BLOCK_N) tensor");
+  const int64_t BM = bm[10].size(1), BN = bm[10].size(2);
+  FA_CHECK(BM > 0 && BN > 0, "block sizes must be positive");
+  const int64_t NQB = (q.size(2) + BM - 1) / BM, NKB = (k.size(2) + BN - 1) / BN;
+  const int64_t Bm = bm[0].size(0), Hm = bm[0].size(1);
+  FA_CHECK((Bm == 1 || Bm == q.size(0)) && (Hm == 1 || Hm == q.size(1)),
+           "block_mask layout (", Bm, ", ", Hm, ") does not broadcast to (batch, heads) = (", q.size(0), ", ",
+           q.size(1), ")");
+  for (int i : {0, 1, 2, 3, 4})
+    FA_CHECK(bm[i].size(0) == Bm && bm[i].size(1) == Hm && bm[i].size(2) == NQB,
+             "block_mask forward lists do not match Nq = ", q.size(2), " with BLOCK_M = ", BM);
+  for (int i : {5, 6, 7, 8, 9})
+    FA_CHECK(bm[i].size(0) == Bm && bm[i].size(1) == Hm && bm[i].size(2) == NKB,
+             "block_mask backward lists do not match Nk = ", k.size(2), " with BLOCK_N = ", BN);
+  FA_CHECK(bm[4].sizes() == bm[1].sizes() && bm[9].sizes() == bm[6].sizes(), "mask id lists misaligned");
+  // Indices are trusted by the kernels only after this (cheap, O(#blocks)) scan.
+  const int64_t P = bm[10].size(0);
+  auto lists_ok = [P](const at::Tensor& num, const at::Tensor& idx, const at::Tensor* ids, int64_t hi) {
+    const int32_t* np = num.data_ptr<int32_t>();
+    const int32_t* ip = idx.data_ptr<int32_t>();
+    const int32_t* dp = ids ? ids->data_ptr<int32_t>() : nullptr;
+    const int64_t w = idx.size(3);
+    for (int64_t row = 0; row < num.numel(); ++row) {
+      const int32_t cnt = np[row];
+      if (cnt < 0 || cnt > w) return false;
+      for (int32_t e = 0; e < cnt; ++e) {
+        if (ip[row * w + e] < 0 || ip[row * w + e] >= hi) return false;
+        if (dp && (dp[row * w + e] < -1 || dp[row * w + e] >= P)) return false;
+      }
+    }
+    return true;
+  };
+  FA_CHECK(lists_ok(bm[0], bm[1], &bm[4], NKB) && lists_ok(bm[2], bm[3], nullptr, NKB) &&
+               lists_ok(bm[5], bm[6], &bm[9], NQB) && lists_ok(bm[7], bm[8], nullptr, NQB),
+           "block_mask holds out-of-range block indices, counts or mask ids (malformed layout)");
+}
+
+void check_window(int64_t l, int64_t r) {
+  FA_CHECK(l >= -1 && r >= -1, "window entries must be >= -1 (-1 = unbounded), got (", l, ", ", r, ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> cpu_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           double scale, int64_t wl, int64_t wr,
+                                           const std::vector<at::Tensor>& block_mask) {
+  check_qkv(q, k, v);
+  check_window(wl, wr);
+  check_block_mask(block_mask, q, k);
+  return fastattn::cpu::attention_fwd(q, k, v, scale, wl, wr, block_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                       const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& out, const at::Tensor& lse,
+                                                       const c10::optional<at::Tensor>& dlse, double scale, int64_t wl,
+                                                       int64_t wr, const std::vector<at::Tensor>& block_mask) {
+  check_qkv(q, k, v);
+  check_window(wl, wr);
+  check_block_mask(block_mask, q, k);
+  FA_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape");
+  FA_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+           "lse must be (B, Hq, Nq)");
+  return fastattn::cpu::attention_bwd(dout, q, k, v, out, lse, dlse, scale, wl, wr, block_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  m.def("cpu_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
+        "Tensor[] block_mask) -> (Tensor, Tensor)");
+  m.def("cpu_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+        "float scale, int window_left, int window_right, Tensor[] block_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("cpu_fwd", &cpu_fwd);
+  m.impl("cpu_bwd", &cpu_bwd);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastattn CPU kernels; the ops live in torch.ops.fastattn";
+  m.def("build_info", []() {
+    std::string s = "compiler: ";
+#if defined(__clang__)
+    s += "clang " __clang_version__;
+#elif defined(__GNUC__)
+    s += "gcc " __VERSION__;
+#endif
+#if defined(__AVX512F__)
+    s += ", AVX-512";
+#elif defined(__AVX2__)
+    s += ", AVX2";
+#endif
+    s += ", threads: " + std::to_string(at::get_num_threads());
+    return s;
+  });
+}
