@@ -50,7 +50,7 @@ def _extensions():
     native = os.environ.get("FASTATTN_NATIVE", "1") != "0"
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
     cxx += ["-march=native"] if native else ["-march=x86-64-v3"]
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings/cpu_ops.cpp"]
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/bindings/cpu_*.cpp"))
     exts = [
         CppExtension(
             "fastattn._C",

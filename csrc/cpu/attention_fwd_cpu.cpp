@@ -113,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
           for (int64_t r = 0; r < m; ++r) {
             float* row = s.data() + r * BN;
             const float mx = row_max(row, n);
-            const float m_new = std::max(m_i[r], mx);
+            const float m_new = mx != mx ? mx : std::max(m_i[r], mx);  // NaN propagates
             if (m_new == kNegInf) {  // nothing visible yet in this row: P = 0
               std::fill(row, row + n, 0.f);
               continue;
@@ -130,10 +130,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
         scalar_t* op = out_ptr + ((b * Hq + h) * Nq + i0) * Dv;
         float* lp = lse_ptr + (b * Hq + h) * Nq + i0;
         for (int64_t r = 0; r < m; ++r) {
-          const float l = l_i[r];
-          const float inv = l > 0.f ? 1.f / l : 0.f;
+          const float l = l_i[r];  // 0: no visible key; NaN: NaN inputs (propagate)
+          const float inv = l == 0.f ? 0.f : 1.f / l;
           for (int64_t d = 0; d < Dv; ++d) op[r * Dv + d] = static_cast<scalar_t>(acc[r * Dv + d] * inv);
-          lp[r] = l > 0.f ? (m_i[r] + std::log2(l)) * kLn2 : kNegInf;
+          lp[r] = l == 0.f ? kNegInf : (m_i[r] + std::log2(l)) * kLn2;
         }
       }
       at::native::cpublas::brgemm_release(false);

@@ -40,10 +40,15 @@ inline float exp2_fast(float x) {
   return (x != x) ? x : r;  // NaN propagates
 }
 
+// Maximum of x[0:n]; NaN if any element is NaN (so NaN inputs propagate to the output).
 inline float row_max(const float* x, int64_t n) {
   float m = kNegInf;
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+    nan |= x[i] != x[i];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 // x[i] = exp2(x[i] * a - b); returns the sum.

@@ -12,13 +12,16 @@ from ..masking import window_mask
 from .base import Backend, Problem
 
 
-def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None):
+def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None,
+                        compute_dtype=None):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); mask: bool broadcastable to
     (B, Hq, Nq, Nk), True = visible. Returns out (B, Hq, Nq, Dv) in q's dtype and lse
-    (B, Hq, Nq) float32. A row with no visible key gives out 0 and lse -inf."""
+    (B, Hq, Nq) float32. A row with no visible key gives out 0 and lse -inf.
+    compute_dtype: the precision of the math (default float32, float64 for float64 inputs);
+    tests pass the input dtype to measure torch's own low-precision error."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
     if Hkv != Hq:  # GQA: query head h reads kv head h // (Hq // Hkv)
         kc = kc.repeat_interleave(Hq // Hkv, dim=1)

@@ -1,0 +1,169 @@
+"""cpu backend (fused C++ kernels) and reference backend against the float64 oracle, by the
+DESIGN.md rule: forward, lse and q/k/v gradients."""
+
+import pytest
+from conftest import requires_cpu_ext
+import torch
+from oracle import check_against_oracle, make_qkv
+
+import fastattn
+
+pytestmark = requires_cpu_ext
+
+LENGTHS = [(1, 1), (17, 17), (97, 97), (257, 257), (1025, 1025),
+           (1, 97), (17, 257), (97, 17), (257, 1025), (1025, 97)]
+
+
+def _call(backend, **kw):
+    return lambda q, k, v: fastattn.attention(q, k, v, backend=backend, return_lse=True, **kw)
+
+
+# (Nq, Nk, D): every length pair with every head dim, except the largest products (those
+# run in test_cpu_large_slow) to keep the default suite quick.
+SHAPES = [(nq, nk, d) for nq, nk in LENGTHS for d in (16, 40, 64, 128)
+          if nq * nk * d <= 1025 * 1025 * 64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk,D", SHAPES)
+def test_cpu_dense_causal(Nq, Nk, D, causal, dtype):
+    q, k, v = make_qkv(1, 2, 2, Nq, Nk, D, dtype)
+    window = (-1, 0) if causal else (-1, -1)
+    check_against_oracle(_call("cpu", causal=causal), q, k, v, window=window)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [128, 256])
+def test_cpu_large_slow(D, causal, dtype):
+    q, k, v = make_qkv(2, 4, 2, 1025, 1025, D, dtype)
+    check_against_oracle(_call("cpu", causal=causal), q, k, v,
+                         window=(-1, 0) if causal else (-1, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [(0, 0), (16, 0), (5, 9), (-1, 3), (40, -1), (100, 100)])
+@pytest.mark.parametrize("Nq,Nk", [(97, 97), (61, 200), (200, 61), (257, 257)])
+def test_cpu_window(Nq, Nk, window, dtype):
+    q, k, v = make_qkv(1, 2, 1, Nq, Nk, 40, dtype)
+    check_against_oracle(_call("cpu", window=window), q, k, v, window=window)
+
+
+def test_cpu_window_with_causal_folds():
+    q, k, v = make_qkv(1, 2, 2, 130, 130, 32, torch.float32)
+    check_against_oracle(_call("cpu", window=(20, 7), causal=True), q, k, v, window=(20, 0))
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(8, 1), (8, 2), (6, 3), (4, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_gqa(Hq, Hkv, causal):
+    q, k, v = make_qkv(2, Hq, Hkv, 77, 131, 64, torch.float32)
+    check_against_oracle(_call("cpu", causal=causal), q, k, v,
+                         window=(-1, 0) if causal else (-1, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_value_head_dim_differs(dtype):
+    q, k, v = make_qkv(1, 2, 2, 50, 70, 32, dtype, Dv=48)
+    check_against_oracle(_call("cpu", causal=True), q, k, v, window=(-1, 0))
+
+
+def test_cpu_fully_masked_rows_give_zero_and_zero_grads():
+    # Nq > Nk with bottom-right causal: the first Nq - Nk queries see no key.
+    q, k, v = make_qkv(1, 2, 2, 40, 10, 16, torch.float32)
+    out, lse = fastattn.attention(q, k, v, causal=True, backend="cpu", return_lse=True)
+    assert torch.equal(out[:, :, :30], torch.zeros_like(out[:, :, :30]))
+    assert torch.isneginf(lse[:, :, :30]).all() and torch.isfinite(lse[:, :, 30:]).all()
+    out.sum().backward()
+    assert torch.equal(q.grad[:, :, :30], torch.zeros_like(q.grad[:, :, :30]))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    check_against_oracle(_call("cpu", causal=True), q, k, v, window=(-1, 0))
+
+
+def test_cpu_window_that_sees_nothing():
+    # window right of the diagonal only, beyond Nk: every row is empty
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, torch.float32)
+    out, lse = fastattn.attention(q, k, v, window=(-1, 0), backend="cpu", return_lse=True)
+    assert torch.isfinite(out).all()
+    out2, lse2 = fastattn.attention(q[:, :, :0], k, v, backend="cpu", return_lse=True)
+    assert out2.shape == (1, 1, 0, 16) and lse2.shape == (1, 1, 0)
+
+
+def test_cpu_noncontiguous_inputs():
+    base = torch.randn(2, 97, 4, 3, 40)  # (B, N, H, 3, D): q/k/v interleaved like a packed qkv
+    q, k, v = (base[:, :, :, i].transpose(1, 2) for i in range(3))  # strided (B, H, N, D)
+    assert not q.is_contiguous()
+    check_against_oracle(_call("cpu", causal=True), q, k, v, window=(-1, 0))
+    # last-dim stride != 1
+    qt = torch.randn(1, 2, 40, 33).transpose(2, 3)  # (1, 2, 33, 40) with stride(-1) = 33
+    kt = torch.randn(1, 2, 40, 33).transpose(2, 3)
+    vt = torch.randn(1, 2, 33, 40)
+    check_against_oracle(_call("cpu"), qt, kt, vt)
+
+
+def test_cpu_custom_scale_and_negative_scale():
+    q, k, v = make_qkv(1, 2, 2, 65, 65, 32, torch.float32)
+    check_against_oracle(_call("cpu", scale=0.3), q, k, v, scale=0.3)
+    check_against_oracle(_call("cpu", scale=-0.2, causal=True), q, k, v, scale=-0.2, window=(-1, 0))
+
+
+def test_cpu_gradient_through_lse():
+    # A loss on lse (as ring attention's merge has) gets the right gradients.
+    q, k, v = make_qkv(1, 2, 1, 33, 47, 16, torch.float32)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse = fastattn.attention(q, k, v, causal=True, backend="cpu", return_lse=True)
+    (out.sum() + (lse * torch.linspace(0, 1, 33)).sum()).backward()
+    o2, l2 = fastattn.attention(q64, k64, v64, causal=True, backend="reference", return_lse=True)
+    (o2.sum() + (l2 * torch.linspace(0, 1, 33).double()).sum()).backward()
+    for a, b in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(a.grad.double(), b.grad, atol=2e-5, rtol=1e-4)
+
+
+def test_cpu_nan_input_propagates_without_crash():
+    q, k, v = make_qkv(1, 1, 1, 20, 20, 16, torch.float32, requires_grad=False)
+    q[0, 0, 3, 2] = float("nan")
+    out = fastattn.attention(q, k, v, backend="cpu")
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isfinite(out[0, 0, :3]).all()
+
+
+def test_cpu_deterministic_backward():
+    q, k, v = make_qkv(1, 4, 2, 300, 300, 64, torch.float32)
+    grads = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        fastattn.attention(qq, kk, vv, causal=True, backend="cpu").square().sum().backward()
+        grads.append((qq.grad, kk.grad, vv.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_cpu_respects_thread_count():
+    q, k, v = make_qkv(1, 4, 4, 200, 200, 32, torch.float32, requires_grad=False)
+    ref = fastattn.attention(q, k, v, backend="cpu")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastattn.attention(q, k, v, backend="cpu")
+    finally:
+        torch.set_num_threads(n)
+    torch.testing.assert_close(one, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backend_matches_float64_oracle(causal):
+    q, k, v = make_qkv(2, 4, 2, 33, 57, 16, torch.bfloat16)
+    check_against_oracle(_call("reference", causal=causal), q, k, v,
+                         window=(-1, 0) if causal else (-1, -1))
+
+
+def test_auto_picks_cpu_on_cpu():
+    from fastattn import dispatch
+    from fastattn.backends.base import Problem
+
+    p = Problem(device=torch.device("cpu"), dtype=torch.float32, B=1, Hq=2, Hkv=2, Nq=8, Nk=8,
+                D=16, Dv=16, window=(-1, -1), block_mask=None, scale=0.25, needs_grad=True,
+                return_lse=False)
+    assert dispatch.select(p, "auto").name == "cpu"
