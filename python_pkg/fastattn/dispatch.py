@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import os
 
+import torch
+
 from .backends.base import Backend, Problem
 
 # name -> "module:Class", imported lazily so a missing optional dependency (triton, the CUDA
@@ -32,7 +34,22 @@ class BackendUnavailableError(ValueError):
     """Raised when the requested backend cannot serve a call; lists every reason."""
 
 
+@torch._dynamo.assume_constant_result
+def _load_all() -> bool:
+    """Imports every backend. Under torch.compile dynamo runs this eagerly instead of
+    tracing it (it cannot trace importlib), before the traced code first reads _instances."""
+    for name in BACKEND_NAMES:
+        _load(name)
+    return True
+
+
 def get(name: str) -> Backend | None:
+    if torch.compiler.is_compiling():
+        _load_all()
+    return _load(name)
+
+
+def _load(name: str) -> Backend | None:
     if name not in _instances:
         mod_name, cls_name = _BACKEND_PATHS[name].split(":")
         try:
@@ -40,6 +57,9 @@ def get(name: str) -> Backend | None:
         except ImportError as e:  # optional backend not present
             _instances[name] = None
             _import_errors[name] = f"not installed: {e}"
+        except Exception as e:  # a broken optional backend must not break the others
+            _instances[name] = None
+            _import_errors[name] = f"failed to load: {type(e).__name__}: {e}"
     return _instances[name]
 
 
@@ -102,4 +122,9 @@ def select(p: Problem, backend: str = "auto", *, candidates=None) -> Backend:
     if not ok:
         detail = "\n".join(f"  {n}: " + "; ".join(reasons(n, p)) for n in names)
         raise BackendUnavailableError(f"no backend can serve this call:\n{detail}")
-    return max(ok, key=lambda b: b.auto_priority(p))
+    # A plain loop rather than max(key=...): torch.compile (dynamo) traces it without a break.
+    best = ok[0]
+    for b in ok[1:]:
+        if b.auto_priority(p) > best.auto_priority(p):
+            best = b
+    return best
