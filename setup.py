@@ -10,6 +10,8 @@ Environment knobs:
   FASTATTN_CUDA_ARCHS   e.g. "80;90" (default "80;90")
   FASTATTN_NATIVE       1 (default) compiles the CPU kernels with -march=native; 0 for portable x86-64-v3
   MAX_JOBS              parallel compile jobs (default: from cores and free memory)
+  FASTATTN_SKIP_EXT     1 installs the Python package only (the Makefile then builds the
+                        extension in place with `setup.py build_ext --inplace`, incrementally)
 """
 
 from __future__ import annotations
@@ -85,4 +87,7 @@ def _cmdclass():
 
 
 os.environ.setdefault("MAX_JOBS", _default_max_jobs())
-setup(ext_modules=_extensions(), cmdclass=_cmdclass())
+if os.environ.get("FASTATTN_SKIP_EXT") == "1":
+    setup()
+else:
+    setup(ext_modules=_extensions(), cmdclass=_cmdclass())

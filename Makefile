@@ -1,0 +1,48 @@
+# fastattn: the README's commands.
+#   make bench   set everything up, then run the main job (a quick long-sequence benchmark)
+#   make test    set everything up, then run the test suite
+# Both create .venv when absent. Knobs: PYTHON (interpreter for the venv), TORCH (the torch
+# requirement; 2.13.0 is the CPU build this project is developed against).
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+
+.PHONY: setup build bench test test-slow info compile-report cuda-build-check clean
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23"
+	# torch first, then build tools; the extension builds against this torch (no isolation)
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q ninja numpy setuptools wheel pybind11
+	# the package itself, editable; its extension is built by the rule below
+	FASTATTN_SKIP_EXT=1 $(PIP) install -q --no-build-isolation -e ".[test,triton]"
+	touch $@
+
+# Rebuild the compiled extension when a C++/CUDA source changes (ninja: incremental).
+$(VENV)/.built: $(VENV)/.deps $(CSRC) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+setup: $(VENV)/.built
+
+build: $(VENV)/.built
+
+info: setup
+	$(VENV)/bin/fastattn info
+
+bench: setup
+	$(VENV)/bin/fastattn bench --quick
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf build $(VENV) python_pkg/fastattn/*.so python_pkg/*.egg-info
