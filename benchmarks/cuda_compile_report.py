@@ -1,0 +1,214 @@
+"""Compile every CUDA kernel of csrc/cuda with nvcc for sm_80 and sm_90 and record what ptxas
+reports (registers, spills, stack) plus each kernel's dynamic shared memory.
+
+    python benchmarks/cuda_compile_report.py [--archs 80,90] [--jobs 2] [--out PATH] [--check]
+
+Writes benchmarks/results/cuda_compile_report.md (command, date, machine, nvcc version, one
+table row per kernel and arch). --check exits 1 if a default configuration spills registers or
+a kernel fails to compile. No GPU is needed: this is compile-only. Flags match setup.py's CUDA
+extension plus the -D__CUDA_NO_HALF*__ flags torch's CUDAExtension adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import glob
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "cuda_compile_report.md")
+
+NVCC_FLAGS = [
+    "-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+    # torch.utils.cpp_extension.CUDAExtension adds these; the kernels must build with them.
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+
+# Host-only program printing each configuration's dynamic shared memory (kernel_traits.h).
+SMEM_PROGRAM = r"""
+#include <cstdio>
+#include "cuda/kernel_traits.h"
+using namespace fastattn::cuda;
+template <int D, typename T> void row(const char* t) {
+  std::printf("flash_fwd_kernel %d %s %d\n", D, t, FwdConfig<D, T>::type::kSmemBytes);
+  std::printf("flash_bwd_dkdv_kernel %d %s %d\n", D, t, BwdDkdvConfig<D, T>::type::kSmemBytes);
+  std::printf("flash_bwd_dq_kernel %d %s %d\n", D, t, BwdDqConfig<D, T>::type::kSmemBytes);
+  std::printf("flash_bwd_preprocess_kernel %d %s 0\n", D, t);
+}
+int main() {
+  row<64, __half>("fp16"); row<64, __nv_bfloat16>("bf16");
+  row<128, __half>("fp16"); row<128, __nv_bfloat16>("bf16");
+}
+"""
+
+
+def find_nvcc() -> str | None:
+    return shutil.which("nvcc")
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+), V([\d.]+)", out)
+    return m.group(2) if m else out.strip().splitlines()[-1]
+
+
+def demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+def short_name(demangled: str) -> tuple[str, str]:
+    """('flash_fwd_kernel', 'hdim128 bf16 dense') from a demangled template name."""
+    m = re.search(r"(flash_\w+_kernel)<(.*)>\(", demangled)
+    if not m:
+        return demangled, ""
+    kern, args = m.group(1), m.group(2)
+    dims = re.findall(r"<(\d+), (\d+)", args)
+    dtype = "bf16" if "bfloat16" in args else "fp16"
+    sparse = "sparse" if args.rstrip().endswith("true") else ("dense" if "bool" in args or args.rstrip().endswith("false") else "")
+    hd = ""
+    if dims:
+        hd = f"hdim{dims[0][0]}"
+    return kern, " ".join(x for x in (hd, dtype, sparse) if x)
+
+
+def compile_one(nvcc: str, src: str, arch: str, tmp: str) -> tuple[str, str, int, str]:
+    obj = os.path.join(tmp, f"{os.path.basename(src)}.sm{arch}.o")
+    cmd = [nvcc, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+           "-I", CSRC, "-c", src, "-o", obj]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    return src, arch, r.returncode, r.stdout + r.stderr
+
+
+def parse_ptxas(text: str) -> list[dict]:
+    rows, cur = [], None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", line)
+        if m:
+            cur = {"mangled": m.group(1), "arch": m.group(2)}
+            rows.append(cur)
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur["stack"], cur["spill_st"], cur["spill_ld"] = map(int, m.groups())
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["regs"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            cur["static_smem"] = int(s.group(1)) if s else 0
+    return rows
+
+
+def dynamic_smem(nvcc: str, tmp: str) -> dict[tuple[str, str, str], int]:
+    src = os.path.join(tmp, "smem_sizes.cu")
+    exe = os.path.join(tmp, "smem_sizes")
+    with open(src, "w") as f:
+        f.write(SMEM_PROGRAM)
+    r = subprocess.run([nvcc, "-std=c++17", *NVCC_FLAGS[4:], "-I", CSRC, src, "-o", exe],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("could not build the shared-memory size program:\n" + r.stderr)
+    out = subprocess.run([exe], capture_output=True, text=True, check=True).stdout
+    table = {}
+    for line in out.splitlines():
+        kern, d, t, b = line.split()
+        table[(kern, f"hdim{d}", t)] = int(b)
+    return table
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", default="80,90")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--check", action="store_true", help="exit 1 on spills or compile errors")
+    args = ap.parse_args(argv)
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        print("nvcc not found on PATH: skipping the CUDA compile report")
+        return 0
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    t0 = datetime.datetime.now()
+    failures, rows = [], []
+    with tempfile.TemporaryDirectory(prefix="fastattn-ptxas-") as tmp:
+        smem = dynamic_smem(nvcc, tmp)
+        with cf.ThreadPoolExecutor(args.jobs) as ex:
+            futs = [ex.submit(compile_one, nvcc, s, a, tmp) for s in sources for a in archs]
+            for fut in cf.as_completed(futs):
+                src, arch, rc, text = fut.result()
+                if rc != 0:
+                    failures.append((src, arch, text))
+                    continue
+                for r in parse_ptxas(text):
+                    r["source"] = os.path.relpath(src, ROOT)
+                    rows.append(r)
+    elapsed = (datetime.datetime.now() - t0).total_seconds()
+    names = demangle(sorted({r["mangled"] for r in rows}))
+    table, seen = [], set()
+    for r in rows:
+        kern, cfg = short_name(names[r["mangled"]])
+        key = (kern, cfg, r["arch"])
+        if key in seen:  # the preprocess kernel is instantiated in several files
+            continue
+        seen.add(key)
+        parts = cfg.split()
+        dyn = smem.get((kern, parts[0], parts[1]), 0) if len(parts) >= 2 else 0
+        table.append((kern, cfg, r["arch"], r.get("regs", -1), r.get("spill_st", 0),
+                      r.get("spill_ld", 0), r.get("stack", 0), r.get("static_smem", 0), dyn))
+    table.sort(key=lambda t: (t[0], t[1], t[2]))
+    spills = [t for t in table if t[4] or t[5]]
+
+    cmd = " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else "python",
+                    "benchmarks/cuda_compile_report.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [
+        "# CUDA kernels: ptxas report",
+        "",
+        f"- command: `{cmd}`",
+        f"- date: {t0:%Y-%m-%d %H:%M:%S}",
+        f"- machine: {platform.node()} ({platform.machine()}, {os.cpu_count()} cores, no GPU needed)",
+        f"- nvcc: {nvcc_version(nvcc)}; flags: `{' '.join(NVCC_FLAGS)} -Xptxas -v`",
+        f"- {len(sources)} sources x {len(archs)} archs compiled in {elapsed:.0f} s with {args.jobs} jobs",
+        f"- spills: {'none' if not spills else f'{len(spills)} kernels spill'}; compile failures: {len(failures)}",
+        "",
+        "dynamic smem = bytes the launcher requests (kernel_traits.h); static smem from ptxas.",
+        "",
+        "| kernel | config | arch | registers | spill stores (B) | spill loads (B) | stack (B) | static smem (B) | dynamic smem (B) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in table:
+        lines.append(f"| {t[0]} | {t[1]} | sm_{t[2]} | {t[3]} | {t[4]} | {t[5]} | {t[6]} | {t[7]} | {t[8]} |")
+    for src, arch, text in failures:
+        lines += ["", f"## FAILED: {os.path.relpath(src, ROOT)} sm_{arch}", "", "```", text.strip()[-4000:], "```"]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:8]))
+    print(f"wrote {os.path.relpath(args.out, ROOT)} ({len(table)} rows)")
+    if args.check and (spills or failures):
+        for t in spills:
+            print(f"SPILL: {t[0]} {t[1]} sm_{t[2]}: {t[4]} B stores, {t[5]} B loads")
+        for src, arch, text in failures:
+            print(f"FAILED: {src} sm_{arch}\n{text[-2000:]}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

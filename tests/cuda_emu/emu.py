@@ -1,0 +1,173 @@
+"""Run fastattn's CUDA kernels in the CPU emulator from torch tensors.
+
+    out, lse = emu.forward(q, k, v, scale=..., window=(l, r), block_mask=None)
+    dq, dk, dv = emu.backward(dout, q, k, v, out, lse, scale=..., window=..., block_mask=None)
+
+q (B, Hq, Nq, d), k/v (B, Hkv, Nk, d), float16 or bfloat16 CPU tensors. block_mask is the list
+BlockMask.kernel_tensors() returns (11 tensors) plus, as the kernel needs it, the mask's token
+window passed as `window`. This mirrors what csrc/bindings/cuda_ops.cpp does for real GPUs:
+fill a FlashParams, call run_fwd / run_bwd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+
+from . import build
+
+_I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+
+_FIELDS = (
+    [(n, _P) for n in ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "delta")]
+    + [(f"{t}_{s}_stride", _I64) for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
+       for s in ("batch", "head", "row")]
+    + [(n, _I64) for n in ("b", "hq", "hkv", "nq", "nk", "d", "is_bf16", "window_left",
+                           "window_right", "block_sparse")]
+    + [(n, _P) for n in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                         "kv_mask_ids", "q_num_blocks", "q_indices", "full_q_num_blocks",
+                         "full_q_indices", "q_mask_ids", "partial_masks")]
+    + [(n, _I64) for n in ("mask_b", "mask_h", "nqb", "nkb", "kmax", "kmax_full", "qmax",
+                           "qmax_full", "mask_block_m", "mask_block_n")]
+    + [("scale", ctypes.c_float), ("pad_", ctypes.c_float)]
+)
+
+
+class FlashParams(ctypes.Structure):
+    _fields_ = _FIELDS
+
+
+_lib = None
+
+
+def lib() -> ctypes.CDLL:
+    """The emulated kernel library, built on first use; checks the struct mirror."""
+    global _lib
+    if _lib is None:
+        L = build.load("fastattn_cuda_emu")
+        L.fa_emu_run.restype = ctypes.c_char_p
+        L.fa_emu_run.argtypes = [ctypes.POINTER(FlashParams), ctypes.c_int]
+        L.fa_emu_check_params.restype = ctypes.c_char_p
+        L.fa_emu_params_size.restype = ctypes.c_long
+        L.fa_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+        if L.fa_emu_params_size() != ctypes.sizeof(FlashParams):
+            raise RuntimeError("emu.FlashParams does not mirror csrc/cuda/flash.h (size)")
+        offs = (ctypes.c_long * 128)()
+        n = L.fa_emu_params_offsets(offs, 128)
+        mine = [getattr(FlashParams, name).offset for name, _ in _FIELDS]
+        if n != len(mine) or list(offs[:n]) != mine:
+            raise RuntimeError("emu.FlashParams does not mirror csrc/cuda/flash.h (field offsets)")
+        _lib = L
+    return _lib
+
+
+def set_schedule(schedule: str = "forward", seed: int = 0) -> None:
+    """Order the emulator resumes threads in: 'forward', 'reverse' or 'random' (seeded)."""
+    lib().fa_emu_set_schedule({"forward": 0, "reverse": 1, "random": 2}[schedule], seed)
+
+
+class EmulatedKernelError(RuntimeError):
+    pass
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _prep(t):
+    """Last dim contiguous, other strides multiples of 8, 16-byte aligned (else copy)."""
+    if (t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16):
+        t = t.contiguous()
+    return t
+
+
+def _params(q, k, v, scale, window, block_mask, keep):
+    B, Hq, Nq, d = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    p = FlashParams()
+    p.b, p.hq, p.hkv, p.nq, p.nk, p.d = B, Hq, Hkv, Nq, Nk, d
+    p.is_bf16 = int(q.dtype == torch.bfloat16)
+    p.window_left, p.window_right = window
+    p.scale = scale
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        setattr(p, name, t.data_ptr())
+        for i, s in enumerate(("batch", "head", "row")):
+            setattr(p, f"{name}_{s}_stride", t.stride(i))
+    p.block_sparse = 0
+    if block_mask:
+        (kv_num, kv_idx, full_kv_num, full_kv_idx, kv_mid, q_num, q_idx, full_q_num, full_q_idx,
+         q_mid, partial) = [t.contiguous() for t in block_mask]
+        partial = partial.to(torch.uint8).contiguous()
+        keep.extend([kv_num, kv_idx, full_kv_num, full_kv_idx, kv_mid, q_num, q_idx, full_q_num,
+                     full_q_idx, q_mid, partial])
+        for name, t in (("kv_num_blocks", kv_num), ("kv_indices", kv_idx),
+                        ("full_kv_num_blocks", full_kv_num), ("full_kv_indices", full_kv_idx),
+                        ("kv_mask_ids", kv_mid), ("q_num_blocks", q_num), ("q_indices", q_idx),
+                        ("full_q_num_blocks", full_q_num), ("full_q_indices", full_q_idx),
+                        ("q_mask_ids", q_mid)):
+            assert t.dtype == torch.int32, (name, t.dtype)
+            setattr(p, name, t.data_ptr())
+        p.partial_masks = partial.data_ptr() if partial.numel() else None
+        p.block_sparse = 1
+        p.mask_b, p.mask_h, p.nqb = kv_num.shape
+        p.nkb = q_num.shape[2]
+        p.kmax, p.kmax_full = kv_idx.shape[3], full_kv_idx.shape[3]
+        p.qmax, p.qmax_full = q_idx.shape[3], full_q_idx.shape[3]
+        p.mask_block_m, p.mask_block_n = partial.shape[1], partial.shape[2]
+    return p
+
+
+def _run(p, backward):
+    err = lib().fa_emu_run(ctypes.byref(p), int(backward))
+    if err is not None:
+        raise EmulatedKernelError(err.decode())
+
+
+def forward(q, k, v, *, scale=None, window=(-1, -1), block_mask=None):
+    q, k, v = _prep(q), _prep(k), _prep(v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keep = []
+    p = _params(q, k, v, scale, window, block_mask, keep)
+    out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    p.o, p.lse = out.data_ptr(), lse.data_ptr()
+    for i, s in enumerate(("batch", "head", "row")):
+        setattr(p, f"o_{s}_stride", out.stride(i))
+    _run(p, False)
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask=None):
+    q, k, v, out, dout = _prep(q), _prep(k), _prep(v), _prep(out), _prep(dout)
+    lse = lse.float().contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    keep = []
+    p = _params(q, k, v, scale, window, block_mask, keep)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty(q.shape[:3], dtype=torch.float32)
+    p.o, p.lse, p.dout, p.dq, p.dk, p.dv, p.delta = (
+        out.data_ptr(), lse.data_ptr(), dout.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+        dv.data_ptr(), delta.data_ptr())
+    for name, t in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
+        for i, s in enumerate(("batch", "head", "row")):
+            setattr(p, f"{name}_{s}_stride", t.stride(i))
+    _run(p, True)
+    return dq, dk, dv
+
+
+def check_params_reason(q, k, v, *, window=(-1, -1), block_mask=None, backward=False):
+    keep = []
+    p = _params(_prep(q), _prep(k), _prep(v), 1.0, window, block_mask, keep)
+    out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    p.o, p.lse = out.data_ptr(), lse.data_ptr()
+    for i, s in enumerate(("batch", "head", "row")):
+        setattr(p, f"o_{s}_stride", out.stride(i))
+    r = lib().fa_emu_check_params(ctypes.byref(p), int(backward))
+    return None if r is None else r.decode()
+
+
+del math

@@ -1,0 +1,67 @@
+// C entry points of the emulated kernel library (loaded with ctypes by tests/cuda_emu/emu.py).
+// Built from the unmodified csrc/cuda sources compiled as C++ against cuda_emu.h.
+#include <cstddef>
+#include <exception>
+#include <string>
+
+#include "cuda/flash.h"
+#include "cuda_emu.h"
+
+using fastattn::cuda::FlashParams;
+
+namespace {
+thread_local std::string g_error;
+
+// Field order of FlashParams; emu.py mirrors it and compares these offsets with its own.
+const size_t kOffsets[] = {
+#define F(name) offsetof(FlashParams, name)
+    F(q), F(k), F(v), F(o), F(lse), F(dout), F(dq), F(dk), F(dv), F(delta),
+    F(q_batch_stride), F(q_head_stride), F(q_row_stride),
+    F(k_batch_stride), F(k_head_stride), F(k_row_stride),
+    F(v_batch_stride), F(v_head_stride), F(v_row_stride),
+    F(o_batch_stride), F(o_head_stride), F(o_row_stride),
+    F(do_batch_stride), F(do_head_stride), F(do_row_stride),
+    F(dq_batch_stride), F(dq_head_stride), F(dq_row_stride),
+    F(dk_batch_stride), F(dk_head_stride), F(dk_row_stride),
+    F(dv_batch_stride), F(dv_head_stride), F(dv_row_stride),
+    F(b), F(hq), F(hkv), F(nq), F(nk), F(d), F(is_bf16), F(window_left), F(window_right),
+    F(block_sparse), F(kv_num_blocks), F(kv_indices), F(full_kv_num_blocks), F(full_kv_indices),
+    F(kv_mask_ids), F(q_num_blocks), F(q_indices), F(full_q_num_blocks), F(full_q_indices),
+    F(q_mask_ids), F(partial_masks), F(mask_b), F(mask_h), F(nqb), F(nkb), F(kmax),
+    F(kmax_full), F(qmax), F(qmax_full), F(mask_block_m), F(mask_block_n), F(scale), F(pad_),
+#undef F
+};
+}  // namespace
+
+extern "C" {
+
+long fa_emu_params_size() { return static_cast<long>(sizeof(FlashParams)); }
+
+long fa_emu_params_offsets(long* out, long n) {
+  const long count = static_cast<long>(sizeof(kOffsets) / sizeof(kOffsets[0]));
+  for (long i = 0; i < count && i < n; ++i) out[i] = static_cast<long>(kOffsets[i]);
+  return count;
+}
+
+void fa_emu_set_schedule(int schedule, unsigned long long seed) {
+  cuda_emu::set_schedule(schedule, seed);
+}
+
+// Returns nullptr on success, else the error message (valid until the next call).
+const char* fa_emu_run(FlashParams* p, int backward) {
+  try {
+    if (backward)
+      fastattn::cuda::run_bwd(*p, nullptr);
+    else
+      fastattn::cuda::run_fwd(*p, nullptr);
+    return nullptr;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return g_error.c_str();
+  }
+}
+
+const char* fa_emu_check_params(const FlashParams* p, int backward) {
+  return fastattn::cuda::check_params(*p, backward != 0);
+}
+}
