@@ -1,0 +1,131 @@
+"""cuda: fastattn's hand-written CUDA kernels (csrc/cuda), forward and backward.
+
+The kernels are torch.library custom ops defined in C++ (csrc/bindings/cuda_ops.cpp, built into
+fastattn._cuda only when torch has CUDA and nvcc is found):
+
+    fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
+    fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right,
+                       block_mask[]) -> (dq, dk, dv)
+
+This module gives them fake (meta) implementations for torch.compile and registers the
+autograd formula, so calling torch.ops.fastattn.cuda_fwd is differentiable. block_mask[] is
+empty for dense/window calls, else BlockMask.kernel_tensors() with the mask's own token window.
+
+What the kernels do: float16/bfloat16 (fp32 softmax statistics and accumulation), head dims
+that are multiples of 8 up to 128 (compiled for 64 and 128, smaller ones zero-padded), GQA,
+causal/window (bottom-right aligned), block masks whose BLOCK_M and BLOCK_N are multiples of 64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Backend, Problem
+
+try:
+    from .. import _cuda  # noqa: F401  (loads the library that defines torch.ops.fastattn.cuda_*)
+
+    _LOAD_ERROR = None
+except ImportError as e:  # extension not built (CPU-only torch, no nvcc, or FASTATTN_BUILD_CUDA=0)
+    _cuda = None
+    _LOAD_ERROR = str(e) or type(e).__name__
+
+MASK_BLOCK_MULTIPLE = 64  # csrc/cuda/flash.h kMaskBlockMultiple
+
+
+def _register():
+    @torch.library.register_fake("fastattn::cuda_fwd")
+    def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask):
+        B, Hq, Nq, _ = q.shape
+        out = q.new_empty((B, Hq, Nq, v.shape[-1]))
+        lse = q.new_empty((B, Hq, Nq), dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("fastattn::cuda_bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, wl, wr, block_mask = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, *block_mask)
+        ctx.scale, ctx.wl, ctx.wr = scale, wl, wr
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *block_mask = ctx.saved_tensors
+        if dlse is not None and bool((dlse != 0).any()):
+            raise RuntimeError(
+                "fastattn cuda backend: gradients through the returned lse are not supported; "
+                "use backend='reference' if the loss depends on lse"
+            )
+        dq, dk, dv = torch.ops.fastattn.cuda_bwd(
+            dout, q, k, v, out, lse, ctx.scale, ctx.wl, ctx.wr, block_mask)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd("fastattn::cuda_fwd", backward, setup_context=setup_context)
+
+
+if _cuda is not None:
+    _register()
+
+
+def _availability_reasons() -> list[str]:
+    reasons = []
+    if _cuda is None:
+        why = ("torch has no CUDA" if torch.version.cuda is None
+               else "nvcc was missing or FASTATTN_BUILD_CUDA=0 at build time")
+        reasons.append(f"the compiled extension fastattn._cuda is not built ({why}; "
+                       f"import error: {_LOAD_ERROR}); rebuild with a CUDA build of torch and "
+                       "nvcc: FASTATTN_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    if torch.version.cuda is None:
+        reasons.append(f"this torch ({torch.__version__}) is a CPU-only build")
+    elif not torch.cuda.is_available():
+        reasons.append("no GPU present (torch.cuda.is_available() is False)")
+    return reasons
+
+
+class CUDABackend(Backend):
+    name = "cuda"
+    priority = 40
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16)
+    max_head_dim = 128
+    supports_window = True
+    supports_block_mask = True
+    supports_backward = True
+    supports_lse = True
+
+    def available(self):
+        reasons = _availability_reasons()
+        return (False, "; ".join(reasons)) if reasons else (True, "ok")
+
+    def why_not(self, p: Problem) -> list[str]:
+        # Every reason at once: availability and what this problem asks for.
+        reasons = _availability_reasons()
+        if p.device.type not in self.devices:
+            reasons.append(f"runs on cuda, inputs are on {p.device.type}")
+        if p.dtype not in self.dtypes:
+            reasons.append(f"supports dtypes float16, bfloat16, got "
+                           f"{str(p.dtype).replace('torch.', '')}")
+        if max(p.D, p.Dv) > self.max_head_dim:
+            reasons.append(f"supports head dims up to {self.max_head_dim}, got {max(p.D, p.Dv)}")
+        if p.D % 8 != 0:
+            reasons.append(f"needs a head dim that is a multiple of 8, got {p.D}")
+        if p.D != p.Dv:
+            reasons.append(f"needs equal head dims for q/k ({p.D}) and v ({p.Dv})")
+        if p.B * p.Hq > 65535:
+            reasons.append(f"supports batch * heads up to 65535, got {p.B * p.Hq}")
+        bm = p.block_mask
+        if bm is not None and (bm.BLOCK_M % MASK_BLOCK_MULTIPLE or bm.BLOCK_N % MASK_BLOCK_MULTIPLE):
+            reasons.append(f"needs block-mask blocks that are multiples of {MASK_BLOCK_MULTIPLE}, "
+                           f"got (BLOCK_M, BLOCK_N) = ({bm.BLOCK_M}, {bm.BLOCK_N}); build the "
+                           f"mask with block_size=128 (the default) or 64")
+        return reasons
+
+    def forward(self, q, k, v, p: Problem):
+        if p.block_mask is None:
+            bm, (wl, wr) = [], p.window
+        else:  # the window is already folded into the mask; its token rule rides along
+            bm, (wl, wr) = p.block_mask.kernel_tensors(), p.block_mask.window
+        out, lse = torch.ops.fastattn.cuda_fwd(q, k, v, p.scale, wl, wr, bm)
+        return out, lse

@@ -1,0 +1,80 @@
+"""The cuda backend's Python side: availability and every reason it gives, dispatch, and, on a
+machine with a GPU and the built extension, the real kernels against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.backends.base import Problem
+from fastattn.backends.cuda import CUDABackend
+
+
+def _problem(**kw):
+    base = dict(device=torch.device("cpu"), dtype=torch.float32, B=1, Hq=2, Hkv=1, Nq=8, Nk=8,
+                D=72, Dv=64, window=(-1, -1), block_mask=None, scale=0.125, needs_grad=False,
+                return_lse=False)
+    base.update(kw)
+    return Problem(**base)
+
+
+def test_available_says_why_not():
+    ok, why = CUDABackend().available()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: nothing to explain")
+    assert not ok
+    assert ("not built" in why) or ("no GPU" in why) or ("CPU-only" in why)
+    assert fastattn.available_backends()["cuda"][0] is False
+
+
+def test_why_not_lists_every_reason():
+    reasons = CUDABackend().why_not(_problem(D=140, Dv=128))
+    text = "\n".join(reasons)
+    assert "runs on cuda" in text
+    assert "float16, bfloat16" in text
+    assert "head dims up to 128" in text
+    assert "multiple of 8" in text
+    assert "equal head dims" in text
+    if not torch.cuda.is_available():
+        assert "GPU" in text or "not built" in text
+
+
+def test_why_not_block_size():
+    fs = pytest.importorskip("fastattn.sparse")
+    bm = fs.causal(100, 100, block_size=32)
+    reasons = CUDABackend().why_not(_problem(block_mask=bm, D=64))
+    assert any("multiples of 64" in r for r in reasons)
+
+
+def test_explicit_cuda_backend_raises_with_reasons():
+    if torch.cuda.is_available() and CUDABackend().available()[0]:
+        pytest.skip("the cuda backend can run here")
+    q = torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot serve"):
+        fastattn.attention(q, q, q, backend="cuda")
+
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and CUDABackend().available()[0]),
+                         reason="needs a GPU and the built fastattn._cuda extension")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_matches_reference(dtype, causal):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 257, 128, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 2, 301, 128, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 301, 128, device="cuda", dtype=dtype, requires_grad=True)
+    out = fastattn.attention(q, k, v, causal=causal, backend="cuda")
+    ref = fastattn.attention(q.double(), k.double(), v.double(), causal=causal,
+                             backend="reference")
+    low = fastattn.attention(q, k, v, causal=causal, backend="sdpa")
+    assert (out.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max() + 1e-3
+    g = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g)
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), g.double())
+    lq, lk, lv = torch.autograd.grad(low, (q, k, v), g)
+    for a, r, lo in ((dq, rq, lq), (dk, rk, lk), (dv, rv, lv)):
+        assert (a.double() - r).abs().max() <= 2 * (lo.double() - r).abs().max() + 1e-3
