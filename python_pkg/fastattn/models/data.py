@@ -22,6 +22,7 @@ and resumable from the generator's state.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -40,14 +41,15 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib
 
 # ----------------------------------------------------------------------------- corpus
 
-def stdlib_files() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def stdlib_files() -> tuple[str, ...]:
     """Every .py file of the standard library outside test and site-packages dirs, sorted."""
     root = sysconfig.get_paths()["stdlib"]
     out = []
     for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS)
         out += [os.path.join(d, f) for f in sorted(files) if f.endswith(".py")]
-    return out
+    return tuple(out)
 
 
 _CORPUS: dict = {}
@@ -59,7 +61,7 @@ def stdlib_corpus(max_bytes: int = 8 << 20, val_every: int = 20, seed: int = 0):
     val_every-th file goes to val, so val is text the model never saw."""
     key = (max_bytes, val_every, seed)
     if key not in _CORPUS:
-        files = stdlib_files()
+        files = list(stdlib_files())
         random.Random(seed).shuffle(files)
         train, val, total = [], [], 0
         for i, f in enumerate(files):
@@ -192,8 +194,9 @@ class CodeOrigin(Task):
             tr, va = [], []
             for n, f in enumerate(fs):
                 with open(f, "rb") as fh:
-                    t = torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8)
-                if len(t) >= 1024:
+                    raw = fh.read()
+                if len(raw) >= 1024:  # skip stubs like empty __init__.py
+                    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
                     (va if n % 4 == 0 else tr).append(t)
             self.files["train"].append(tr)
             self.files["val"].append(va)

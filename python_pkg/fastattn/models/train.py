@@ -56,6 +56,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     unfreeze_at: int = -1  # step at which a frozen backbone starts training (-1: never)
     max_time: float = 0.0  # seconds; 0 = no limit (stops cleanly, saving a checkpoint)
+    stop_after: int = 0  # stop this invocation after this many steps (0: run to `steps`)
     progress: bool = True
     plot: bool = True
     # model (ignored when resuming or fine-tuning: the checkpoint's config wins)
@@ -259,6 +260,8 @@ def train(c: TrainConfig) -> dict:
             bar.update(1)
         if c.save_every and (step + 1) % c.save_every == 0:
             checkpoint(step + 1)
+        if c.stop_after and step + 1 - start >= c.stop_after:
+            break
         if c.max_time and time.time() - t_start > c.max_time:
             print(f"[train] time limit {c.max_time:.0f}s reached at step {step + 1}")
             break
