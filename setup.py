@@ -46,11 +46,21 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and shutil.which("nvcc") is not None
 
 
+def _cxx_std() -> str:
+    # torch >= 2.14's headers require C++20 (ATen.h: "C++20 or later ... is required").
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
+    std = _cxx_std()
+
     native = os.environ.get("FASTATTN_NATIVE", "1") != "0"
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+    cxx = ["-O3", std, "-fopenmp", "-ffp-contract=fast"]
     cxx += ["-march=native"] if native else ["-march=x86-64-v3"]
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/bindings/cpu_*.cpp"))
     exts = [
@@ -72,8 +82,8 @@ def _extensions():
                 sorted(glob.glob("csrc/cuda/*.cu")) + [cuda_binding],
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={
-                    "cxx": ["-O3", "-std=c++17"],
-                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode],
+                    "cxx": ["-O3", std],
+                    "nvcc": ["-O3", std, "--use_fast_math", "-lineinfo", *gencode],
                 },
             )
         )

@@ -1,0 +1,221 @@
+// TORCH_LIBRARY bindings of the CUDA kernels (csrc/cuda), built only into fastattn._cuda when
+// torch has CUDA and nvcc exists (setup.py). Python side: fastattn/backends/cuda.py (fake
+// implementations and the autograd formula).
+//
+//   fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
+//   fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right,
+//                      block_mask[]) -> (dq, dk, dv)
+//
+// block_mask[] is empty (dense / window) or BlockMask.kernel_tensors() (11 tensors), with
+// (window_left, window_right) then the mask's own token rule for its partial blocks.
+// The same functions are registered for CPU tensors only to fail with a clear message.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "cuda/flash.h"
+
+namespace fastattn::cuda {
+namespace {
+
+#define CHECK_DEVICE(x, ref)                                                                  \
+  TORCH_CHECK((x).is_cuda(), "fastattn::cuda ops run on CUDA tensors, but " #x " is on ",    \
+              (x).device(), "; use backend='cpu' (or move the inputs with .cuda())");         \
+  TORCH_CHECK((x).device() == (ref).device(), "fastattn::cuda: " #x " is on ", (x).device(), \
+              " but q is on ", (ref).device())
+#define CHECK_SHAPE(x, ...)                                                                    \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "fastattn::cuda: " #x " must have " \
+              "shape (" #__VA_ARGS__ "), got ", (x).sizes())
+
+// Last dim contiguous, other strides multiples of 8 elements, 16-byte aligned; else a copy.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  bool ok = t.stride(-1) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int i = 0; i < t.dim() - 1 && ok; ++i) ok = t.stride(i) % 8 == 0;
+  return ok ? t : t.contiguous();
+}
+
+void set_strides(const at::Tensor& t, int64_t& bs, int64_t& hs, int64_t& rs) {
+  bs = t.stride(0);
+  hs = t.stride(1);
+  rs = t.stride(2);
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  CHECK_DEVICE(q, q);
+  CHECK_DEVICE(k, q);
+  CHECK_DEVICE(v, q);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "fastattn::cuda supports float16 and bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "fastattn::cuda: q, k, v must share a dtype, got ", q.scalar_type(), ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "fastattn::cuda: q, k, v must be 4-D (B, H, N, D)");
+  const int64_t B = q.size(0), Hkv = k.size(1), Nk = k.size(2), D = q.size(3);
+  CHECK_SHAPE(k, B, Hkv, Nk, D);
+  CHECK_SHAPE(v, B, Hkv, Nk, D);
+  TORCH_CHECK(Hkv > 0 && q.size(1) % Hkv == 0, "fastattn::cuda: query heads (", q.size(1),
+              ") must be a multiple of kv heads (", Hkv, ")");
+}
+
+FlashParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        double scale, int64_t wl, int64_t wr,
+                        const std::vector<at::Tensor>& bm) {
+  FlashParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  set_strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  set_strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  set_strides(v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  p.b = q.size(0);
+  p.hq = q.size(1);
+  p.hkv = k.size(1);
+  p.nq = q.size(2);
+  p.nk = k.size(2);
+  p.d = q.size(3);
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.window_left = wl;
+  p.window_right = wr;
+  p.scale = static_cast<float>(scale);
+  p.block_sparse = 0;
+  if (!bm.empty()) {
+    TORCH_CHECK(bm.size() == 11, "fastattn::cuda: block_mask must be the 11 tensors of "
+                "BlockMask.kernel_tensors(), got ", bm.size());
+    for (size_t i = 0; i < 10; ++i) {
+      CHECK_DEVICE(bm[i], q);
+      TORCH_CHECK(bm[i].scalar_type() == at::kInt && bm[i].is_contiguous(),
+                  "fastattn::cuda: block-mask list ", i, " must be contiguous int32");
+    }
+    CHECK_DEVICE(bm[10], q);
+    TORCH_CHECK(bm[10].scalar_type() == at::kByte && bm[10].is_contiguous() && bm[10].dim() == 3,
+                "fastattn::cuda: partial_masks must be contiguous uint8 (P, BLOCK_M, BLOCK_N)");
+    p.block_sparse = 1;
+    p.kv_num_blocks = bm[0].data_ptr<int32_t>();
+    p.kv_indices = bm[1].data_ptr<int32_t>();
+    p.full_kv_num_blocks = bm[2].data_ptr<int32_t>();
+    p.full_kv_indices = bm[3].data_ptr<int32_t>();
+    p.kv_mask_ids = bm[4].data_ptr<int32_t>();
+    p.q_num_blocks = bm[5].data_ptr<int32_t>();
+    p.q_indices = bm[6].data_ptr<int32_t>();
+    p.full_q_num_blocks = bm[7].data_ptr<int32_t>();
+    p.full_q_indices = bm[8].data_ptr<int32_t>();
+    p.q_mask_ids = bm[9].data_ptr<int32_t>();
+    p.partial_masks = bm[10].numel() ? bm[10].data_ptr<uint8_t>() : nullptr;
+    p.mask_b = bm[0].size(0);
+    p.mask_h = bm[0].size(1);
+    p.nqb = bm[0].size(2);
+    p.nkb = bm[5].size(2);
+    p.kmax = bm[1].size(3);
+    p.kmax_full = bm[3].size(3);
+    p.qmax = bm[6].size(3);
+    p.qmax_full = bm[8].size(3);
+    p.mask_block_m = bm[10].size(1);
+    p.mask_block_n = bm[10].size(2);
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_fwd(const at::Tensor& q_, const at::Tensor& k_,
+                                            const at::Tensor& v_, double scale, int64_t wl,
+                                            int64_t wr, std::vector<at::Tensor> bm) {
+  check_qkv(q_, k_, v_);
+  const at::Tensor q = kernel_layout(q_), k = kernel_layout(k_), v = kernel_layout(v_);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0 || k.size(2) == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  FlashParams p = make_params(q, k, v, scale, wl, wr, bm);
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  set_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+  const char* why = check_params(p, false);
+  TORCH_CHECK(why == nullptr, "fastattn::cuda_fwd: ", why);
+  run_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse_, double scale, int64_t wl, int64_t wr,
+    std::vector<at::Tensor> bm) {
+  check_qkv(q_, k_, v_);
+  CHECK_DEVICE(dout_, q_);
+  CHECK_DEVICE(out_, q_);
+  CHECK_DEVICE(lse_, q_);
+  CHECK_SHAPE(out_, q_.size(0), q_.size(1), q_.size(2), q_.size(3));
+  CHECK_SHAPE(dout_, q_.size(0), q_.size(1), q_.size(2), q_.size(3));
+  CHECK_SHAPE(lse_, q_.size(0), q_.size(1), q_.size(2));
+  const at::Tensor q = kernel_layout(q_), k = kernel_layout(k_), v = kernel_layout(v_);
+  const at::Tensor out = kernel_layout(out_), dout = kernel_layout(dout_.to(q.scalar_type()));
+  const at::Tensor lse = lse_.to(at::kFloat).contiguous();
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  if (q.numel() == 0 || k.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  FlashParams p = make_params(q, k, v, scale, wl, wr, bm);
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  set_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+  set_strides(dout, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+  set_strides(dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+  set_strides(dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+  set_strides(dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  const char* why = check_params(p, true);
+  TORCH_CHECK(why == nullptr, "fastattn::cuda_bwd: ", why);
+  run_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace fastattn::cuda
+
+// FRAGMENT: several extensions (fastattn._C, fastattn._cuda) add ops to the fastattn namespace.
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  m.def("cuda_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
+        "Tensor[] block_mask) -> (Tensor, Tensor)");
+  m.def("cuda_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale, int window_left, int window_right, Tensor[] block_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("cuda_fwd", &fastattn::cuda::cuda_fwd);
+  m.impl("cuda_bwd", &fastattn::cuda::cuda_bwd);
+}
+
+// On CPU tensors the same functions run only their device checks, which fail with a message
+// naming the CPU backend (rather than the dispatcher's "could not run ... with 'CPU' backend").
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("cuda_fwd", &fastattn::cuda::cuda_fwd);
+  m.impl("cuda_bwd", &fastattn::cuda::cuda_bwd);
+}
+
+// A Python module named fastattn._cuda; importing it runs the registrations above.
+static struct PyModuleDef fastattn_cuda_module = {PyModuleDef_HEAD_INIT, "_cuda",
+                                                  "fastattn CUDA kernels (torch.ops.fastattn.cuda_*)",
+                                                  -1, nullptr};
+PyMODINIT_FUNC PyInit__cuda(void) { return PyModule_Create(&fastattn_cuda_module); }

@@ -1,0 +1,54 @@
+"""Compile check of the CUDA kernels: every csrc/cuda source builds with nvcc for sm_80 and
+sm_90 with no register spills (benchmarks/cuda_compile_report.py --check), and the emulator's
+self-test kernels are valid CUDA too. Needs nvcc (no GPU); skipped with a message without it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None,
+                                reason="nvcc not found on PATH: CUDA compile check skipped")
+
+
+@needs_nvcc
+def test_every_kernel_compiles_for_sm80_sm90_without_spills(tmp_path):
+    import cuda_compile_report
+
+    out = tmp_path / "report.md"
+    rc = cuda_compile_report.main(["--archs", "80,90", "--check", "--out", str(out)])
+    text = out.read_text()
+    assert rc == 0, text
+    rows = [line for line in text.splitlines() if line.startswith("| flash_")]
+    # 3 kernels x 2 head dims x 2 dtypes x {dense, sparse} + preprocess x 2 dtypes, per arch
+    for arch in ("sm_80", "sm_90"):
+        got = [r for r in rows if f"| {arch} |" in r]
+        assert len(got) == 26, (arch, len(got))
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert cells[4] == "0" and cells[5] == "0", f"spills: {r}"
+        assert int(cells[8]) <= 227 * 1024
+
+
+@needs_nvcc
+def test_emulator_selftest_kernels_are_valid_cuda(tmp_path):
+    src = os.path.join(ROOT, "tests", "cuda_emu", "selftest_kernels.cu")
+    r = subprocess.run(["nvcc", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
+                        "-I", os.path.join(ROOT, "csrc"), "-c", src, "-o",
+                        str(tmp_path / "selftest.o")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_compile_report_recorded():
+    path = os.path.join(ROOT, "benchmarks", "results", "cuda_compile_report.md")
+    text = open(path).read()
+    assert "- command: `" in text and re.search(r"- date: \d{4}-\d\d-\d\d", text)
+    assert "spills: none" in text
