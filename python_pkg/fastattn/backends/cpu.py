@@ -36,7 +36,9 @@ def _register():
 
     @torch.library.register_fake("fastattn::cpu_bwd")
     def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, block_mask):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        # The kernel returns contiguous gradients whatever the inputs' strides (empty_like
+        # would keep a transposed k's strides and mislead torch.compile's views).
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup_context(ctx, inputs, output):
         q, k, v, scale, wl, wr, block_mask = inputs
@@ -52,6 +54,13 @@ def _register():
         return dq, dk, dv, None, None, None, [None] * ctx.n_bm
 
     torch.library.register_autograd("fastattn::cpu_fwd", backward, setup_context=setup_context)
+
+    if hasattr(torch.ops.fastattn, "cpu_decode"):  # split-KV decode (fastattn.decode), no grad
+        @torch.library.register_fake("fastattn::cpu_decode")
+        def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, window_left, num_splits):
+            B, Hq, Nq, _ = q.shape
+            out = q.new_empty((B, Hq, Nq, v_cache.shape[-1]))
+            return out, q.new_empty((B, Hq, Nq), dtype=torch.float32)
 
 
 if _C is not None:
