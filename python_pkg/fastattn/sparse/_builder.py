@@ -41,7 +41,7 @@ class Coo:
     """Visited blocks as flat int32 lists sorted by (layout, qb, kb); mid -1 = no bitmask.
     (int32 halves the memory of masks with tens of millions of blocks; keys are int64.)"""
 
-    l: torch.Tensor
+    lay: torch.Tensor
     qb: torch.Tensor
     kb: torch.Tensor
     full: torch.Tensor  # bool
@@ -53,15 +53,15 @@ class Coo:
         return Coo(z, z, z, z.bool(), z)
 
     @staticmethod
-    def make(l, qb, kb, full, mid) -> Coo:
+    def make(lay, qb, kb, full, mid) -> Coo:
         i32 = lambda t: t.to(torch.int32)
-        return Coo(i32(l), i32(qb), i32(kb), full.bool(), i32(mid))
+        return Coo(i32(lay), i32(qb), i32(kb), full.bool(), i32(mid))
 
     def __len__(self) -> int:
-        return self.l.numel()
+        return self.lay.numel()
 
     def select(self, sel) -> Coo:
-        return Coo(self.l[sel], self.qb[sel], self.kb[sel], self.full[sel], self.mid[sel])
+        return Coo(self.lay[sel], self.qb[sel], self.kb[sel], self.full[sel], self.mid[sel])
 
     def sorted(self, NQB: int, NKB: int) -> Coo:
         keys = self.keys(NQB, NKB)
@@ -70,14 +70,14 @@ class Coo:
         return self.select(torch.argsort(keys))
 
     def keys(self, NQB: int, NKB: int) -> torch.Tensor:
-        return (self.l.long() * NQB + self.qb) * NKB + self.kb
+        return (self.lay.long() * NQB + self.qb) * NKB + self.kb
 
     @staticmethod
     def cat(parts) -> Coo:
         if not parts:
             return Coo.empty()
         return Coo(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                     ("l", "qb", "kb", "full", "mid")))
+                     ("lay", "qb", "kb", "full", "mid")))
 
 
 def tile_bounds(qb, kb, Nq, Nk, BM, BN):
@@ -125,8 +125,8 @@ def band_kb_range(qb, Nq, Nk, BM, BN, left, right):
     return lo, hi
 
 
-def expand_ranges(l, qb, lo, hi):
-    """(l, qb, [lo, hi]) rows -> flat (l, qb, kb) for every kb in each range."""
+def expand_ranges(lay, qb, lo, hi):
+    """(lay, qb, [lo, hi]) rows -> flat (lay, qb, kb) for every kb in each range."""
     n = torch.clamp(hi - lo + 1, min=0)
     total = int(n.sum())
     if total == 0:
@@ -135,24 +135,24 @@ def expand_ranges(l, qb, lo, hi):
     start = torch.cumsum(n, 0) - n
     rep = torch.repeat_interleave(torch.arange(len(n)), n)
     kb = lo[rep] + (torch.arange(total) - start[rep])
-    return l[rep], qb[rep], kb
+    return lay[rep], qb[rep], kb
 
 
 def unique_blocks(NQB, NKB, *parts):
-    """Union of (l, qb, kb) lists, deduplicated and sorted."""
-    l = torch.cat([p[0] for p in parts])
+    """Union of (lay, qb, kb) lists, deduplicated and sorted."""
+    lay = torch.cat([p[0] for p in parts])
     qb = torch.cat([p[1] for p in parts])
     kb = torch.cat([p[2] for p in parts])
-    key = torch.unique((l * NQB + qb) * NKB + kb)
+    key = torch.unique((lay * NQB + qb) * NKB + kb)
     return key // (NQB * NKB), (key // NKB) % NQB, key % NKB
 
 
 def band_candidates(q0, q1, L, Nq, Nk, BM, BN, left, right):
     """Blocks of query blocks [q0, q1) touched by W = (left, right), for all L layouts."""
     qb = torch.arange(q0, q1).repeat(L)
-    l = torch.arange(L).repeat_interleave(q1 - q0)
+    lay = torch.arange(L).repeat_interleave(q1 - q0)
     lo, hi = band_kb_range(qb, Nq, Nk, BM, BN, left, right)
-    return expand_ranges(l, qb, lo, hi)
+    return expand_ranges(lay, qb, lo, hi)
 
 
 def tile_token_indices(qb, kb, BM, BN, Nq, Nk):
@@ -258,9 +258,9 @@ def _evaluate(b, h, qb, kb, wfull, key, tile_fn, store, Nq, Nk, BM, BN, window):
 
 def build(Nq, Nk, BM, BN, window, Bm=1, Hm=1, *, candidates=None, classify=None,
           tile_fn=None, rows_per_chunk=None):
-    """Returns (Coo sorted by (l, qb, kb), partial_masks bool (P, BM, BN)), all on the CPU.
+    """Returns (Coo sorted by (lay, qb, kb), partial_masks bool (P, BM, BN)), all on the CPU.
 
-    candidates(q0, q1) -> (l, qb, kb) int64 for query blocks in [q0, q1) (duplicates not
+    candidates(q0, q1) -> (lay, qb, kb) int64 for query blocks in [q0, q1) (duplicates not
     allowed); classify(b, h, qb, kb) -> (codes int, key int64 (E,) / (E, k) or None)."""
     NQB, NKB, L = cdiv(Nq, BM), cdiv(Nk, BN), Bm * Hm
     store = MaskStore(BM, BN)
@@ -272,17 +272,17 @@ def build(Nq, Nk, BM, BN, window, Bm=1, Hm=1, *, candidates=None, classify=None,
         q1 = min(NQB, q0 + C)
         if candidates is None:
             n = q1 - q0
-            l = torch.arange(L).repeat_interleave(n * NKB)
+            lay = torch.arange(L).repeat_interleave(n * NKB)
             qb = torch.arange(q0, q1).repeat_interleave(NKB).repeat(L)
             kb = torch.arange(NKB).repeat(L * n)
         else:
-            l, qb, kb = candidates(q0, q1)
-        if l.numel() == 0:
+            lay, qb, kb = candidates(q0, q1)
+        if lay.numel() == 0:
             continue
         wfull, wempty = window_class(qb, kb, Nq, Nk, BM, BN, window)
         keep = ~wempty
-        l, qb, kb, wfull = l[keep], qb[keep], kb[keep], wfull[keep]
-        b, h = l // Hm, l % Hm
+        lay, qb, kb, wfull = lay[keep], qb[keep], kb[keep], wfull[keep]
+        b, h = lay // Hm, lay % Hm
         key = None
         if tile_fn is None:
             code = torch.full_like(qb, RULE)
@@ -300,9 +300,9 @@ def build(Nq, Nk, BM, BN, window, Bm=1, Hm=1, *, candidates=None, classify=None,
                                          store, Nq, Nk, BM, BN, window)
         res[code == EMPTY] = _DROP
         keep = res != _DROP
-        parts.append(Coo.make(l[keep], qb[keep], kb[keep], res[keep] == _FULL, mid[keep])
+        parts.append(Coo.make(lay[keep], qb[keep], kb[keep], res[keep] == _FULL, mid[keep])
                      .sorted(NQB, NKB))
-        del l, qb, kb, res, mid, code, wfull, wempty, keep, b, h
+        del lay, qb, kb, res, mid, code, wfull, wempty, keep, b, h
     return Coo.cat(parts).sorted(NQB, NKB), store.tensor()
 
 

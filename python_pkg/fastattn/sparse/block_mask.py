@@ -58,9 +58,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masking import window_visible
 from ._builder import (
-    EMPTY,
     EVAL,
     RULE,
     Coo,
@@ -120,9 +118,9 @@ def hull_windows(a, b) -> tuple[int, int]:
     return side(a[0], b[0]), side(a[1], b[1])
 
 
-def _pack_lists(L, R, l, row, col, mid):
-    """Flat entries sorted by (l, row, col) -> counts (L*R,), indices and mask ids (L*R, K)."""
-    flat = l * R + row
+def _pack_lists(L, R, lay, row, col, mid):
+    """Flat entries sorted by (lay, row, col) -> counts (L*R,), indices and mask ids (L*R, K)."""
+    flat = lay * R + row
     counts = torch.bincount(flat, minlength=L * R)
     K = max(1, int(counts.max()) if counts.numel() else 0)
     pos = torch.arange(flat.numel()) - (torch.cumsum(counts, 0) - counts)[flat]
@@ -143,12 +141,12 @@ def _lists_from_coo(coo: Coo, Bm, Hm, NQB, NKB):
             row, col = c.qb, c.kb
         else:
             # stable sort by (layout, kb) keeps qb ascending inside each key block's row
-            key = coo.kb if L == 1 else coo.l.long() * NKB + coo.kb
+            key = coo.kb if L == 1 else coo.lay.long() * NKB + coo.kb
             c = coo.select(torch.sort(key, stable=True).indices)
             row, col = c.kb, c.qb
         p, f = ~c.full, c.full
-        num, idx, mids = _pack_lists(L, R, c.l[p], row[p], col[p], c.mid[p])
-        fnum, fidx, _ = _pack_lists(L, R, c.l[f], row[f], col[f], c.mid[f])
+        num, idx, mids = _pack_lists(L, R, c.lay[p], row[p], col[p], c.mid[p])
+        fnum, fidx, _ = _pack_lists(L, R, c.lay[f], row[f], col[f], c.mid[f])
         out[f"{prefix}_num_blocks"] = num.view(Bm, Hm, R)
         out[f"{prefix}_indices"] = idx.view(Bm, Hm, R, idx.shape[1])
         out[f"full_{prefix}_num_blocks"] = fnum.view(Bm, Hm, R)
@@ -158,7 +156,7 @@ def _lists_from_coo(coo: Coo, Bm, Hm, NQB, NKB):
 
 
 def _coo_from_lists(num, idx, fnum, fidx, mids, transposed=False):
-    """List tensors (Bm, Hm, R[, K]) -> Coo sorted by (l, qb, kb), on the CPU. Assumes the
+    """List tensors (Bm, Hm, R[, K]) -> Coo sorted by (lay, qb, kb), on the CPU. Assumes the
     counts are in range (validate() checks that first)."""
     Bm, Hm, R = num.shape
     L = Bm * Hm
@@ -167,11 +165,11 @@ def _coo_from_lists(num, idx, fnum, fidx, mids, transposed=False):
         n = n.reshape(L, R).long().cpu()
         ix = ix.reshape(L, R, ix.shape[-1]).long().cpu()
         valid = torch.arange(ix.shape[-1]) < n[..., None]
-        l, r, s = valid.nonzero(as_tuple=True)
-        c = ix[l, r, s]
-        mid = torch.full_like(c, -1) if m is None else m.reshape(L, R, m.shape[-1]).long().cpu()[l, r, s]
+        lay, r, s = valid.nonzero(as_tuple=True)
+        c = ix[lay, r, s]
+        mid = torch.full_like(c, -1) if m is None else m.reshape(L, R, m.shape[-1]).long().cpu()[lay, r, s]
         row, col = (c, r) if transposed else (r, c)
-        parts.append(Coo.make(l, row, col, torch.full_like(c, full, dtype=torch.bool), mid))
+        parts.append(Coo.make(lay, row, col, torch.full_like(c, full, dtype=torch.bool), mid))
     return Coo.cat(parts)
 
 
@@ -306,11 +304,11 @@ class BlockMask:
                 f"ceil(Nq / BLOCK_M) = {NQB} and NKB = ceil(Nk / BLOCK_N) = {NKB}, got "
                 f"{tuple(layout.shape)}")
         Bm, Hm = layout.shape[:2]
-        l, qb, kb = layout.reshape(Bm * Hm, NQB, NKB).bool().nonzero(as_tuple=True)
+        lay, qb, kb = layout.reshape(Bm * Hm, NQB, NKB).bool().nonzero(as_tuple=True)
 
         def candidates(q0, q1):
             sel = (qb >= q0) & (qb < q1)
-            return l[sel], qb[sel], kb[sel]
+            return lay[sel], qb[sel], kb[sel]
 
         return cls._build(Nq, Nk, (BM, BN), window, Bm, Hm, device=device,
                           candidates=candidates, rows_per_chunk=max(1, NQB))
@@ -415,7 +413,7 @@ class BlockMask:
         NQB, NKB, L = self.num_q_blocks, self.num_kv_blocks, self.Bm * self.Hm
         tiles = torch.zeros((L, NQB, NKB, BM, BN), dtype=torch.bool)
         f = coo.full
-        tiles[coo.l[f], coo.qb[f], coo.kb[f]] = True
+        tiles[coo.lay[f], coo.qb[f], coo.kb[f]] = True
         part = (~f).nonzero().flatten()
         masks = self.partial_masks.cpu()
         step = max(1, (1 << 22) // (BM * BN))
@@ -425,16 +423,16 @@ class BlockMask:
             mid = coo.mid[e]
             has = mid >= 0
             t[has] &= masks[mid[has]]
-            tiles[coo.l[e], coo.qb[e], coo.kb[e]] = t
+            tiles[coo.lay[e], coo.qb[e], coo.kb[e]] = t
         dense = tiles.permute(0, 1, 3, 2, 4).reshape(L, NQB * BM, NKB * BN)[:, :Nq, :Nk]
         return dense.reshape(self.Bm, self.Hm, Nq, Nk).to(self.device)
 
-    def _block_grid(self, l=0, rows=None, cols=None) -> torch.Tensor:
-        """Block states of layout l: int8 (rows, cols), 0 empty, 1 partial, 2 full."""
+    def _block_grid(self, lay=0, rows=None, cols=None) -> torch.Tensor:
+        """Block states of layout lay: int8 (rows, cols), 0 empty, 1 partial, 2 full."""
         coo = self.coo()
         rows = self.num_q_blocks if rows is None else rows
         cols = self.num_kv_blocks if cols is None else cols
-        sel = (coo.l == l) & (coo.qb < rows) & (coo.kb < cols)
+        sel = (coo.lay == lay) & (coo.qb < rows) & (coo.kb < cols)
         grid = torch.zeros((rows, cols), dtype=torch.int8)
         grid[coo.qb[sel], coo.kb[sel]] = torch.where(coo.full[sel], 2, 1).to(torch.int8)
         return grid
@@ -451,9 +449,9 @@ class BlockMask:
     def to_string(self, max_blocks: int = 64, b: int = 0, h: int = 0) -> str:
         """Text picture of layout (b, h): one character per block, rows = query blocks.
         '#' full, '+' partial (token-masked), '.' skipped. At most max_blocks per side."""
-        l = min(b, self.Bm - 1) * self.Hm + min(h, self.Hm - 1)
+        lay = min(b, self.Bm - 1) * self.Hm + min(h, self.Hm - 1)
         rows, cols = min(self.num_q_blocks, max_blocks), min(self.num_kv_blocks, max_blocks)
-        grid = self._block_grid(l, rows, cols)
+        grid = self._block_grid(lay, rows, cols)
         lines = [f"{self!r}", f"layout (b={b}, h={h}): rows = {self.num_q_blocks} query blocks, "
                  f"columns = {self.num_kv_blocks} key blocks; '#' full, '+' partial, '.' skipped"]
         for r in range(rows):
@@ -472,11 +470,11 @@ class BlockMask:
         from matplotlib.colors import ListedColormap
         from matplotlib.figure import Figure
 
-        l = min(b, self.Bm - 1) * self.Hm + min(h, self.Hm - 1)
+        lay = min(b, self.Bm - 1) * self.Hm + min(h, self.Hm - 1)
         NQB, NKB = self.num_q_blocks, self.num_kv_blocks
         fq, fk = cdiv(max(NQB, 1), max_pixels), cdiv(max(NKB, 1), max_pixels)
         coo = self.coo()
-        sel = coo.l == l
+        sel = coo.lay == lay
         grid = torch.zeros((cdiv(NQB, fq), cdiv(NKB, fk)), dtype=torch.int8)
         flat = (coo.qb[sel].long() // fq) * grid.shape[1] + coo.kb[sel].long() // fk
         vals = torch.where(coo.full[sel], 2, 1).to(torch.int8)
@@ -522,7 +520,7 @@ class BlockMask:
         names = [f"{prefix}_num_blocks", f"{prefix}_indices", f"full_{prefix}_num_blocks",
                  f"full_{prefix}_indices", f"{prefix}_mask_ids"]
         ts = [getattr(self, n) for n in names]
-        for n, t in zip(names, ts):
+        for n, t in zip(names, ts, strict=True):
             if not isinstance(t, torch.Tensor):
                 self._fail(f"{n} must be a tensor, got {type(t).__name__}")
             if t.dtype != torch.int32 or not t.is_contiguous():
@@ -533,7 +531,7 @@ class BlockMask:
         num, idx, fnum, fidx, mids = ts
         lead = lead or tuple(num.shape[:2])
         what = "NQB = ceil(Nq / BLOCK_M)" if prefix == "kv" else "NKB = ceil(Nk / BLOCK_N)"
-        for n, t, nd in zip(names, ts, (3, 4, 3, 4, 4)):
+        for n, t, nd in zip(names, ts, (3, 4, 3, 4, 4), strict=True):
             if t.ndim != nd or tuple(t.shape[:2]) != lead or t.shape[2] != R or min(lead) < 1:
                 self._fail(f"{n} must have shape ({lead[0]}, {lead[1]}, {R}{', K' if nd == 4 else ''}"
                            f") (Bm, Hm, {what}), got {tuple(t.shape)}")
@@ -541,7 +539,7 @@ class BlockMask:
             self._fail(f"{names[4]} must have the shape of {names[1]} {tuple(idx.shape)}, got "
                        f"{tuple(mids.shape)}")
         P = self.partial_masks.shape[0]
-        seen = torch.zeros(lead[0] * lead[1] * R, C, dtype=torch.int8)
+        listed = []  # flat keys row * C + col of the partial, then the full entries
         for n_name, i_name, n, ix, m in ((names[0], names[1], num, idx, mids),
                                           (names[2], names[3], fnum, fidx, None)):
             n, ix = n.cpu().long(), ix.cpu().long()
@@ -567,9 +565,10 @@ class BlockMask:
                     self._fail(f"{names[4]}{bad} = {int(m[tuple(bad)])} is not -1 or an index "
                                f"into partial_masks (P = {P})")
             rows, slots = valid.reshape(-1, K).nonzero(as_tuple=True)
-            seen[rows, ix.reshape(-1, K)[rows, slots]] += 1
-        if bool((seen > 1).any()):
-            r, c = (seen > 1).nonzero()[0].tolist()
+            listed.append(rows * C + ix.reshape(-1, K)[rows, slots])
+        both = listed[1][torch.isin(listed[1], listed[0])]
+        if both.numel():
+            r, c = divmod(int(both[0]), C)
             Hm, Rr = lead[1], R
             self._fail(f"block {c} is listed both as partial and as full in row "
                        f"[{r // (Hm * Rr)}, {(r // Rr) % Hm}, {r % Rr}] of {names[1]} and "
@@ -600,7 +599,7 @@ class BlockMask:
                               self.full_q_indices, self.q_mask_ids, transposed=True
                               ).sorted(NQB, NKB)
         same = len(fwd) == len(bwd) and all(
-            torch.equal(getattr(fwd, f), getattr(bwd, f)) for f in ("l", "qb", "kb", "full", "mid"))
+            torch.equal(getattr(fwd, f), getattr(bwd, f)) for f in ("lay", "qb", "kb", "full", "mid"))
         if not same:
             fk, bk = fwd.keys(NQB, NKB), bwd.keys(NQB, NKB)
             only_f = fk[~torch.isin(fk, bk)]
@@ -621,7 +620,8 @@ class BlockMask:
             self._fail(f"block (qb {int(fwd.qb[f][e])}, kb {int(fwd.kb[f][e])}) is listed as full "
                        f"but the window rule {self.window} hides some of its tokens; list it as "
                        f"partial (mask id -1)")
-        self._coo = fwd
+        if len(fwd) <= _KEEP_COO:
+            self._coo = fwd
 
     # ------------------------------------------------------------------ kernels, devices
     def kernel_tensors(self) -> list[torch.Tensor]:
@@ -707,12 +707,12 @@ class _Lookup:
         return (b if self.bm.Bm > 1 else b * 0) * self.bm.Hm + (h if self.bm.Hm > 1 else h * 0)
 
     def expanded(self):
-        """All blocks as (l, qb, kb) in the broadcast layouts."""
+        """All blocks as (lay, qb, kb) in the broadcast layouts."""
         coo, parts = self.bm.coo(), []
-        for l in range(self.Bm * self.Hm):
-            s = self.src_layout(torch.tensor(l // self.Hm), torch.tensor(l % self.Hm))
-            sel = coo.l == s
-            parts.append((torch.full_like(coo.qb[sel], l, dtype=torch.long), coo.qb[sel].long(),
+        for lay in range(self.Bm * self.Hm):
+            s = self.src_layout(torch.tensor(lay // self.Hm), torch.tensor(lay % self.Hm))
+            sel = coo.lay == s
+            parts.append((torch.full_like(coo.qb[sel], lay, dtype=torch.long), coo.qb[sel].long(),
                           coo.kb[sel].long()))
         return parts
 
@@ -752,8 +752,8 @@ def _combine(a: BlockMask, b: BlockMask, op: str) -> BlockMask:
     Nq, Nk = a.seq_lengths
     NQB, NKB = a.num_q_blocks, a.num_kv_blocks
     la, lb = _Lookup(a, Bm, Hm), _Lookup(b, Bm, Hm)
-    ka = torch.cat([(l * NQB + q) * NKB + k for l, q, k in la.expanded()])
-    kb_ = torch.cat([(l * NQB + q) * NKB + k for l, q, k in lb.expanded()])
+    ka = torch.cat([(lay * NQB + q) * NKB + k for lay, q, k in la.expanded()])
+    kb_ = torch.cat([(lay * NQB + q) * NKB + k for lay, q, k in lb.expanded()])
     if op == "and":
         keys, window = ka[torch.isin(ka, kb_)], intersect_windows(a.window, b.window)
     else:

@@ -74,6 +74,10 @@ def _key(E, *cols):
     return k
 
 
+def _floordiv(a, b):
+    return torch.div(a, b, rounding_mode="floor")
+
+
 def _unique_key(E):
     return torch.full((E, 3), -1, dtype=torch.long)
 
@@ -150,20 +154,20 @@ def strided(Nq, Nk=None, *, stride, block_size=DEFAULT_BLOCK, device=None) -> Bl
     extra element i - l is also in A(2); A(2): every l-th position before i).
     Window rule causal (-1, 0) plus bitmasks."""
     Nq, Nk = _lengths(Nq, Nk)
-    l = _int("stride", stride, lo=1)
+    period = _int("stride", stride, lo=1)
     BM, BN = normalize_block_size(block_size)
     off = Nk - Nq
 
     def mask_fn(b, h, q, kv):
         t = q + off - kv
-        return (t < l) | (torch.remainder(t, l) == 0)
+        return (t < period) | (torch.remainder(t, period) == 0)
 
     def classify(b, h, qb, kb):
         dmin, dmax, d0 = delta_range(qb, kb, Nq, Nk, BM, BN)
         tmin, tmax = -dmax, -dmin  # range of p - j over the block
-        code = torch.where(tmax < l, RULE, EVAL)
-        far = tmin >= l  # only the every-l-th lattice: depends on d0 mod l
-        key = torch.where(far[:, None], _key(qb.numel(), 0, torch.remainder(d0, l)),
+        code = torch.where(tmax < period, RULE, EVAL)
+        far = tmin >= period  # only the every-l-th lattice: depends on d0 mod l
+        key = torch.where(far[:, None], _key(qb.numel(), 0, torch.remainder(d0, period)),
                           _key(qb.numel(), 1, d0))
         return code, key
 
@@ -185,26 +189,26 @@ def fixed(Nq, Nk=None, *, stride, c, causal=True, block_size=DEFAULT_BLOCK,
     the bidirectional variant. Requires 1 <= c <= l. Window rule (-1, 0) or none, plus
     bitmasks."""
     Nq, Nk = _lengths(Nq, Nk)
-    l = _int("stride", stride, lo=1)
+    period = _int("stride", stride, lo=1)
     c = _int("c", c, lo=1)
-    if c > l:
-        raise ValueError(f"c (summary positions per block) must be <= stride ({l}), got {c}")
+    if c > period:
+        raise ValueError(f"c (summary positions per block) must be <= stride ({period}), got {c}")
     BM, BN = normalize_block_size(block_size)
     off = Nk - Nq
     win = (-1, 0) if causal else (-1, -1)
 
     def mask_fn(b, h, q, kv):
-        return (torch.div(kv, l, rounding_mode="floor") == torch.div(q + off, l, rounding_mode="floor")) \
-            | (torch.remainder(kv, l) >= l - c)
+        same_block = _floordiv(kv, period) == _floordiv(q + off, period)
+        return same_block | (torch.remainder(kv, period) >= period - c)
 
     def classify(b, h, qb, kb):
         i0, i1, j0, j1 = tile_bounds(qb, kb, Nq, Nk, BM, BN)
-        qlo, qhi = torch.div(i0 + off, l, rounding_mode="floor"), torch.div(i1 + off, l, rounding_mode="floor")
-        klo, khi = j0 // l, j1 // l
+        qlo, qhi = _floordiv(i0 + off, period), _floordiv(i1 + off, period)
+        klo, khi = j0 // period, j1 // period
         same = (qlo == qhi) & (klo == khi) & (qlo == klo)
-        code = torch.where(same | (c == l), RULE, EVAL)
-        apart = (khi < qlo) | (klo > qhi)  # only summary columns: depends on j0 mod l
-        key = torch.where(apart[:, None], _key(qb.numel(), 0, torch.remainder(j0, l)),
+        code = torch.where(same | (c == period), RULE, EVAL)
+        apart = (khi < qlo) | (klo > qhi)  # only summary columns: depends on j0 mod period
+        key = torch.where(apart[:, None], _key(qb.numel(), 0, torch.remainder(j0, period)),
                           _unique_key(qb.numel()))
         return code, key
 
@@ -502,14 +506,14 @@ def document(seq_lens, *, causal=False, block_size=DEFAULT_BLOCK, device=None) -
 
     def candidates(q0, q1):
         n = q1 - q0
-        l = torch.arange(Bm).repeat_interleave(n)
+        lay = torch.arange(Bm).repeat_interleave(n)
         qb = torch.arange(q0, q1).repeat(Bm)
         i0, i1 = qb * BM, torch.clamp(qb * BM + BM, max=N) - 1
-        lo = starts[l, doc[l, i0]] // BN
-        hi = (ends[l, doc[l, i1]] - 1) // BN
+        lo = starts[lay, doc[lay, i0]] // BN
+        hi = (ends[lay, doc[lay, i1]] - 1) // BN
         if causal:
             hi = torch.minimum(hi, band_kb_range(qb, N, N, BM, BN, -1, 0)[1])
-        return expand_ranges(l, qb, lo, hi)
+        return expand_ranges(lay, qb, lo, hi)
 
     def mask_fn(b, h, q, kv):
         return doc[b, q] == doc[b, kv]
@@ -552,12 +556,12 @@ def prefix_lm(Nq, Nk=None, *, prefix_length, block_size=DEFAULT_BLOCK,
 
     def candidates(q0, q1):
         n = q1 - q0
-        l = torch.arange(Bm).repeat_interleave(n)
+        lay = torch.arange(Bm).repeat_interleave(n)
         qb = torch.arange(q0, q1).repeat(Bm)
-        hi = torch.clamp(torch.div(pre[l] - 1, BN, rounding_mode="floor"), max=NKB - 1)
+        hi = torch.clamp(torch.div(pre[lay] - 1, BN, rounding_mode="floor"), max=NKB - 1)
         return unique_blocks(NQB, NKB,
                              band_candidates(q0, q1, Bm, Nq, Nk, BM, BN, -1, 0),
-                             expand_ranges(l, qb, torch.zeros_like(qb), hi))
+                             expand_ranges(lay, qb, torch.zeros_like(qb), hi))
 
     def mask_fn(b, h, q, kv):
         return (kv <= q + off) | (kv < pre[b])
