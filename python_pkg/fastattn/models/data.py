@@ -13,6 +13,7 @@ Tasks (each yields batches for Transformer.forward(**batch) and knows its metric
                       MIN/MAX/MED/SM expression, 10 classes
     recall    gpt     multi-query associative recall: key-value pairs, a long filler gap,
                       then the keys again; predict each key's value
+    needle    bert    every position names the one needle symbol hidden in a long noisy sequence
     copy      encdec  target = source
     reverse   encdec  target = reversed source
 
@@ -327,8 +328,8 @@ class AssocRecall(Task):
 
     def batch(self, split, batch_size, seq_len, g):
         P, Q = self.P, self.Q
-        if seq_len < 2 * (P + Q) + 1:
-            raise ValueError(f"recall needs seq_len >= {2 * (P + Q) + 1}, got {seq_len}")
+        if 2 * (P + Q) > seq_len + 1:
+            raise ValueError(f"recall needs seq_len >= {2 * (P + Q) - 1}, got {seq_len}")
         keys = torch.rand(batch_size, self.nk, generator=g).argsort(-1)[:, :P]  # distinct
         vals = self.nk + torch.randint(0, self.nv, (batch_size, P), generator=g)
         which = torch.rand(batch_size, P, generator=g).argsort(-1)[:, :Q]
@@ -354,6 +355,49 @@ class AssocRecall(Task):
             ok += int((logits[sel].argmax(-1) == b["targets"][sel]).sum())
             n += int(sel.sum())
         return {"acc": ok / n}
+
+
+class Needle(Task):
+    """Needle retrieval over a long noisy context (a one-hop long-range task):
+
+        [CLS] n n n n ... n n  X  n n ... n        every position's label = X
+              |-- noise: n_noise symbols --|       X: one of n_classes needle symbols,
+                                                   at a uniform position in the sequence
+
+    Every position must report the single needle symbol, wherever it is; positions farther
+    from the needle than a local (window) model's receptive field cannot know it. Labels go
+    through the encoder's token head (mlm_labels), so every token is a training signal."""
+
+    name, kind = "needle", "bert"
+
+    def __init__(self, n_classes: int = 16, n_noise: int = 8):
+        self.n_classes, self.n_noise = n_classes, n_noise
+        self.CLS = n_classes + n_noise
+        self.vocab_size = n_classes + n_noise + 1
+
+    def batch(self, split, batch_size, seq_len, g):
+        x = self.n_classes + torch.randint(0, self.n_noise, (batch_size, seq_len), generator=g)
+        x[:, 0] = self.CLS
+        pos = 1 + torch.randint(0, seq_len - 1, (batch_size,), generator=g)
+        y = torch.randint(0, self.n_classes, (batch_size,), generator=g)
+        x[torch.arange(batch_size), pos] = y
+        return {"idx": x, "mlm_labels": y.unsqueeze(1).expand(batch_size, seq_len).clone()}
+
+    @torch.no_grad()
+    def evaluate(self, model, split, batch_size, seq_len, n_batches, g):
+        """acc: all positions; far_acc: positions >= seq_len / 4 from the needle."""
+        ok = n = ok_far = n_far = 0
+        for _ in range(n_batches):
+            b = self.batch(split, batch_size, seq_len, g)
+            out, _ = model(**b)
+            hit = (out["mlm"].argmax(-1) == b["mlm_labels"].flatten()).view(batch_size, seq_len)
+            pos = (b["idx"] < self.n_classes).float().argmax(1, keepdim=True)
+            far = (torch.arange(seq_len) - pos).abs() >= seq_len // 4
+            ok += int(hit.sum())
+            n += hit.numel()
+            ok_far += int(hit[far].sum())
+            n_far += int(far.sum())
+        return {"acc": ok / n, "far_acc": ok_far / max(n_far, 1)}
 
 
 # Seq2seq ---------------------------------------------------------------------------------
@@ -394,7 +438,7 @@ class CopyReverse(Task):
 
 
 TASKS = {"text": TextLM, "mlm": MLMNSP, "classify": CodeOrigin, "listops": ListOps,
-         "recall": AssocRecall, "copy": lambda: CopyReverse(reverse=False),
+         "recall": AssocRecall, "needle": Needle, "copy": lambda: CopyReverse(reverse=False),
          "reverse": lambda: CopyReverse(reverse=True)}
 
 

@@ -216,6 +216,14 @@ def train(c: TrainConfig) -> dict:
             "history": history, "data_rng": data_gen.get_state(),
             "torch_rng": torch.get_rng_state(), "frozen": frozen, "task": c.task})
 
+    log_path = os.path.join(c.out, "log.jsonl")
+    with open(log_path, "w") as f:  # the history so far (resume), then one line per record
+        f.writelines(json.dumps(h) + "\n" for h in history)
+
+    def log(rec):
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
     bar = None
     if c.progress:
         from tqdm import tqdm
@@ -231,6 +239,7 @@ def train(c: TrainConfig) -> dict:
             model.freeze_backbone(False)
         if step % c.eval_every == 0 and step > start:
             history.append({"step": step, **evaluate(model, task, c, autocast)})
+            log(history[-1])
             checkpoint(step)
         lr = lr_at(step, c)
         for group in opt.param_groups:
@@ -256,6 +265,7 @@ def train(c: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{rec['tok_s']:.0f}",
                                 mem=f"{rec['peak_mb']:.0f}MB", refresh=False)
         history.append(rec)
+        log(rec)
         if bar is not None:
             bar.update(1)
         if c.save_every and (step + 1) % c.save_every == 0:
@@ -271,9 +281,7 @@ def train(c: TrainConfig) -> dict:
     final = {"step": end, **evaluate(model, task, c, autocast)}
     history.append(final)
     checkpoint(end)
-    with open(os.path.join(c.out, "log.jsonl"), "w") as f:
-        for h in history:
-            f.write(json.dumps(h) + "\n")
+    log(final)
     if c.plot:
         plot_curves(history, os.path.join(c.out, "curves.png"),
                     f"{c.task} ({model.cfg.kind}, {','.join(model.cfg.patterns)})")
