@@ -718,11 +718,12 @@ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat1
 namespace nvcuda {
 namespace wmma {
 
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
+// Tag types, incomplete as in CUDA's mma.h (usable only as template arguments).
+struct matrix_a;
+struct matrix_b;
+struct accumulator;
+struct row_major;
+struct col_major;
 enum layout_t { mem_row_major, mem_col_major };
 
 template <class Use, int M, int N, int K>

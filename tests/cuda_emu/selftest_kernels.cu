@@ -13,6 +13,11 @@ namespace wmma = nvcuda::wmma;
 namespace {
 thread_local std::string g_error;
 
+template <class L>
+struct Tag {  // carries a wmma layout (an incomplete type) through a generic lambda
+  using type = L;
+};
+
 template <class F>
 const char* guarded(F&& f) {
   try {
@@ -197,17 +202,17 @@ const char* st_wmma_gemm(const void* A, const void* B, float* C, int M, int N, i
     const int tiles = (M / 16) * (N / 16);
     const dim3 grid((tiles + 3) / 4), block(128);
     const int lda = a_col ? M : K, ldb = b_col ? K : N;
-    auto run = [&](auto* a, auto lay_a, auto lay_b) {
+    auto run = [&](auto* a, auto tag_a, auto tag_b) {
       using T = std::remove_const_t<std::remove_pointer_t<decltype(a)>>;
-      auto k = &wmma_gemm<T, decltype(lay_a), decltype(lay_b)>;
+      auto k = &wmma_gemm<T, typename decltype(tag_a)::type, typename decltype(tag_b)::type>;
       FA_LAUNCH(k, grid, block, 0, nullptr, a, static_cast<const T*>(B), C, M, N, K, lda, ldb,
                 c_col);
     };
     auto by_layout = [&](auto* a) {
-      if (!a_col && !b_col) run(a, wmma::row_major{}, wmma::row_major{});
-      if (!a_col && b_col) run(a, wmma::row_major{}, wmma::col_major{});
-      if (a_col && !b_col) run(a, wmma::col_major{}, wmma::row_major{});
-      if (a_col && b_col) run(a, wmma::col_major{}, wmma::col_major{});
+      if (!a_col && !b_col) run(a, Tag<wmma::row_major>{}, Tag<wmma::row_major>{});
+      if (!a_col && b_col) run(a, Tag<wmma::row_major>{}, Tag<wmma::col_major>{});
+      if (a_col && !b_col) run(a, Tag<wmma::col_major>{}, Tag<wmma::row_major>{});
+      if (a_col && b_col) run(a, Tag<wmma::col_major>{}, Tag<wmma::col_major>{});
     };
     if (dtype == 0)
       by_layout(static_cast<const __half*>(A));
