@@ -1,8 +1,10 @@
 """Peak extra memory of attention on the CPU: shows the cpu backend's is O(N), not O(N^2).
 
 Each case runs in a fresh child process: it allocates q, k, v (and the output gradient),
-records its resident set size (RSS), runs the call once, and reports the peak RSS
-(ru_maxrss) minus that baseline minus the bytes of the outputs it returns. That is the
+records its resident set size (RSS), resets the kernel's peak-RSS counter (writing 5 to
+/proc/self/clear_refs; ru_maxrss is not used because a child inherits its parent's peak
+across fork/exec), runs the call once, and reports the peak RSS (VmHWM) minus that
+baseline minus the bytes of the outputs it returns. That is the
 memory the attention call needed beyond its inputs and outputs. The naive reference
 backend is shown beside it where it fits, with the N^2 bytes its score matrix needs.
 
@@ -20,25 +22,26 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys, torch, fastattn
+import json, sys, torch, fastattn
 N, H, D, backend, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * 4096
+def status(key):
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ':'))
 torch.manual_seed(0)
 grad = mode == 'fwd+bwd'
 q, k, v = (torch.randn(1, H, N, D, requires_grad=grad) for _ in range(3))
 dout = torch.randn(1, H, N, D) if grad else None
-base = rss()
-peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = status('VmRSS')
+with open('/proc/self/clear_refs', 'w') as f:  # reset VmHWM to the current RSS
+    f.write('5')
 out = fastattn.attention(q, k, v, causal=True, backend=backend)
 outputs = out.numel() * out.element_size()
 if grad:
     out.backward(dout)
     outputs += sum(t.grad.numel() * t.grad.element_size() for t in (q, k, v))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(extra=max(peak, peak_before) - base - outputs, inputs=3 * q.numel() * 4,
-                      outputs=outputs, peak_before=peak_before, base=base)))
+peak = status('VmHWM')
+print(json.dumps(dict(extra=peak - base - outputs, inputs=3 * q.numel() * 4, outputs=outputs,
+                      base=base, peak=peak)))
 """
 
 
@@ -94,9 +97,9 @@ def main():
             f.write(f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n")
             f.write(f"- machine: {platform.machine()}, {os.cpu_count()} cores, "
                     f"torch {torch.__version__}, threads {torch.get_num_threads()}\n")
-            f.write("- method: each case in a fresh process; peak RSS (ru_maxrss) after the call "
-                    "minus RSS after allocating inputs, minus the bytes of the returned outputs "
-                    "(and gradients).\n\n")
+            f.write("- method: each case in a fresh process; peak RSS (VmHWM, reset through "
+                    "/proc/self/clear_refs after allocating inputs) minus RSS after allocating "
+                    "inputs, minus the bytes of the returned outputs (and gradients).\n\n")
             f.write(table + "\n")
 
 

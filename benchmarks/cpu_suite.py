@@ -1,0 +1,272 @@
+"""The cpu backend against its peers on this machine, in one run (issue: CPU kernels that
+beat torch SDPA and FlexAttention on long sequences).
+
+Sections, each timed as medians of interleaved repetitions (providers alternate within
+every repetition, after one warm-up call each):
+  dense     fastattn cpu vs torch SDPA (its CPU flash kernel): B=1, H=8, D in {64, 128},
+            N in {4096, 16384}, float32/bfloat16, causal or not, fwd and fwd+bwd
+  sparse    N=16384, D=64, float32: sliding window (left=511, causal) and BigBird, fastattn
+            cpu vs torch.compile(flex_attention) with the equivalent block mask (fwd; flex
+            has no CPU backward), and against density x fastattn's own dense time
+  naive     N=8192: fastattn cpu vs the naive reference backend (materialized scores)
+  gemm      torch.mm on 4096^2 float32/bfloat16 in the same run; the fraction of it that the
+            dense forward reaches (FLOPs 4*B*H*N^2*D, x0.5 causal)
+  memory    N=65536 causal forward: peak bytes beyond inputs and outputs (child process)
+
+    python benchmarks/cpu_suite.py --out benchmarks/results/cpu_suite   [--quick]
+
+Writes OUT.md (command, date, machine, tables) and OUT.png (ratio chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import fastattn
+from fastattn import sparse
+from fastattn.bench.patterns import layout_mask_mod
+from fastattn.bench.providers import ModeRunner, compiled_flex, make_inputs, naive_attention
+
+
+def interleaved(runners: dict, reps: int) -> dict:
+    """Median seconds per provider; providers alternate inside each repetition."""
+    times = {n: [] for n in runners}
+    for r in runners.values():
+        r.prepare()
+        r.call()  # warm-up (and torch.compile for flex)
+    for _ in range(reps):
+        for n, r in runners.items():
+            t0 = time.perf_counter()
+            r.call()
+            times[n].append(time.perf_counter() - t0)
+    for r in runners.values():
+        r.release()
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def flops(N, D, causal, H=8, mode="fwd", density=None):
+    f = 4 * H * N * N * D * (density if density is not None else (0.5 if causal else 1.0))
+    return f * {"fwd": 1.0, "fwd+bwd": 3.5}[mode]
+
+
+def dense_section(args, rows, pbar):
+    for N in args.lengths:
+        for D in (64, 128):
+            for dtype in (torch.float32, torch.bfloat16):
+                for causal in (False, True):
+                    for mode in ("fwd", "fwd+bwd"):
+                        # at the longest length, fwd+bwd only for D=64 causal (time budget)
+                        if N > 4096 and mode == "fwd+bwd" and not (D == 64 and causal):
+                            continue
+                        q, k, v, dout = make_inputs(1, 8, N, D, dtype, "cpu", mode)
+                        runners = {
+                            "fastattn": ModeRunner(lambda a, b, c: fastattn.attention(
+                                a, b, c, causal=causal, backend="cpu"), q, k, v, dout, mode),
+                            "sdpa": ModeRunner(lambda a, b, c: F.scaled_dot_product_attention(
+                                a, b, c, is_causal=causal), q, k, v, dout, mode),
+                        }
+                        t = interleaved(runners, args.reps)
+                        rows.append(dict(section="dense", N=N, D=D, dtype=str(dtype)[6:],
+                                         causal=causal, mode=mode, fastattn=t["fastattn"],
+                                         peer="sdpa", peer_t=t["sdpa"],
+                                         gflops=flops(N, D, causal, mode=mode) / t["fastattn"] / 1e9))
+                        pbar.update(1)
+
+
+def sparse_section(args, rows, pbar, dense_t):
+    N, D = args.sparse_n, 64
+    patterns = {
+        "sliding_window(511, causal)": sparse.sliding_window(N, N, 511, causal=True),
+        "bigbird(64, r=3, g=1)": sparse.bigbird(N, bigbird_block_size=64),
+    }
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    for name, bm in patterns.items():
+        for mode in ("fwd", "fwd+bwd"):
+            q, k, v, dout = make_inputs(1, 8, N, D, torch.float32, "cpu", mode)
+            runners = {"fastattn": ModeRunner(lambda a, b, c: fastattn.attention(
+                a, b, c, block_mask=bm, backend="cpu"), q, k, v, dout, mode)}
+            if mode == "fwd":  # FlexAttention has no CPU backward
+                fbm = create_block_mask(layout_mask_mod(bm), None, None, N, N, device="cpu")
+                flex = compiled_flex()
+                runners["flex"] = ModeRunner(lambda a, b, c: flex(a, b, c, block_mask=fbm),
+                                             q, k, v, dout, mode)
+            t = interleaved(runners, args.reps)
+            dense = dense_t.get((N, D, mode))
+            rows.append(dict(section="sparse", N=N, D=D, dtype="float32", pattern=name, mode=mode,
+                             density=bm.density, fastattn=t["fastattn"],
+                             peer="flex" if "flex" in t else "", peer_t=t.get("flex"),
+                             ideal=None if dense is None else bm.density * dense))
+            pbar.update(1)
+
+
+def naive_section(args, rows, pbar):
+    N, D = 8192, 64
+    for mode in ("fwd", "fwd+bwd"):
+        q, k, v, dout = make_inputs(1, 8, N, D, torch.float32, "cpu", mode)
+        hidden = ~torch.ones(N, N, dtype=torch.bool).tril_()
+        runners = {
+            "fastattn": ModeRunner(lambda a, b, c: fastattn.attention(a, b, c, causal=True,
+                                                                      backend="cpu"),
+                                   q, k, v, dout, mode),
+            "naive": ModeRunner(lambda a, b, c: naive_attention(a, b, c, hidden), q, k, v, dout, mode),
+        }
+        t = interleaved(runners, max(1, args.reps - 1))
+        rows.append(dict(section="naive", N=N, D=D, dtype="float32", causal=True, mode=mode,
+                         fastattn=t["fastattn"], peer="naive", peer_t=t["naive"]))
+        pbar.update(1)
+
+
+def gemm_rate(dtype, n=4096, reps=3):
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def memory_section(args, rows, pbar):
+    path = os.path.join(os.path.dirname(__file__), "memory_cpu.py")
+    spec = importlib.util.spec_from_file_location("memory_cpu", path)
+    mem = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mem)
+    res, err = mem.measure(args.memory_n, 8, 64, "cpu", "fwd")
+    rows.append(dict(section="memory", N=args.memory_n, D=64, dtype="float32", causal=True,
+                     mode="fwd", extra_bytes=None if res is None else res["extra"],
+                     n2_bytes=8 * args.memory_n**2 * 4, error=err))
+    pbar.update(1)
+
+
+def write_report(args, rows, gemm, out):
+    def f(x, nd=3):
+        return "" if x is None else f"{x:.{nd}f}"
+
+    lines = ["# fastattn cpu backend vs peers (one run)", "",
+             f"- command: `python {' '.join(sys.argv)}`",
+             f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+             f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, {fastattn._C.build_info()}",
+             "- timing: medians of interleaved repetitions after a warm-up call per provider "
+             f"(reps={args.reps}); seconds per call; B=1, H=8", "",
+             "## Dense: fastattn cpu vs torch SDPA", "",
+             "| N | D | dtype | causal | mode | fastattn s | sdpa s | fastattn / sdpa | GFLOP/s | "
+             "fraction of torch.mm |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["section"] == "dense":
+            frac = r["gflops"] * 1e9 / gemm[r["dtype"]] if r["mode"] == "fwd" else None
+            lines.append(f"| {r['N']} | {r['D']} | {r['dtype']} | {r['causal']} | {r['mode']} | "
+                         f"{f(r['fastattn'])} | {f(r['peer_t'])} | **{r['fastattn'] / r['peer_t']:.2f}** | "
+                         f"{r['gflops']:.1f} | {f(frac, 2)} |")
+    lines += ["", f"torch.mm 4096^2 in this run: float32 {gemm['float32'] / 1e9:.1f} GFLOP/s, "
+              f"bfloat16 {gemm['bfloat16'] / 1e9:.1f} GFLOP/s.", "",
+              "## Sparse: fastattn cpu vs torch.compile(flex_attention)", "",
+              "ideal = density x fastattn's own dense (non-causal) time at the same N, D, mode.", "",
+              "| pattern | N | mode | density | fastattn s | flex s | flex / fastattn | ideal s | "
+              "fastattn / ideal |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["section"] == "sparse":
+            sp = "" if r["peer_t"] is None else f"**{r['peer_t'] / r['fastattn']:.2f}x**"
+            idl = "" if r["ideal"] is None else f"{r['fastattn'] / r['ideal']:.2f}"
+            lines.append(f"| {r['pattern']} | {r['N']} | {r['mode']} | {r['density']:.4f} | "
+                         f"{f(r['fastattn'])} | {f(r['peer_t']) or 'no CPU backward'} | {sp} | "
+                         f"{f(r['ideal'])} | {idl} |")
+    lines += ["", "## Against naive attention (reference backend), causal, D=64, float32", "",
+              "| N | mode | fastattn s | naive s | speedup |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["section"] == "naive":
+            lines.append(f"| {r['N']} | {r['mode']} | {f(r['fastattn'])} | {f(r['peer_t'])} | "
+                         f"**{r['peer_t'] / r['fastattn']:.1f}x** |")
+    lines += ["", "## Peak memory", ""]
+    for r in rows:
+        if r["section"] == "memory":
+            if r["extra_bytes"] is None:
+                lines.append(f"N={r['N']}: failed: {r['error']}")
+            else:
+                lines.append(f"N={r['N']}, H=8, D=64, causal fwd: {r['extra_bytes'] / 2**20:.1f} MiB "
+                             f"beyond inputs and outputs (one fp32 N x N score matrix for 8 heads "
+                             f"would be {r['n2_bytes'] / 2**30:.0f} GiB).")
+    with open(out + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(rows, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = [r for r in rows if r["section"] == "dense"]
+    labels = [f"N={r['N']} D={r['D']} {r['dtype'][:4]} {'causal' if r['causal'] else 'full'} "
+              f"{r['mode']}" for r in dense]
+    ratios = [r["fastattn"] / r["peer_t"] for r in dense]
+    sp = [r for r in rows if r["section"] == "sparse" and r["peer_t"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(4, 0.3 * len(dense))),
+                             gridspec_kw=dict(width_ratios=[3, 1]))
+    axes[0].barh(range(len(dense)), ratios, color=["tab:green" if x <= 1 else "tab:red" for x in ratios])
+    axes[0].set_yticks(range(len(dense)), labels, fontsize=7)
+    axes[0].axvline(1.0, color="k", lw=1)
+    axes[0].axvline(0.8, color="k", lw=1, ls="--")
+    axes[0].set_xlabel("fastattn cpu time / torch SDPA time (lower is better; target <= 1, aim 0.8)")
+    axes[0].invert_yaxis()
+    axes[1].bar(range(len(sp)), [r["peer_t"] / r["fastattn"] for r in sp], color="tab:blue")
+    axes[1].set_xticks(range(len(sp)), [r["pattern"].split("(")[0] for r in sp], rotation=20)
+    axes[1].axhline(3.0, color="k", ls="--", lw=1)
+    axes[1].set_ylabel("flex time / fastattn time (target >= 3)")
+    fig.tight_layout()
+    fig.savefig(out + ".png", dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/cpu_suite")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--sparse-n", type=int, default=16384)
+    ap.add_argument("--memory-n", type=int, default=65536)
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.lengths, args.sparse_n, args.memory_n, args.reps = [1024], 2048, 4096, 2
+    rows: list[dict] = []
+    n_dense = sum(1 for N in args.lengths for D in (64, 128) for _ in range(2) for c in (0, 1)
+                  for m in ("fwd", "fwd+bwd") if not (N > 4096 and m == "fwd+bwd" and not (D == 64 and c)))
+    with tqdm(total=n_dense + 4 + 2 + 1, desc="cpu suite") as pbar:
+        gemm = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
+        dense_section(args, rows, pbar)
+        # own dense non-causal float32 D=64 time per (N, mode), for the sparse ideal
+        dense_t = {}
+        need = [(args.sparse_n, 64, m) for m in ("fwd", "fwd+bwd")]
+        for N, D, mode in need:
+            hit = [r for r in rows if r["section"] == "dense" and (r["N"], r["D"], r["mode"]) == (N, D, mode)
+                   and r["dtype"] == "float32" and not r["causal"]]
+            if hit:
+                dense_t[(N, D, mode)] = hit[0]["fastattn"]
+            else:
+                q, k, v, dout = make_inputs(1, 8, N, D, torch.float32, "cpu", mode)
+                r = ModeRunner(lambda a, b, c: fastattn.attention(a, b, c, backend="cpu"),
+                               q, k, v, dout, mode)
+                dense_t[(N, D, mode)] = interleaved({"x": r}, args.reps)["x"]
+        sparse_section(args, rows, pbar, dense_t)
+        naive_section(args, rows, pbar)
+        memory_section(args, rows, pbar)
+    write_report(args, rows, gemm, args.out)
+    plot(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
