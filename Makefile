@@ -44,5 +44,15 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# ptxas -v tables for the CUDA and Triton kernels (sm_80, sm_90; no GPU needed)
+compile-report: setup
+	$(PY) benchmarks/cuda_compile_report.py
+	$(PY) benchmarks/triton_compile_report.py
+
+# Builds the real CUDA extension against the CUDA build of torch in a separate venv
+# (several minutes; not part of `make test`).
+cuda-build-check:
+	bash benchmarks/cuda_build_check.sh
+
 clean:
 	rm -rf build $(VENV) python_pkg/fastattn/*.so python_pkg/*.egg-info
