@@ -254,3 +254,20 @@ def test_recall_and_reverse_batches():
 def test_unigram_entropy():
     assert D.unigram_entropy(torch.tensor([0, 1, 2, 3], dtype=torch.uint8)) == pytest.approx(
         torch.log(torch.tensor(4.0)).item())
+
+
+def test_majority_and_needle_batches():
+    t = D.Majority(margin_lo=0.02, margin_hi=0.06)
+    b = t.batch("train", 64, 1001, torch.Generator().manual_seed(0))
+    body = b["idx"][:, 1:]
+    n_a, n_b = (body == 0).sum(1), (body == 1).sum(1)
+    assert ((n_a + n_b) == 1000).all() and (b["idx"][:, 0] == 2).all()
+    surplus = (n_a - n_b).abs()
+    assert (surplus >= 20).all() and (surplus <= 62).all()
+    assert torch.equal(b["mlm_labels"][:, 0], (n_b > n_a).long())
+    assert (b["mlm_labels"] == b["mlm_labels"][:, :1]).all()
+    nd = D.Needle(n_classes=16, n_noise=8)
+    b = nd.batch("train", 8, 300, torch.Generator().manual_seed(0))
+    is_needle = b["idx"] < 16
+    assert (is_needle.sum(1) == 1).all()
+    assert torch.equal(b["idx"][is_needle], b["mlm_labels"][:, 0])

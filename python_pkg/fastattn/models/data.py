@@ -14,6 +14,7 @@ Tasks (each yields batches for Transformer.forward(**batch) and knows its metric
     recall    gpt     multi-query associative recall: key-value pairs, a long filler gap,
                       then the keys again; predict each key's value
     needle    bert    every position names the one needle symbol hidden in a long noisy sequence
+    majority  bert    every position names the (slightly) more frequent of two symbols
     copy      encdec  target = source
     reverse   encdec  target = reversed source
 
@@ -400,6 +401,50 @@ class Needle(Task):
         return {"acc": ok / n, "far_acc": ok_far / max(n_far, 1)}
 
 
+class Majority(Task):
+    """Global majority over a long sequence (a whole-sequence long-range task):
+
+        [CLS] a b b a b a a ... b        every position's label = the symbol (a or b) that
+                                          occurs more often in the whole sequence
+
+    The surplus of the majority symbol is small (margin_lo..margin_hi of the length, e.g.
+    20..60 tokens out of 4096) and its positions are random, so a model that sees only a
+    local window estimates the answer from a sample, while one attending to every token
+    reads it off the exact mean. Labels go through the encoder's token head (mlm_labels):
+    every position is a training signal."""
+
+    name, kind = "majority", "bert"
+    vocab_size = 3  # a = 0, b = 1, CLS = 2
+
+    def __init__(self, margin_lo: float = 0.02, margin_hi: float = 0.06):
+        self.lo, self.hi = margin_lo, margin_hi
+
+    def batch(self, split, batch_size, seq_len, g):
+        n = seq_len - 1
+        frac = self.lo + (self.hi - self.lo) * torch.rand(batch_size, generator=g)
+        sign = torch.randint(0, 2, (batch_size,), generator=g)
+        n_a = (n / 2 + torch.where(sign == 0, 1, -1) * (frac * n / 2).ceil()).long()  # a-count
+        order = torch.rand(batch_size, n, generator=g).argsort(1)
+        body = (order >= n_a.unsqueeze(1)).long()  # n_a zeros (a), the rest ones (b), shuffled
+        x = torch.cat([torch.full((batch_size, 1), 2), body], 1)
+        y = (n_a < n - n_a).long()  # 0 if a is the majority
+        return {"idx": x, "mlm_labels": y.unsqueeze(1).expand(batch_size, seq_len).clone()}
+
+    @torch.no_grad()
+    def evaluate(self, model, split, batch_size, seq_len, n_batches, g):
+        """acc: over all positions; cls_acc: at [CLS] only."""
+        ok = n = ok_cls = n_cls = 0
+        for _ in range(n_batches):
+            b = self.batch(split, batch_size, seq_len, g)
+            out, _ = model(**b)
+            hit = (out["mlm"].argmax(-1) == b["mlm_labels"].flatten()).view(batch_size, seq_len)
+            ok += int(hit.sum())
+            n += hit.numel()
+            ok_cls += int(hit[:, 0].sum())
+            n_cls += batch_size
+        return {"acc": ok / n, "cls_acc": ok_cls / n_cls}
+
+
 # Seq2seq ---------------------------------------------------------------------------------
 
 class CopyReverse(Task):
@@ -438,7 +483,8 @@ class CopyReverse(Task):
 
 
 TASKS = {"text": TextLM, "mlm": MLMNSP, "classify": CodeOrigin, "listops": ListOps,
-         "recall": AssocRecall, "needle": Needle, "copy": lambda: CopyReverse(reverse=False),
+         "recall": AssocRecall, "needle": Needle, "majority": Majority,
+         "copy": lambda: CopyReverse(reverse=False),
          "reverse": lambda: CopyReverse(reverse=True)}
 
 
