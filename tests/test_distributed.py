@@ -1,0 +1,172 @@
+"""fastattn.distributed.ring_attention against single-process attention on the full sequence.
+
+Spawns 2 and 4 gloo processes on the CPU (one spawn per world size runs every case, since
+starting processes dominates the time). Each rank runs ring attention on its shard and
+checks its shard of out, dq, dk, dv by the DESIGN.md rule against the float64 oracle on the
+whole sequence, and agreement with single-process fastattn.attention."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import requires_cpu_ext
+from oracle import assert_by_rule, make_qkv, oracle
+
+import fastattn
+from fastattn.distributed import merge_attention, ring_attention, zigzag_shard, zigzag_unshard
+
+# (name, B, Hq, Hkv, n_local, D, Dv, causal, layout, dtype); n_local is per rank.
+CASES = [
+    ("noncausal-odd", 2, 2, 2, 13, 16, 16, False, "zigzag", torch.float32),
+    ("noncausal-mqa-d40", 1, 4, 1, 9, 40, 40, False, "zigzag", torch.float32),
+    ("causal-zigzag-gqa-oddchunk", 1, 4, 2, 10, 16, 16, True, "zigzag", torch.float32),
+    ("causal-zigzag-chunk1", 1, 2, 2, 2, 16, 16, True, "zigzag", torch.float32),
+    ("causal-zigzag-dv", 2, 2, 1, 12, 32, 24, True, "zigzag", torch.float32),
+    ("causal-contiguous-gqa-odd", 1, 4, 2, 7, 16, 16, True, "contiguous", torch.float32),
+    ("causal-zigzag-bf16", 1, 4, 2, 16, 64, 64, True, "zigzag", torch.bfloat16),
+    ("noncausal-f16", 1, 2, 1, 11, 64, 64, False, "zigzag", torch.float16),
+]
+
+
+def _shard(x, rank, world, causal, layout):
+    if causal and layout == "zigzag":
+        return zigzag_shard(x, rank, world, dim=2)
+    return x.chunk(world, dim=2)[rank]
+
+
+def _check_case(case, rank, world):
+    name, B, Hq, Hkv, n, D, Dv, causal, layout, dtype = case
+    N = n * world
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype, Dv=Dv, seed=7)
+    dout = torch.randn(B, Hq, N, Dv, generator=torch.Generator().manual_seed(8))
+    window = (-1, 0) if causal else (-1, -1)
+    ref = oracle(q, k, v, window=window, dout=dout)                  # float64
+    low = oracle(q, k, v, window=window, dout=dout,                 # torch in dtype
+                 compute_dtype=dtype)
+
+    sq, sk, sv = (_shard(t.detach(), rank, world, causal, layout).clone().requires_grad_(True)
+                  for t in (q, k, v))
+    out = ring_attention(sq, sk, sv, causal=causal, layout=layout, backend="cpu")
+    assert out.dtype == dtype and out.shape == (B, Hq, n, Dv), f"{name}: {out.dtype} {out.shape}"
+    sdout = _shard(dout, rank, world, causal, layout).to(dtype)
+    dq, dk, dv = torch.autograd.grad(out, (sq, sk, sv), sdout)
+
+    # Single-process fastattn on the full sequence, sharded the same way.
+    qf, kf, vf = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    of = fastattn.attention(qf, kf, vf, causal=causal, backend="cpu")
+    single = (of, *torch.autograd.grad(of, (qf, kf, vf), dout.to(dtype)))
+
+    for i, (tag, got) in enumerate((("out", out), ("dq", dq), ("dk", dk), ("dv", dv))):
+        j = 0 if i == 0 else i + 1  # oracle tuples are (out, lse, dq, dk, dv)
+        r64, lo = (_shard(t, rank, world, causal, layout) for t in (ref[j], low[j]))
+        sp = _shard(single[i].detach(), rank, world, causal, layout)
+        label = f"{name} world={world} rank={rank} {tag}"
+        assert_by_rule(label + " vs float64 oracle", got.detach(), r64.double(), lo, dtype)
+        # as close to single-process fastattn as fastattn is to the oracle (+ floor)
+        assert_by_rule(label + " vs single-process fastattn", got.detach(), sp.double(),
+                       sp + (lo.double() - r64.double()).to(sp.dtype), dtype)
+
+
+def _check_errors(rank, world):
+    x = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="N_local must be even"):
+        ring_attention(x, x, x, causal=True)
+    # unequal shard lengths across ranks: a clear error on every rank instead of a hang
+    y = torch.randn(1, 2, 4 + rank, 8)
+    with pytest.raises(ValueError, match="does not divide evenly"):
+        ring_attention(y, y, y)
+    with pytest.raises(ValueError, match="layout"):
+        ring_attention(x, x, x, layout="striped")
+
+
+def _worker(rank, world, init_file, cases, err_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        for case in cases:
+            _check_case(case, rank, world)
+        _check_errors(rank, world)
+        dist.barrier()
+    except BaseException:
+        with open(os.path.join(err_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_matches_single_process(world, tmp_path):
+    init_file = tmp_path / "init"
+    try:
+        mp.spawn(_worker, args=(world, str(init_file), CASES, str(tmp_path)), nprocs=world,
+                 join=True)
+    except Exception as e:
+        errs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("rank*.txt")))
+        pytest.fail(f"ring attention failed with world={world}:\n{errs or e}")
+
+
+# --- single-process checks (no process group) -----------------------------------------
+
+
+def test_not_initialized_names_group():
+    assert not dist.is_initialized()
+    x = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="group"):
+        ring_attention(x, x, x)
+
+
+def test_zigzag_roundtrip_and_layout():
+    world = 3
+    x = torch.arange(2 * world * 5).view(1, 1, -1, 1)
+    shards = [zigzag_shard(x, r, world, dim=2) for r in range(world)]
+    # rank r holds chunks r and 2*world-1-r
+    assert shards[0].flatten().tolist() == list(range(0, 5)) + list(range(25, 30))
+    assert shards[2].flatten().tolist() == list(range(10, 20))
+    assert torch.equal(zigzag_unshard(shards, dim=2), x)
+
+
+def test_zigzag_errors():
+    with pytest.raises(ValueError, match="2\\*world"):
+        zigzag_shard(torch.randn(1, 1, 10, 4), 0, 2, dim=2)
+    with pytest.raises(ValueError, match="rank"):
+        zigzag_shard(torch.randn(1, 1, 8, 4), 2, 2, dim=2)
+    with pytest.raises(ValueError, match="shards"):
+        zigzag_unshard([torch.randn(1, 1, 3, 4)], dim=2)
+
+
+def test_merge_handles_empty_rows():
+    """Rows that see no key on either side stay (0, -inf); one-sided rows take that side."""
+    ninf = float("-inf")
+    out = torch.zeros(1, 1, 3, 2)
+    lse = torch.tensor([[[ninf, ninf, 0.5]]])
+    blk = torch.tensor([[[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]]])
+    blk_lse = torch.tensor([[[ninf, 1.0, ninf]]])
+    out[0, 0, 2] = torch.tensor([7.0, 8.0])
+    merge_attention(out, lse, blk, blk_lse)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(out[0, 0, 0], torch.zeros(2)) and lse[0, 0, 0] == ninf
+    assert torch.equal(out[0, 0, 1], torch.tensor([3.0, 4.0])) and lse[0, 0, 1] == 1.0
+    assert torch.equal(out[0, 0, 2], torch.tensor([7.0, 8.0])) and lse[0, 0, 2] == 0.5
+
+
+def test_merge_equals_attention_over_concatenated_keys():
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, 5, 12, 16, torch.float32))
+    o1, l1 = fastattn.attention(q, k[:, :, :7], v[:, :, :7], return_lse=True, backend="cpu")
+    o2, l2 = fastattn.attention(q, k[:, :, 7:], v[:, :, 7:], return_lse=True, backend="cpu")
+    out = torch.zeros_like(o1)
+    lse = torch.full_like(l1, float("-inf"))
+    merge_attention(out, lse, o1, l1)
+    merge_attention(out, lse, o2, l2)
+    o, lo = fastattn.attention(q, k, v, return_lse=True, backend="cpu")
+    torch.testing.assert_close(out, o, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, lo, atol=2e-6, rtol=1e-5)
