@@ -58,6 +58,7 @@ class Backend(abc.ABC):
     # Declared capabilities, shown by `fastattn info` and the README table.
     devices: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = ()
+    min_head_dim: int = 1
     max_head_dim: int = 0
     supports_window: bool = False
     supports_block_mask: bool = False
@@ -82,6 +83,8 @@ class Backend(abc.ABC):
         if p.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"supports dtypes {names}, got {str(p.dtype).replace('torch.', '')}")
+        if min(p.D, p.Dv) < self.min_head_dim:
+            reasons.append(f"needs head dims >= {self.min_head_dim}, got D={p.D}, Dv={p.Dv}")
         if max(p.D, p.Dv) > self.max_head_dim:
             reasons.append(f"supports head dims up to {self.max_head_dim}, got {max(p.D, p.Dv)}")
         if p.window != (-1, -1) and not self.supports_window:

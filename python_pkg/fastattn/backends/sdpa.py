@@ -21,6 +21,7 @@ class SDPABackend(Backend):
     priority = 10
     devices = ("cpu", "cuda")
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    min_head_dim = 0
     max_head_dim = 1 << 30
     supports_window = True
     supports_block_mask = True

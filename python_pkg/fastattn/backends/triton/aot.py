@@ -1,0 +1,249 @@
+"""Ahead-of-time compilation of the triton backend's kernels for a GPU we do not have:
+triton.compile with a GPUTarget gives PTX (and Triton's shared-memory allocation), and
+`ptxas -v` on that PTX gives registers and spills. Used by
+benchmarks/triton_compile_report.py and tests/test_triton_compile.py.
+
+A variant is (kernel, dtype, head dim, masking mode, tile config, arch). Arguments are
+specialized the way a launch on contiguous tensors specializes them: 16-byte aligned
+pointers, unit inner strides, other strides divisible by 16 when they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+MODES = {  # (WINDOW_LEFT, WINDOW_RIGHT, SPARSE, BITMASK)
+    "dense": (False, False, False, False),
+    "causal": (False, True, False, False),
+    "window": (True, True, False, False),
+    "sparse": (True, True, True, True),
+}
+_TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+_ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass
+class Variant:
+    kernel: str  # one of KERNELS
+    dtype: str  # float16 | bfloat16 | float32
+    head_dim: int
+    mode: str  # one of MODES
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    arch: int  # 80 | 90
+    mask_block: tuple = (128, 128)  # the BlockMask's blocks, sparse mode only
+    part: int = 0  # bwd_dkdv: 0 = dK and dV, 1 = dV only, 2 = dK only (head dim 256)
+
+    @property
+    def config(self) -> str:
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+
+
+@dataclass
+class Result:
+    variant: Variant
+    registers: int
+    spills: int  # spill stores + spill loads, bytes
+    stack: int
+    smem: int  # bytes Triton allocates (dynamic shared memory)
+    smem_limit: int
+    mma: bool  # mma.sync (sm_80) / wgmma (sm_90) instructions in the PTX
+    wgmma: bool
+    mma_sync: bool
+    error: str = ""
+
+    @property
+    def tensor_cores(self) -> bool:
+        """Products on tensor cores: wgmma on sm_90 where the tile allows it (MMA M side
+        >= 64 over 4-warp groups), else mma.sync; no products in bwd_preprocess."""
+        if self.variant.kernel == "bwd_preprocess":
+            return True
+        if self.variant.arch >= 90 and expects_wgmma(self.variant):
+            return self.wgmma
+        return self.mma_sync or self.wgmma
+
+    @property
+    def ok(self) -> bool:
+        return (not self.error and self.spills == 0 and self.smem <= self.smem_limit
+                and self.tensor_cores)
+
+    def row(self) -> dict:
+        d = asdict(self.variant)
+        d.update(registers=self.registers, spills=self.spills, smem=self.smem, mma=self.mma,
+                 wgmma=self.wgmma, error=self.error, ok=self.ok)
+        return d
+
+
+def expects_wgmma(v: Variant) -> bool:
+    """Hopper's wgmma takes 64-row tiles per 4-warp group: the MMA's M side is BLOCK_M for
+    fwd/dQ and BLOCK_N for dK/dV (computed transposed)."""
+    m_side = v.block_n if v.kernel == "bwd_dkdv" else v.block_m
+    return v.num_warps % 4 == 0 and m_side >= 64
+
+
+def ptxas_path() -> str | None:
+    return shutil.which("ptxas")
+
+
+def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
+                     head_dims=(16, 32, 64, 128, 256), modes=("causal", "sparse"), archs=(80, 90),
+                     mask_block=(128, 128)):
+    """Every config the autotuner may pick for these problem classes (kernels.default_tiles
+    on each arch's shared-memory limit). float32 is not served on GPUs (see
+    TritonBackend.why_not), so it is not among the defaults. "causal" holds both the masked and the unmasked
+    inner loops, so it covers "dense" and "window"; "sparse" is a block mask of `mask_block`
+    blocks (fastattn.sparse's default 128 x 128) with bitmasks."""
+    from .ops import load_kernels
+
+    kern = load_kernels(interpret=False)
+    out = []
+    for arch in archs:
+        for dtype in dtypes:
+            eb = _ELEM_BYTES[dtype]
+            for d in head_dims:
+                bd = kern.pad_dim(d)
+                for kernel in kernels:
+                    if kernel == "bwd_preprocess":
+                        out.append(Variant(kernel, dtype, d, "dense", 64, 0, 4, 1, arch))
+                        continue
+                    short = kernel.replace("bwd_", "")
+                    for mode in modes:
+                        mb = mask_block if mode == "sparse" else None
+                        parts = kern.dkdv_parts(bd, bd) if short == "dkdv" else (0,)
+                        for bm, bn, w, s in kern.default_tiles(short, bd, bd, eb,
+                                                               kern.SMEM_LIMIT[arch], mb):
+                            for part in parts:
+                                out.append(Variant(kernel, dtype, d, mode, bm, bn, w, s, arch,
+                                                   mb or (16, 16), part))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def system_ptx_version() -> int | None:
+    """Highest PTX ISA the ptxas on PATH accepts (CUDA 13.0 -> 90). Triton would otherwise
+    emit the ISA of its bundled, newer ptxas, which an older system ptxas rejects."""
+    ptxas = ptxas_path()
+    if ptxas is None:
+        return None
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    out = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    return ptx_get_version(m.group(1)) if m else None
+
+
+def _signature(fn, v: Variant):
+    """signature, constexprs and attrs for triton.compile, as a launch would specialize."""
+    from .ops import load_kernels
+
+    kern = load_kernels(interpret=False)
+    tdt = _TRITON_DTYPE[v.dtype]
+    wl, wr, sparse, bitmask = MODES[v.mode]
+    bd = kern.pad_dim(v.head_dim)
+    if v.kernel == "bwd_preprocess":
+        const = dict(HEAD_DIM_V=v.head_dim, BLOCK_DV=bd, BLOCK_M=v.block_m, HAS_DLSE=False,
+                     stride_ok=1, stride_dk=1)
+    else:
+        const = dict(HEAD_DIM=v.head_dim, HEAD_DIM_V=v.head_dim, BLOCK_D=bd, BLOCK_DV=bd,
+                     BLOCK_M=v.block_m, BLOCK_N=v.block_n, MASK_BM=v.mask_block[0],
+                     MASK_BN=v.mask_block[1], WINDOW_LEFT=wl, WINDOW_RIGHT=wr,
+                     SPARSE=sparse, BITMASK=bitmask, EVEN_N=False, DOT_UPCAST=False,
+                     DOT_PRECISION=kern.dot_precision(_ELEM_BYTES[v.dtype], bd))
+        if v.kernel == "bwd_dkdv":
+            const["PART"] = v.part
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in _INNER_STRIDES:
+            const[name] = 1  # contiguous head dim: Triton specializes a stride of 1
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ("Lse", "Delta", "DLse"):
+            sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("KV_NUM", "KV_IDX", "FULL_KV_NUM", "FULL_KV_IDX", "KV_MASK_ID",
+                      "Q_NUM", "Q_IDX", "FULL_Q_NUM", "FULL_Q_IDX", "Q_MASK_ID"):
+            sig[name] = "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "PM":
+            sig[name] = "*u8"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV"):
+            sig[name] = f"*{tdt}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "sm_scale":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride_") and v.head_dim % 16 == 0 and not name.startswith(
+                    ("stride_b", "stride_i", "stride_f")):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
+
+
+_INNER_STRIDES = {"stride_qk", "stride_kk", "stride_vk", "stride_ok", "stride_dk", "stride_dok",
+                  "stride_dqk", "stride_dkk", "stride_dvk"}
+_FN_NAME = {"fwd": "_attn_fwd", "bwd_preprocess": "_attn_bwd_preprocess",
+            "bwd_dkdv": "_attn_bwd_dkdv", "bwd_dq": "_attn_bwd_dq"}
+_PTXAS_RE = re.compile(r"Used (\d+) registers")
+_SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_variant(v: Variant, workdir: str | None = None) -> Result:
+    """Compile one variant with Triton for sm_<arch>, then run ptxas -v on its PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .ops import load_kernels
+
+    kern = load_kernels(interpret=False)
+    fn = getattr(kern, _FN_NAME[v.kernel])
+    limit = kern.SMEM_LIMIT[v.arch]
+    try:
+        sig, const, attrs = _signature(fn, v)
+        src = ASTSource(fn, signature=sig, constexprs=const, attrs=attrs)
+        options = dict(num_warps=v.num_warps, num_stages=v.num_stages, enable_fp_fusion=True)
+        ptx_version = system_ptx_version()
+        if ptx_version is not None:  # an ISA both Triton's ptxas and the system's accept
+            from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+            options["ptx_version"] = min(ptx_version, ptx_get_version(get_ptxas(v.arch).version))
+        ck = triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=options)
+    except Exception as e:  # report, do not stop the sweep
+        msg = str(e).strip().splitlines()
+        return Result(v, -1, -1, -1, -1, limit, False, False, False,
+                      error=f"triton.compile: {msg[-1] if msg else type(e).__name__}")
+    ptx = ck.asm["ptx"]
+    smem = int(ck.metadata.shared)
+    wgmma = "wgmma.mma_async" in ptx
+    mma_sync = re.search(r"\bmma\.sync\.aligned", ptx) is not None
+    mma = wgmma if v.arch >= 90 else mma_sync
+    ptxas = ptxas_path()
+    if ptxas is None:
+        return Result(v, -1, -1, -1, smem, limit, mma, wgmma, mma_sync, error="ptxas not found")
+    arch = f"sm_{v.arch}a" if v.arch >= 90 else f"sm_{v.arch}"
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return Result(v, -1, -1, -1, smem, limit, mma, wgmma, mma_sync,
+                      error="ptxas: " + text.strip().splitlines()[-1])
+    regs = _PTXAS_RE.search(text)
+    spill = _SPILL_RE.search(text)
+    return Result(v, int(regs.group(1)) if regs else -1,
+                  int(spill.group(2)) + int(spill.group(3)) if spill else -1,
+                  int(spill.group(1)) if spill else -1,
+                  smem, limit, mma, wgmma, mma_sync)
