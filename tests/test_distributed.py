@@ -8,19 +8,16 @@ whole sequence, and agreement with single-process fastattn.attention."""
 from __future__ import annotations
 
 import os
-import tempfile
 import traceback
 
+import fastattn
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import requires_cpu_ext
-from oracle import assert_by_rule, make_qkv, oracle
-
-import fastattn
 from fastattn.distributed import merge_attention, ring_attention, zigzag_shard, zigzag_unshard
+from oracle import assert_by_rule, make_qkv, oracle
 
 # (name, B, Hq, Hkv, n_local, D, Dv, causal, layout, dtype); n_local is per rank.
 CASES = [

@@ -6,6 +6,8 @@
                    --freeze-backbone --out runs/bert-cls              # frozen fine-tune
     fastattn train --task reverse --out runs/s2s                      # seq2seq
     fastattn train ... --resume                                       # continue exactly
+    torchrun --nproc-per-node 2 -m fastattn train ...                 # data parallel (DDP)
+    torchrun --nproc-per-node 2 -m fastattn train --context-parallel  # split each sequence
 
 AdamW (decay on matrices only), linear warm-up then cosine decay to min_lr, gradient
 accumulation and clipping, optional bfloat16 autocast, periodic evaluation (val loss +
@@ -13,6 +15,10 @@ the task's metric), a progress bar with loss, tokens/s and peak memory, a JSON-l
 training curves as PNG, and atomic checkpoints (temp file + os.replace) holding the model
 config, weights, optimizer, step, data-stream and RNG states, so --resume continues the
 same loss trajectory as an uninterrupted run.
+
+Under torchrun (see models/parallel.py) --batch-size is the global batch, split across
+ranks; rank 0 alone prints, logs, plots and checkpoints; every rank resumes from the same
+checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 
 from .data import make_task
 from .model import ModelConfig, Transformer
+from .parallel import init_distributed, local_batch, mean_over_ranks, rank0_decides, wrap_model
 
 
 @dataclass
@@ -73,6 +80,8 @@ class TrainConfig:
     sparse_block: int = 64
     # task options, "key=value,key=value" passed to the task's constructor
     task_args: str = ""
+    # torchrun: split each sequence across the ranks (ring attention) instead of the batch
+    context_parallel: bool = False
 
 
 def lr_at(step: int, c: TrainConfig) -> float:
@@ -163,6 +172,8 @@ def plot_curves(history: list[dict], path: str, title: str) -> None:
 
 def train(c: TrainConfig) -> dict:
     """Runs training as configured; returns a summary (history, final metrics, speed)."""
+    rank, world = init_distributed()
+    main = rank == 0
     os.makedirs(c.out, exist_ok=True)
     ckpt_path = os.path.join(c.out, "ckpt.pt")
     torch.manual_seed(c.seed)
@@ -202,14 +213,19 @@ def train(c: TrainConfig) -> dict:
         frozen = ck.get("frozen", frozen)
         model.freeze_backbone(frozen)
 
+    net = wrap_model(model, world, c.context_parallel)  # what the training step calls
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.dtype == "bfloat16")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"[train] task={c.task} kind={model.cfg.kind} params={model.num_params() / 1e6:.2f}M "
-          f"(trainable {n_train / 1e6:.2f}M) patterns={','.join(model.cfg.patterns)} "
-          f"backend={model.cfg.backend} seq_len={c.seq_len} batch={c.batch_size}x{c.grad_accum} "
-          f"dtype={c.dtype} threads={torch.get_num_threads()}" + (f" resume@{start}" if resume else ""))
+    if main:
+        print(f"[train] task={c.task} kind={model.cfg.kind} params={model.num_params() / 1e6:.2f}M "
+              f"(trainable {n_train / 1e6:.2f}M) patterns={','.join(model.cfg.patterns)} "
+              f"backend={model.cfg.backend} seq_len={c.seq_len} batch={c.batch_size}x{c.grad_accum} "
+              f"dtype={c.dtype} threads={torch.get_num_threads()}" + (f" resume@{start}" if resume else "")
+              + (f" ranks={world}{' context-parallel' if c.context_parallel else ''}" if world > 1 else ""))
 
     def checkpoint(step):
+        if not main:
+            return
         save_checkpoint(ckpt_path, {
             "model_config": model.cfg.to_dict(), "train_config": asdict(c),
             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -217,15 +233,18 @@ def train(c: TrainConfig) -> dict:
             "torch_rng": torch.get_rng_state(), "frozen": frozen, "task": c.task})
 
     log_path = os.path.join(c.out, "log.jsonl")
-    with open(log_path, "w") as f:  # the history so far (resume), then one line per record
-        f.writelines(json.dumps(h) + "\n" for h in history)
+    if main:
+        with open(log_path, "w") as f:  # the history so far (resume), then one line per record
+            f.writelines(json.dumps(h) + "\n" for h in history)
 
     def log(rec):
+        if not main:
+            return
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     bar = None
-    if c.progress:
+    if c.progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=c.steps, initial=start, dynamic_ncols=True, leave=True)
@@ -248,10 +267,12 @@ def train(c: TrainConfig) -> dict:
         for _ in range(c.grad_accum):
             batch = task.batch("train", c.batch_size, c.seq_len, data_gen)
             tokens_done += sum(batch[k].numel() for k in ("idx", "src") if k in batch)
+            batch = local_batch(batch, rank, world, c.context_parallel)
             with autocast():
-                _, loss = model(**batch)
+                _, loss = net(**batch)
             (loss / c.grad_accum).backward()
             loss_sum += loss.item() / c.grad_accum
+        loss_sum = mean_over_ranks(loss_sum, world)
         norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                               c.grad_clip)
         opt.step()
@@ -272,7 +293,7 @@ def train(c: TrainConfig) -> dict:
             checkpoint(step + 1)
         if c.stop_after and step + 1 - start >= c.stop_after:
             break
-        if c.max_time and time.time() - t_start > c.max_time:
+        if c.max_time and rank0_decides(time.time() - t_start > c.max_time, world):
             print(f"[train] time limit {c.max_time:.0f}s reached at step {step + 1}")
             break
     end = step + 1 if c.steps > start else start
@@ -282,7 +303,7 @@ def train(c: TrainConfig) -> dict:
     history.append(final)
     checkpoint(end)
     log(final)
-    if c.plot:
+    if c.plot and main:
         plot_curves(history, os.path.join(c.out, "curves.png"),
                     f"{c.task} ({model.cfg.kind}, {','.join(model.cfg.patterns)})")
     speeds = [h["tok_s"] for h in history if "tok_s" in h]
@@ -290,8 +311,9 @@ def train(c: TrainConfig) -> dict:
                "tok_s": sum(speeds[1:]) / max(1, len(speeds) - 1) if len(speeds) > 1 else
                (speeds[0] if speeds else 0.0), "peak_mb": peak_rss_mb(),
                "params": model.num_params(), "history": history, "model": model}
-    print("[train] final " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                      for k, v in final.items()))
+    if main:
+        print("[train] final " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                          for k, v in final.items()))
     return summary
 
 
