@@ -178,6 +178,21 @@ def _blocks(rank, src, n, causal, layout):
     return slice(c, n), full, False  # only the late query chunk sees src's two chunks
 
 
+def _block_grads(q, k, v, dout, delta, lse, causal, scale, backend):
+    """(dq, dk, dv) of one block's share of the merged output, recomputing the block with
+    fastattn's kernel. The merged out = sum_b w_b out_b with w_b = exp(lse_b - lse), so the
+    block receives d out_b = w_b dO and d lse_b = w_b (dO . out_b - dO . out)."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+        o_b, l_b = attention(q, k, v, causal=causal, scale=scale, backend=backend,
+                             return_lse=True)
+        w = torch.exp(l_b - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))
+        w = torch.where(torch.isinf(l_b), torch.zeros_like(w), w)  # rows that see no key here
+        d_lse = w * ((dout * o_b.detach().float()).sum(-1) - delta)
+        return torch.autograd.grad((o_b, l_b), (q, k, v),
+                                   ((w.unsqueeze(-1) * dout).to(o_b.dtype), d_lse))
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, scale, backend, layout):
@@ -221,24 +236,13 @@ class _RingAttention(torch.autograd.Function):
             blk = _blocks(ring.rank, (ring.rank - step) % ring.world, n, causal, layout)
             if blk is not None:
                 qs, ks, c = blk
-                with torch.enable_grad():
-                    q_b = q[:, :, qs].detach().requires_grad_(True)
-                    k_b = k_cur[:, :, ks].detach().requires_grad_(True)
-                    v_b = v_cur[:, :, ks].detach().requires_grad_(True)
-                    o_b, l_b = attention(q_b, k_b, v_b, causal=c, scale=scale, backend=backend,
-                                         return_lse=True)
-                    # out = sum_b w_b out_b with w_b = exp(lse_b - lse), so
-                    # d out_b = w_b dO and d lse_b = w_b (dO . out_b - dO . out).
-                    ls = lse[:, :, qs]
-                    w = torch.exp(l_b - torch.where(torch.isinf(ls), torch.zeros_like(ls), ls))
-                    w = torch.where(torch.isinf(l_b), torch.zeros_like(w), w)
-                    do = dout[:, :, qs]
-                    d_lse = w * ((do * o_b.detach().float()).sum(-1) - delta[:, :, qs])
-                    g = torch.autograd.grad((o_b, l_b), (q_b, k_b, v_b),
-                                            ((w.unsqueeze(-1) * do).to(o_b.dtype), d_lse))
-                dq[:, :, qs] += g[0].float()
-                dk_acc[:, :, ks] += g[1].float()
-                dv_acc[:, :, ks] += g[2].float()
+                # a helper, so the block's temporaries are freed before the exchange below
+                g = _block_grads(q[:, :, qs], k_cur[:, :, ks], v_cur[:, :, ks], dout[:, :, qs],
+                                 delta[:, :, qs], lse[:, :, qs], c, scale, backend)
+                dq[:, :, qs] += g[0]
+                dk_acc[:, :, ks] += g[1]
+                dv_acc[:, :, ks] += g[2]
+                del g
             # The accumulators travel with their K/V block and reach its owner after a turn.
             if ring.world > 1:
                 dk_in, dv_in = ring.pass_on((dk_acc, dv_acc))
