@@ -157,7 +157,8 @@ def run_mlm(a, argv):
         "- fine-tuning task (labelled, offline): which stdlib package a 127-byte source snippet "
         "comes from, 4 balanced classes (asyncio, email, tkinter, multiprocessing); train and "
         "val are different files (every 4th file held out); chance = 25%",
-        f"- fine-tuning: backbone frozen, only the classifier on the pooled [CLS] state trains "
+        f"- fine-tuning: backbone frozen, only the linear classifier on the mean final hidden "
+        f"state trains "
         f"({a.ft_steps} steps, batch 32, lr 3e-3); val accuracy on {ft_kw['eval_batches'] // 2 * 32} "
         "held-out snippets",
         "",
@@ -293,9 +294,10 @@ def run_longrange(a, argv):
     for label, patterns in (("dense (cpu fused)", "dense"), ("sparse: BigBird (cpu)", "bigbird"),
                             ("sparse: window 256 (cpu)", "window:256")):
         name = patterns.split(":")[0]
-        c = TrainConfig(task="majority", out=f"{RUNS}/lr_{name}", seq_len=a.seq_len,
+        c = TrainConfig(task="majority", task_args=f"margin_lo={a.margin_lo},margin_hi={a.margin_hi}",
+                        out=f"{RUNS}/lr_{name}", seq_len=a.seq_len,
                         batch_size=a.batch, steps=a.steps, lr=3e-3, min_lr=3e-4, warmup=10,
-                        eval_every=max(1, a.steps // 3), eval_batches=a.eval_batches, n_layer=2,
+                        eval_every=max(1, a.steps // 2), eval_batches=a.eval_batches, n_layer=2,
                         n_embd=64, n_head=2, backend="cpu", patterns=patterns, sparse_block=64,
                         max_time=a.minutes * 60, progress=a.progress, seed=a.seed)
         s = train(c)
@@ -304,8 +306,9 @@ def run_longrange(a, argv):
     n_val = a.eval_batches // 2 * a.batch
     lines = header(f"Long-range task at length {a.seq_len}: global majority, dense vs sparse", argv) + [
         f"- task (`majority`, fastattn.models.data.Majority): [CLS] + {a.seq_len - 1} shuffled "
-        "tokens of two symbols a/b; one of them occurs more often by a surplus of 2-6% of the "
-        f"length ({int(0.02 * a.seq_len)}-{int(0.06 * a.seq_len)} tokens); EVERY position must "
+        f"tokens of two symbols a/b; one of them occurs more often by a surplus of "
+        f"{100 * a.margin_lo:g}-{100 * a.margin_hi:g}% of the length "
+        f"({int(a.margin_lo * a.seq_len)}-{int(a.margin_hi * a.seq_len)} tokens); EVERY position must "
         "name the majority symbol (token-level labels through the encoder's token head). "
         "Chance = 50%. A token that sees only a window estimates the answer from a sample "
         "(2 layers of a 256-token window on each side reach ~1025 tokens); one that attends "
@@ -352,10 +355,12 @@ def main():
     s.add_argument("--steps", type=int, default=3)
     s = sub.add_parser("longrange")
     s.add_argument("--seq-len", type=int, default=4096)
-    s.add_argument("--batch", type=int, default=2)
-    s.add_argument("--steps", type=int, default=80)
-    s.add_argument("--eval-batches", type=int, default=16)
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--steps", type=int, default=60)
+    s.add_argument("--eval-batches", type=int, default=8)
     s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--margin-lo", type=float, default=0.04)
+    s.add_argument("--margin-hi", type=float, default=0.12)
     s.add_argument("--minutes", type=float, default=8)
     s.add_argument("--progress", action="store_true")
     for s in sub.choices.values():

@@ -238,7 +238,7 @@ class ModelConfig:
     n_random_blocks: int = 2  # BigBird random blocks per query block
     n_global_tokens: int = 1  # Longformer global tokens / streaming sinks (first tokens)
     pattern_seed: int = 0  # BigBird's random blocks are fixed per model, like the paper's
-    n_classes: int = 0  # > 0 adds a classification head on the pooled [CLS] state (bert)
+    n_classes: int = 0  # > 0 adds a classification head on the mean final state (bert)
     n_segments: int = 2  # bert token types (sentence A / B)
 
     def __post_init__(self):
@@ -403,7 +403,9 @@ class Transformer(nn.Module):
             out["nsp"] = self.nsp_head(pooled)
             add(F.cross_entropy(out["nsp"].float(), nsp_labels))
         if self.classifier is not None:
-            out["cls"] = self.classifier(self.drop(pooled))
+            # mean of the final states: a frozen-feature probe that does not depend on how
+            # well NSP trained the [CLS] pooler (short pre-training leaves it near constant)
+            out["cls"] = self.classifier(self.drop(h.mean(1)))
             if labels is not None:
                 add(F.cross_entropy(out["cls"].float(), labels))
         return out, loss
