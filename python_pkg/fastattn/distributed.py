@@ -7,8 +7,9 @@ to the next rank, world-1 times, so every query shard meets every K/V shard once
 meeting is one call of fastattn's own kernels with return_lse=True, and the partial outputs
 are merged by log-sum-exp in float32. The backward pass sends K/V around the ring again,
 together with dK/dV accumulators that collect each rank's contribution and arrive back at
-their owner after a full turn. K/V are never all-gathered: a rank holds at most two K/V
-shards (and two dK/dV shards) at once.
+their owner after a full turn. K/V are never all-gathered: besides its own shard a rank
+holds at most two K/V shards in flight (the one being used and the one arriving), and in
+backward two dK/dV accumulators.
 
 Sharding (dim 2 of q, k and v is the sequence):
 
