@@ -10,8 +10,19 @@ import shlex
 import sys
 import time
 
-from .spec import (BACKEND_ORDER, DTYPES, GiB, MODES, Config, SweepSpec, default_mem_budget,
-                   machine_info, pow2_range, preset, versions)
+from .spec import (
+    BACKEND_ORDER,
+    DTYPES,
+    MODES,
+    Config,
+    GiB,
+    SweepSpec,
+    default_mem_budget,
+    machine_info,
+    pow2_range,
+    preset,
+    versions,
+)
 
 HELP = "sweep sequence lengths x backends x patterns x modes; time, TFLOP/s, memory, plots"
 
@@ -165,8 +176,7 @@ def run(args) -> int:
 
 
 def _run_with_progress(sweep, total, console, show) -> list:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not show or not console.is_terminal:
         # Logs (CI, pipes): one line per finished group instead of a live bar.
@@ -217,7 +227,7 @@ def markdown_record(results, meta, plot_paths, out) -> str:
         f"- command: `{meta['command']}`",
         f"- date (UTC): {meta['timestamp']}; elapsed {meta.get('elapsed_s', '?')} s",
         f"- machine: {m['cpu']}, {m['cpu_count']} cores, {m['ram_gib']} GiB RAM, "
-        f"torch threads {m['torch_threads']}, load average at start/end "
+        f"benchmark threads {s['threads']}, load average (1/5/15 min) at start / end "
         f"{_load(m.get('loadavg_start'))} / {_load(m.get('loadavg_end'))}"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
         f"- versions: fastattn {v['fastattn']}, torch {v['torch']}, triton {v['triton']}",

@@ -148,7 +148,7 @@ class Sweep:
     # ------------------------------------------------------------------ main loop
     def run(self) -> list[Result]:
         try:
-            for key, cases in self.groups().items():
+            for cases in self.groups().values():
                 self._run_group(cases)
         finally:
             self.close()
