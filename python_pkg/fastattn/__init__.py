@@ -1,8 +1,8 @@
 """fastattn: fused and block-sparse attention for PyTorch (CPU C++, Triton, CUDA kernels)
 behind one drop-in API."""
 
-from . import nn, sparse
 from .api import attention, scaled_dot_product_attention
+from . import distributed, nn, sparse  # noqa: E402,I001  (they import the API above)
 from .dispatch import BackendUnavailableError, available_backends
 from .patching import patch_sdpa, unpatch_sdpa
 
@@ -14,6 +14,7 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "sparse",
+    "distributed",
     "nn",
     "patch_sdpa",
     "unpatch_sdpa",
