@@ -262,6 +262,7 @@ def run_throughput(a, argv):
                 res = {"error": r.stderr.strip().splitlines()[-1] if r.stderr else "failed"}
             else:
                 res = json.loads(r.stdout.strip().splitlines()[-1])
+            res["load"] = os.getloadavg()[0]  # the machine is shared: record how busy it was
             print(T, label, res, f"({time.time() - t0:.0f}s)", flush=True)
             rows.append((T, label, res))
     lines = header("End-to-end training throughput and peak memory at long sequence lengths", argv) + [
@@ -273,17 +274,20 @@ def run_throughput(a, argv):
         "- window 256: each query sees the previous 256 tokens; BigBird: 64-token blocks, 1 global "
         "block at each end, 3-block sliding window, 2 random blocks per row, intersected with causal",
         "",
-        "| seq len | attention | tokens/s | step time (s) | peak RSS (MB) | base RSS (MB) | speed-up vs naive |",
-        "|---|---|---|---|---|---|---|",
+        "- the 2 cores are shared with other engineers' jobs: the last column is the 1-minute load "
+        "average when the measurement ended (2.0 = both cores busy); timings are noisy at this load",
+        "",
+        "| seq len | attention | tokens/s | step time (s) | peak RSS (MB) | base RSS (MB) | speed-up vs naive | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     naive = {T: r.get("tok_s") for T, lbl, r in rows if lbl.startswith("naive")}
     for T, label, r in rows:
         if "error" in r:
-            lines.append(f"| {T} | {label} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {T} | {label} | failed: {r['error'][:80]} | | | | | |")
             continue
         sp = f"{r['tok_s'] / naive[T]:.2f}x" if naive.get(T) else "-"
         lines.append(f"| {T} | {label} | {r['tok_s']:.0f} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
-                     f"{r['base_mb']:.0f} | {sp} |")
+                     f"{r['base_mb']:.0f} | {sp} | {r['load']:.1f} |")
     write("throughput", lines)
 
 
