@@ -98,6 +98,8 @@ class TritonBackend(Backend):
         if p.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             reasons.append(f"supports dtypes {names}, got {str(p.dtype).replace('torch.', '')}")
+        if min(p.D, p.Dv) < self.min_head_dim:
+            reasons.append(f"needs head dims >= {self.min_head_dim}, got D={p.D}, Dv={p.Dv}")
         if max(p.D, p.Dv) > self.max_head_dim:
             reasons.append(f"supports head dims up to {self.max_head_dim}, got {max(p.D, p.Dv)}")
         if p.block_mask is not None:
