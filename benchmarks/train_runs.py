@@ -137,9 +137,9 @@ def run_mlm(a, argv):
                            freeze_backbone=True, **ft_kw))
     # control: the same frozen fine-tune on a randomly initialised backbone
     os.makedirs(f"{RUNS}/bert_rand", exist_ok=True)
+    from fastattn.models.data import MLMNSP
     from fastattn.models.model import Transformer
     from fastattn.models.train import model_config_for, save_checkpoint
-    from fastattn.models.data import MLMNSP
 
     torch.manual_seed(pre.seed)
     rand = Transformer(model_config_for(pre, MLMNSP.__new__(MLMNSP)))
@@ -200,12 +200,12 @@ def run_seq2seq(a, argv):
         f"- evaluation: 1024 fresh sequences decoded greedily from the start token (BOS) one token "
         f"at a time with the KV cache and cross-attention to the encoder ({dt:.1f} s)",
         "",
-        f"| exact match (whole sequence + EOS) | token accuracy | final val loss |",
+        "| exact match (whole sequence + EOS) | token accuracy | final val loss |",
         "|---|---|---|",
         f"| **{100 * m['exact_match']:.1f}%** | {100 * m['token_acc']:.2f}% | {s['final']['val_loss']:.4f} |",
         "",
         "Examples (source -> decoded):", "", "```",
-        *[f"{src} -> {o}" for src, o in zip(b["src"].tolist(), outs.tolist())], "```", "",
+        *[f"{src} -> {o}" for src, o in zip(b["src"].tolist(), outs.tolist(), strict=True)], "```", "",
         f"Training curves: ![curves]({keep_curves(c.out, 'seq2seq')})",
     ]
     write("seq2seq", lines)
@@ -328,7 +328,7 @@ def run_longrange(a, argv):
         "| attention | val accuracy (all positions) | at [CLS] | val loss | steps | wall time (min) | tokens/s |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, c, s in results:
+    for label, _c, s in results:
         f = s["final"]
         lines.append(f"| {label} | **{100 * f['acc']:.1f}%** | {100 * f['cls_acc']:.1f}% | "
                      f"{f['val_loss']:.3f} | {s['steps']} | {s['wall_s'] / 60:.1f} | {s['tok_s']:.0f} |")

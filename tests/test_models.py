@@ -8,11 +8,10 @@ import random
 import pytest
 import torch
 from conftest import requires_cpu_ext
-from oracle import FLOOR
-
 from fastattn.models import KVCache, ModelConfig, Transformer, sample
 from fastattn.models import data as D
 from fastattn.models.train import TrainConfig, lr_at, train
+from oracle import FLOOR
 
 try:
     import fastattn.sparse  # noqa: F401

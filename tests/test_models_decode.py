@@ -8,9 +8,8 @@ import os
 import pytest
 import torch
 from conftest import requires_cpu_ext
-from oracle import FLOOR, assert_by_rule
-
 from fastattn.decode import decode_attention, decode_mask, decode_reference
+from oracle import FLOOR, assert_by_rule
 
 try:
     import triton  # noqa: F401

@@ -150,7 +150,7 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, window_left=Non
         raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
     validate_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
     B, Hq, Nq, D = q.shape
-    Hkv, Ncache, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    Ncache, Dv = k_cache.shape[2], v_cache.shape[3]
     scale = validate_scale(scale, D)
     cache_seqlens = _validate_seqlens(cache_seqlens, B, Ncache, q.device)
     window_left = _validate_window_left(window_left)

@@ -54,7 +54,7 @@ def generate(ckpt: str, prompt: str = "", max_new_tokens: int = 200, num_samples
             T = ck["train_config"]["seq_len"]
             b = task.batch("val", num_samples, T, g)
             out = model.generate(b["idx"][:, :1], T + 1, src=b["src"], **kw)[:, 1:]
-            for s, o, t in zip(b["src"].tolist(), out.tolist(), b["targets"].tolist()):
+            for s, o, t in zip(b["src"].tolist(), out.tolist(), b["targets"].tolist(), strict=True):
                 texts.append(f"source: {s}\noutput: {o}\ntarget: {t}\nexact match: {o == t}")
         elif model.cfg.kind == "gpt":
             ids = list(prompt.encode()) or [BOS]

@@ -348,7 +348,7 @@ class Transformer(nn.Module):
         self._check_len(S)
         pos = torch.arange(S, device=idx.device)
         x = self._embed(idx, pos, segments)
-        for blk, kw in zip(self.enc, self.masks("enc", S, idx.device)):
+        for blk, kw in zip(self.enc, self.masks("enc", S, idx.device), strict=True):
             x = blk(x, kw, self.rope, pos)
         return self.ln_enc(x)
 
@@ -363,7 +363,7 @@ class Transformer(nn.Module):
             pos = cache.seqlens.unsqueeze(1) + torch.arange(T, device=idx.device)  # (B, T)
             self._check_len(int(pos.max()) + 1)
         x = self._embed(idx, pos)
-        for blk, kw in zip(self.dec, self.masks("dec", T, idx.device)):
+        for blk, kw in zip(self.dec, self.masks("dec", T, idx.device), strict=True):
             x = blk(x, kw, self.rope, pos, memory=memory, cache=cache)
         if cache is not None:
             cache.seqlens += T

@@ -155,9 +155,9 @@ def plot_curves(history: list[dict], path: str, title: str) -> None:
     va = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
     fig, ax = plt.subplots(figsize=(6, 4))
     if tr:
-        ax.plot(*zip(*tr), label="train loss", lw=1)
+        ax.plot(*zip(*tr, strict=True), label="train loss", lw=1)
     if va:
-        ax.plot(*zip(*va), "o-", label="val loss")
+        ax.plot(*zip(*va, strict=True), "o-", label="val loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.set_title(title, fontsize=9)
