@@ -7,18 +7,24 @@ import json
 import math
 import os
 
+import fastattn
 import pytest
 import torch
-
-import fastattn
 from fastattn.bench import report
 from fastattn.bench.cli import main as bench_main
 from fastattn.bench.cli import parse_seqlens
 from fastattn.bench.patterns import Pattern, layout_mask_mod
 from fastattn.bench.providers import naive_attention
 from fastattn.bench.runner import Result, Sweep
-from fastattn.bench.spec import (GiB, Case, Config, SweepSpec, attention_flops, predict_skip,
-                                 work_units)
+from fastattn.bench.spec import (
+    Case,
+    Config,
+    GiB,
+    SweepSpec,
+    attention_flops,
+    predict_skip,
+    work_units,
+)
 
 AVAIL = {"reference": (True, "ok"), "sdpa": (True, "ok"), "cpu": (True, "ok"),
          "flex": (True, "ok"), "triton": (True, "ok"), "cuda": (False, "not built")}
@@ -157,6 +163,16 @@ def test_csv_json_schema(tmp_path):
     assert len(doc["rows"]) == len(rows) and doc["cases"][0]["times_s"] == [0.01] * 3
     md = report.markdown_table(results)
     assert "skip[1]" in md and "naive N^2 scores" in md
+
+
+def test_json_round_trip_rerenders(tmp_path):
+    results, meta = _fake_results()
+    report.write_json(tmp_path / "r.json", results, meta)
+    back, meta2 = report.load_json(tmp_path / "r.json")
+    assert meta2 == meta
+    assert [(r.case, r.status, r.reason, r.time_s, r.mem_bytes) for r in back] == \
+        [(r.case, r.status, r.reason, r.time_s, r.mem_bytes) for r in results]
+    assert report.markdown_table(back) == report.markdown_table(results)
 
 
 def test_parse_seqlens():

@@ -91,6 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="output directory (default: bench_results/<UTC timestamp>)")
     out.add_argument("--no-plots", action="store_true")
     out.add_argument("--no-progress", action="store_true")
+    out.add_argument("--from-json", metavar="PATH",
+                     help="re-render table, results.md and plots from a results.json")
     out.add_argument("--dry-run", action="store_true",
                      help="list the cases and predicted skips without running anything")
 
@@ -143,6 +145,8 @@ def run(args) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)  # logs and pipes: keep the table on one line per row
+    if args.from_json:
+        return _rerender(args, console)
     spec = spec_from_args(args)
     sweep = Sweep(spec)
     cases = spec.cases()
@@ -250,6 +254,20 @@ def markdown_record(results, meta, plot_paths, out) -> str:
               "cell: median time, useful GFLOP/s (visible pairs only), peak extra memory", "",
               report.markdown_table(results), ""]
     return "\n".join(lines)
+
+
+def _rerender(args, console) -> int:
+    from . import report
+
+    results, meta = report.load_json(args.from_json)
+    out = args.out or os.path.dirname(os.path.abspath(args.from_json))
+    os.makedirs(out, exist_ok=True)
+    report.print_table(results, console)
+    paths = [] if args.no_plots else report.plot(results, out)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown_record(results, meta, paths, out))
+    console.print(f"re-rendered {len(results)} cases into {out}", highlight=False)
+    return 0
 
 
 def command_line(args) -> str:

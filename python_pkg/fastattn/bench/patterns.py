@@ -118,7 +118,7 @@ class Pattern:
         """Facts for spec.predict_skip / spec.work_units."""
         return {"pattern": self.name, "masked": self.masked, "layouts": self.layouts,
                 "visited_pairs": min(self.visited_pairs, float(self.N) ** 2),
-                "flex_mask_bytes_per_pair": FLEX_MASK_BYTES_PER_PAIR.get(self.name, 40)}
+                "flex_mask_bytes_per_pair": FLEX_MASK_BYTES_PER_PAIR.get(self.name, 28)}
 
     def attention_kwargs(self) -> dict:
         return attention_kwargs(self.name, self.block_mask)
@@ -162,9 +162,10 @@ class Pattern:
         return create_block_mask(mask_mod, B, H, N, N, device=device)
 
 
-# Measured peak bytes per (query, key) pair of create_block_mask (see bench docs): the
-# closed-form mask_mods build a few bool N x N tensors, the lookup one int64 index tensors.
-FLEX_MASK_BYTES_PER_PAIR = {"causal": 6, "window": 8}
+# Peak bytes per (query, key) pair of create_block_mask, measured at N = 8192 (VmHWM, torch
+# 2.13): 10 for the closed-form mask_mods (bool and index temporaries), 27 for the layout
+# lookup (int64 gathers); the lookup value is rounded up for the other patterns.
+FLEX_MASK_BYTES_PER_PAIR = {"causal": 10, "window": 10}
 
 
 def layout_mask_mod(bm: fs.BlockMask, device="cpu"):

@@ -125,7 +125,7 @@ def table_data(results):
     for key, row in _by_group(results).items():
         pattern, mode, N, cfg, _dev = key
         any_r = next(iter(row.values()))
-        dens = f"{any_r.density:.3f}" if any_r.density is not None else "-"
+        dens = f"{any_r.density:.3g}" if any_r.density is not None else "-"
         cells = [pattern, mode, _n_label(N)] + ([cfg.label()] if multi else []) + [dens]
         cells += [_cell(row.get(b), notes) for b in backends]
         best = _best_fused(row)
@@ -224,6 +224,8 @@ def markdown_headline(results) -> str:
             return f"{r.time_s * 1e3:.0f} ms" if r.time_s >= 0.1 else f"{r.time_s * 1e3:.1f} ms"
         if r.status != "skipped":
             return r.status
+        if "no backward on CPU" in r.reason:
+            return "skip: no backward on CPU"
         why = r.reason.split(" (")[0].replace("predicted", "pred.")
         return f"skip: {why}"[:40]
 
@@ -304,16 +306,47 @@ def plot(results, outdir) -> list[str]:
 
 
 def _guides(ax):
-    """Dotted N^2 and N slopes through the panel's lowest-N point, for reading growth."""
+    """Dotted N^2 and N slopes from the panel's lowest-N point, clipped to the data's range."""
     lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
     if not lines:
         return
     x0 = min(min(ln.get_xdata()) for ln in lines)
     x1 = max(max(ln.get_xdata()) for ln in lines)
+    ymax = max(max(ln.get_ydata()) for ln in lines)
     if x1 <= x0:
         return
     y0 = min(ln.get_ydata()[list(ln.get_xdata()).index(x0)] for ln in lines
              if x0 in list(ln.get_xdata()))
-    for power, lab in ((2, "∝N²"), (1, "∝N")):
-        ax.plot([x0, x1], [y0, y0 * (x1 / x0) ** power], ls=":", lw=0.8, color="gray")
-        ax.annotate(lab, (x1, y0 * (x1 / x0) ** power), fontsize=7, color="gray")
+    for power, lab in ((2, r"$\propto N^2$"), (1, r"$\propto N$")):
+        xe = min(x1, x0 * (ymax / y0) ** (1 / power)) if ymax > y0 else x1
+        ye = y0 * (xe / x0) ** power
+        ax.plot([x0, xe], [y0, ye], ls=":", lw=0.8, color="gray")
+        ax.annotate(lab, (xe, ye), fontsize=7, color="gray", ha="right", va="bottom")
+
+
+def load_json(path):
+    """(results, meta) from a results.json this module wrote (to re-render or compare)."""
+    from .runner import Result
+    from .spec import Case
+
+    with open(path) as f:
+        doc = json.load(f)
+    by_key = defaultdict(dict)
+    for row in doc["rows"]:
+        key = (row["backend"], row["pattern"], row["mode"], row["N"], row["config"],
+               row["device"])
+        by_key[key][row["metric"]] = row
+    out = []
+    for c in doc["cases"]:
+        case = Case.from_dict({k: c[k] for k in ("backend", "pattern", "mode", "N", "config",
+                                                  "device")})
+        m = by_key[(case.backend, case.pattern, case.mode, case.N, case.config.label(),
+                    case.device)]
+        first = next(iter(m.values()))
+        val = {name: row["value"] for name, row in m.items()}
+        t = val.get("time_ms")
+        out.append(Result(case, c["status"], c["reason"], None if t is None else t / 1e3,
+                          c["times_s"], c["mem_bytes"], first["density"],
+                          first["visited_blocks"], first["flops"], val.get("tflops"),
+                          val.get("speedup_vs_naive"), val.get("speedup_vs_sdpa")))
+    return out, doc["meta"]
