@@ -277,6 +277,8 @@ def command_line(args) -> str:
         return shlex.join(["python", "-m", "fastattn.bench", *argv])
     if os.path.basename(sys.argv[0]) == "fastattn":
         return shlex.join(["fastattn", *sys.argv[1:]])
+    if sys.argv[0].endswith(os.path.join("fastattn", "__main__.py")):
+        return shlex.join(["python", "-m", "fastattn", *sys.argv[1:]])
     return shlex.join(sys.argv)
 
 
