@@ -20,7 +20,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q ninja numpy setuptools wheel pybind11
 	# the package itself, editable; its extension is built by the rule below
-	FASTATTN_SKIP_EXT=1 $(PIP) install -q --no-build-isolation -e ".[test,triton]"
+	FASTATTN_SKIP_EXT=1 $(PIP) install -q --no-build-isolation -e ".[test,triton,transformers]"
 	touch $@
 
 # Rebuild the compiled extension when a C++/CUDA source changes (ninja: incremental).

@@ -212,6 +212,23 @@ def test_gradient_through_lse():
         assert torch.allclose(a, r, atol=1e-5, rtol=1e-4), f"d{name}"
 
 
+@pytest.mark.parametrize("lse_loss", ["sum", "transposed"])
+def test_gradient_through_lse_with_strided_grad(lse_loss):
+    # lse.sum() hands backward an expanded (stride-0) gradient and a loss on lse.mT a
+    # transposed one; both must give the same gradients as the oracle.
+    q, k, v = make_qkv(2, 2, 2, 17, 24, 16, F32)
+    w = torch.randn(2, 17, 2)
+    grads = []
+    for backend in ("triton", "reference"):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = fastattn.attention(*xs, causal=True, backend=backend, return_lse=True)
+        loss = lse.sum() if lse_loss == "sum" else (lse.transpose(1, 2) * w).sum()
+        (loss + out.sum()).backward()
+        grads.append([x.grad for x in xs])
+    for name, a, r in zip("qkv", *grads):
+        assert torch.allclose(a, r, atol=1e-5, rtol=1e-4), f"d{name}"
+
+
 def test_backward_is_bitwise_deterministic():
     q, k, v = make_qkv(1, 4, 2, 65, 97, 32, BF16)
     bm = fs.sliding_window(65, 97, 20, 3, block_size=(32, 16))

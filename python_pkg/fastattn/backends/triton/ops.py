@@ -162,6 +162,10 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale, window_left, window
     delta = torch.empty_like(lse)
     pre_m = 32 if interpret else 64
     has_dlse = dlse is not None
+    # the preprocess kernel indexes dlse with lse's (B, H, Nq) contiguous layout; autograd can
+    # hand us an expanded or strided gradient (e.g. from lse.sum()), so make it match.
+    dlse = dlse.to(torch.float32).contiguous() if has_dlse else None
+    lse = lse.contiguous()
     kern._attn_bwd_preprocess[(_cdiv(Nq, pre_m), B * H)](
         out, dout, dlse if has_dlse else lse, delta, *out.stride(), *dout.stride(), H, Nq,
         HEAD_DIM_V=Dv, BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=pre_m, HAS_DLSE=has_dlse)
@@ -218,7 +222,8 @@ def triton_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 @triton_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, block_mask,
       mask_block_m, mask_block_n):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the real op allocates fresh contiguous gradients (torch.empty(shape)), so must the fake
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
