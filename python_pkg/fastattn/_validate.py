@@ -103,3 +103,46 @@ def validate_scale(scale, D: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
+
+
+def validate_softcap(softcap) -> float:
+    """softcap: 0 (off) or a positive float; logits become softcap * tanh(s / softcap)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0 = off), got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0 = off), got {softcap}")
+    return softcap
+
+
+def validate_dropout(dropout_p, dropout_seed) -> tuple[float, int | None]:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    dropout_p = float(dropout_p)
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}; pass 0.0 to disable "
+                         f"dropout (e.g. at eval time)")
+    if dropout_seed is not None and (isinstance(dropout_seed, bool)
+                                     or not isinstance(dropout_seed, int)):
+        raise TypeError(f"dropout_seed must be an int or None (None: drawn from torch's default "
+                        f"generator), got {type(dropout_seed).__name__}")
+    return dropout_p, dropout_seed
+
+
+def validate_alibi_slopes(alibi_slopes, B: int, Hq: int, device) -> torch.Tensor | None:
+    """Returns (B, Hq) contiguous float32 slopes on `device`, or None."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor of shape ({Hq},) or ({B}, {Hq}), "
+                        f"or None, got {type(alibi_slopes).__name__}")
+    if not alibi_slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes must be a floating tensor (float32), got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape (nheads,) = ({Hq},) or (batch, nheads) = "
+                         f"({B}, {Hq}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != torch.device(device):
+        raise ValueError(f"alibi_slopes must be on the inputs' device {device}, got "
+                         f"{alibi_slopes.device}")
+    s = alibi_slopes.detach().to(torch.float32)
+    return s.expand(B, Hq).contiguous()

@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._validate import normalize_window, validate_qkv, validate_scale
+from ._validate import (normalize_window, validate_alibi_slopes, validate_dropout, validate_qkv,
+                        validate_scale, validate_softcap)
 from .backends.base import Problem
+from .score_mods import draw_seed
 
 
 def _check_block_mask(block_mask, B, Hq, Nq, Nk, device):
@@ -40,6 +42,7 @@ def _empty_result(q, k, v, lse_fill: float):
 
 
 def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None,
+              softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
               backend="auto", return_lse=False):
     """Fused attention over q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
 
@@ -57,7 +60,12 @@ def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None
                                    . . x x
 
     A query that sees no key returns 0 (lse -inf) and gets zero gradients.
-    scale defaults to D ** -0.5. backend: "auto" (FASTATTN_BACKEND overrides), "cpu",
+    scale defaults to D ** -0.5. Score modifiers (exact formulas in fastattn.score_mods):
+    softcap > 0 caps logits as softcap * tanh(s / softcap); alibi_slopes (Hq,) or (B, Hq)
+    adds -slope * |i + offset - j|; dropout_p drops probabilities with a counter-based hash
+    of dropout_seed (default: drawn from torch's generator, so torch.manual_seed
+    reproduces it) that the backward regenerates: no N^2 mask is stored. Dropout is applied
+    whenever dropout_p > 0 (pass 0.0 at eval time, as with FlashAttention). backend: "auto" (FASTATTN_BACKEND overrides), "cpu",
     "triton", "cuda", "sdpa" or "reference". Returns out (B, Hq, Nq, Dv) in q's dtype, and
     with return_lse=True also lse (B, Hq, Nq) float32, the natural-log log-sum-exp of the
     scaled, masked scores.
@@ -68,6 +76,11 @@ def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     scale = validate_scale(scale, D)
+    softcap = validate_softcap(softcap)
+    alibi_slopes = validate_alibi_slopes(alibi_slopes, B, Hq, q.device)
+    dropout_p, dropout_seed = validate_dropout(dropout_p, dropout_seed)
+    if dropout_p > 0 and dropout_seed is None:
+        dropout_seed = draw_seed()
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if block_mask is not None:
@@ -79,7 +92,8 @@ def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None
         device=q.device, dtype=q.dtype, B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv,
         window=left_right, block_mask=block_mask, scale=scale,
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-        return_lse=return_lse,
+        return_lse=return_lse, softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, dropout_seed=int(dropout_seed or 0),
     )
     impl = dispatch.select(p, backend)  # raises before any kernel runs
     if B == 0 or Hq == 0 or Nq == 0 or Nk == 0:

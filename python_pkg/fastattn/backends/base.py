@@ -35,10 +35,19 @@ class Problem:
     scale: float
     needs_grad: bool
     return_lse: bool
+    # Score modifiers (fastattn.score_mods defines them): 0.0 / None = off.
+    softcap: float = 0.0
+    alibi_slopes: Any = None  # float32 tensor (B, Hq), contiguous, on the inputs' device
+    dropout_p: float = 0.0
+    dropout_seed: int = 0  # 64-bit seed of the counter-based dropout hash
 
     @property
     def is_masked(self) -> bool:
         return self.window != (-1, -1) or self.block_mask is not None
+
+    @property
+    def has_score_mods(self) -> bool:
+        return bool(self.softcap) or self.alibi_slopes is not None or self.dropout_p > 0
 
 
 class Backend(abc.ABC):
@@ -64,6 +73,9 @@ class Backend(abc.ABC):
     supports_block_mask: bool = False
     supports_backward: bool = False
     supports_lse: bool = False
+    supports_softcap: bool = False
+    supports_alibi: bool = False
+    supports_dropout: bool = False
 
     def available(self) -> tuple[bool, str]:
         return True, "ok"
@@ -95,6 +107,12 @@ class Backend(abc.ABC):
             reasons.append("has no backward pass and an input requires grad")
         if p.return_lse and not self.supports_lse:
             reasons.append("cannot return the log-sum-exp (return_lse=True)")
+        if p.softcap and not self.supports_softcap:
+            reasons.append("does not support softcap")
+        if p.alibi_slopes is not None and not self.supports_alibi:
+            reasons.append("does not support alibi_slopes")
+        if p.dropout_p > 0 and not self.supports_dropout:
+            reasons.append("does not support dropout (dropout_p > 0)")
         return reasons
 
     @abc.abstractmethod

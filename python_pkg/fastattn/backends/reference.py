@@ -9,16 +9,20 @@ from __future__ import annotations
 import torch
 
 from ..masking import window_mask
+from ..score_mods import alibi_bias, apply_softcap, dropout_keep_mask
 from .base import Backend, Problem
 
 
 def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None,
-                        compute_dtype=None):
+                        compute_dtype=None, softcap: float = 0.0, alibi_slopes=None,
+                        dropout_p: float = 0.0, dropout_seed: int = 0):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); mask: bool broadcastable to
     (B, Hq, Nq, Nk), True = visible. Returns out (B, Hq, Nq, Dv) in q's dtype and lse
     (B, Hq, Nq) float32. A row with no visible key gives out 0 and lse -inf.
     compute_dtype: the precision of the math (default float32, float64 for float64 inputs);
-    tests pass the input dtype to measure torch's own low-precision error."""
+    tests pass the input dtype to measure torch's own low-precision error.
+    softcap / alibi_slopes ((Hq,) or (B, Hq)) / dropout_p + dropout_seed: as defined in
+    fastattn.score_mods (the dropout keep mask is materialized here)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -27,6 +31,9 @@ def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None,
         kc = kc.repeat_interleave(Hq // Hkv, dim=1)
         vc = vc.repeat_interleave(Hq // Hkv, dim=1)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
+    s = apply_softcap(s, softcap)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, B, Hq, Nq, Nk).to(cdt)
     if window != (-1, -1):
         m = window_mask(Nq, Nk, *window, device=q.device)
         mask = m if mask is None else (mask & m)
@@ -36,7 +43,11 @@ def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None,
     m_row = torch.where(torch.isfinite(m_row), m_row, torch.zeros_like(m_row))
     p = torch.exp(s - m_row)
     l_row = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p / torch.where(l_row == 0, torch.ones_like(l_row), l_row), vc)
+    p = p / torch.where(l_row == 0, torch.ones_like(l_row), l_row)
+    if dropout_p > 0:
+        keep = dropout_keep_mask(dropout_seed, dropout_p, B, Hq, Nq, Nk, device=q.device)
+        p = p * keep.to(cdt) / (1.0 - dropout_p)
+    out = torch.matmul(p, vc)
     lse = (m_row + torch.log(l_row)).squeeze(-1)
     return out.to(q.dtype), lse.float()
 
@@ -52,9 +63,14 @@ class ReferenceBackend(Backend):
     supports_block_mask = True
     supports_backward = True
     supports_lse = True
+    supports_softcap = True
+    supports_alibi = True
+    supports_dropout = True
 
     def forward(self, q, k, v, p: Problem):
         mask = None
         if p.block_mask is not None:
             mask = p.block_mask.to_dense()  # (B|1, H|1, Nq, Nk) bool
-        return reference_attention(q, k, v, scale=p.scale, window=p.window, mask=mask)
+        return reference_attention(q, k, v, scale=p.scale, window=p.window, mask=mask,
+                                   softcap=p.softcap, alibi_slopes=p.alibi_slopes,
+                                   dropout_p=p.dropout_p, dropout_seed=p.dropout_seed)
