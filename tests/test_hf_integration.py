@@ -157,3 +157,62 @@ def test_training_dropout_and_gradients():
         m(ids, labels=ids).loss.backward()
     for (name, a), b in zip(eager.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def _gemma2_config(**over):
+    # Gemma 2: logit softcapping in every attention layer, alternating sliding/global layers
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+              attn_logit_softcapping=2.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+              max_position_embeddings=128, initializer_range=0.3, pad_token_id=0,
+              eos_token_id=None, bos_token_id=None)
+    kw.update(over)
+    return transformers.Gemma2Config(**kw)
+
+
+def test_gemma2_softcap_matches_eager(monkeypatch):
+    # softcap 2.0 bites hard (scaled scores reach ~10 at initializer_range 0.3): a kernel
+    # that ignored it would give clearly different logits
+    eager, ours = _pair(_gemma2_config())
+    paths = _Paths(monkeypatch)
+    ids = _ids(2, 19, seed=6)
+    with torch.no_grad():
+        ref, got = eager(ids).logits, ours(ids).logits
+        no_cap = copy.deepcopy(eager)
+        for layer in no_cap.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = no_cap(ids).logits
+    assert (uncapped - ref).abs().max() > 1e-2  # the cap matters for these inputs
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert paths.fused == 2 and paths.masked == 0
+    gen = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids[:, :5], **gen), eager.generate(ids[:, :5], **gen))
+    # padded batch: explicit mask + softcap (the naive path), same logits on real tokens
+    am = torch.ones_like(ids)
+    am[0, :5] = 0
+    with torch.no_grad():
+        ref, got = eager(ids, attention_mask=am).logits, ours(ids, attention_mask=am).logits
+    real = am.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
+
+
+def test_attention_dropout_runs_in_fastattn_and_is_seeded(monkeypatch):
+    cfg = _configs()["llama_gqa"]
+    cfg.attention_dropout = 0.3
+    _, ours = _pair(cfg)
+    paths = _Paths(monkeypatch)
+    ours.train()
+    ids = _ids(2, 9, seed=7)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        losses.append(ours(ids, labels=ids).loss)
+    assert paths.fused == 4 and paths.masked == 0  # 2 layers x 2 calls, all fused
+    assert torch.equal(losses[0], losses[1])  # dropout seeded from torch's generator
+    torch.manual_seed(12)
+    assert not torch.equal(ours(ids, labels=ids).loss, losses[0])
+    ours.eval()
+    with torch.no_grad():  # eval: attention_dropout is not applied (HF passes 0.0)
+        a, b = ours(ids).logits, ours(ids).logits
+    assert torch.equal(a, b)

@@ -29,10 +29,12 @@ How transformers' masks become fastattn arguments (query/key layout (B, H, N, D)
 decode), which is fastattn's bottom-right alignment, and every key in view unpadded. A
 StaticCache (empty slots after the current position) and padded batches get the explicit
 mask. Under torch.compile the mask is always explicit (the checks read tensor values).
-Dropout while training also goes to torch's SDPA (fastattn's kernels have no dropout).
+Attention dropout while training and logit softcapping (Gemma 2's attn_logit_softcapping,
+passed as `softcap`) run inside fastattn's kernels on the native path; with an explicit
+mask, dropout goes to torch's SDPA and softcap to fastattn's reference (naive) attention.
 GPT-2-style modules that pass no `scaling` get their eager scale (scale_attn_weights,
 scale_attn_by_inverse_layer_idx). output_attentions gives no weights (as "sdpa");
-head_mask, softcap, attention sinks (s_aux) and position_bias raise: use "eager".
+head_mask, attention sinks (s_aux) and position_bias raise: use "eager".
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ __all__ = ["register", "attention_forward", "attention_mask", "NAME"]
 
 NAME = "fastattn"
 
-_UNSUPPORTED = ("head_mask", "softcap", "s_aux", "position_bias")
+_UNSUPPORTED = ("head_mask", "s_aux", "position_bias")
 
 
 def _require_transformers():
@@ -166,6 +168,17 @@ def _explicit_mask(Nq, Nk, causal, window, device):
     return ok
 
 
+def _masked_softcap(query, key, value, mask, scale, softcap, dropout):
+    """Softcapped attention under an arbitrary boolean mask (B|1, 1|H, Nq, Nk): the naive
+    reference, which materializes the scores."""
+    from fastattn.backends.reference import reference_attention
+    from fastattn.score_mods import draw_seed
+
+    out, _ = reference_attention(query, key, value, scale=scale, mask=mask, softcap=softcap,
+                                 dropout_p=dropout, dropout_seed=draw_seed() if dropout else 0)
+    return out
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sliding_window=None, **kwargs):
     """transformers' attention-function signature. query (B, Hq, Nq, D), key/value
@@ -188,8 +201,16 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         window = (int(sliding_window) - 1, int(sliding_window) - 1)  # right folds to 0 if causal
     Nq, Nk = query.shape[2], key.shape[2]
 
-    if attention_mask is None and dropout == 0.0:
-        out = fastattn.attention(query, key, value, causal=is_causal, window=window, scale=scale)
+    softcap = float(kwargs.get("softcap") or 0.0)
+    dropout = float(dropout or 0.0)
+    if attention_mask is None:
+        out = fastattn.attention(query, key, value, causal=is_causal, window=window, scale=scale,
+                                 softcap=softcap, dropout_p=dropout)
+    elif softcap:  # masked + softcap: the naive path applies both exactly
+        mask = attention_mask[:, :, :, :Nk]
+        if mask.dtype != torch.bool:
+            mask = mask > float("-inf")  # additive 0 / -inf masks
+        out = _masked_softcap(query, key, value, mask, scale, softcap, dropout)
     else:
         if attention_mask is None:
             mask = _explicit_mask(Nq, Nk, is_causal, window, query.device)
