@@ -5,12 +5,18 @@ from .api import attention, scaled_dot_product_attention
 from . import distributed, nn, sparse  # noqa: E402,I001  (they import the API above)
 from .dispatch import BackendUnavailableError, available_backends
 from .patching import patch_sdpa, unpatch_sdpa
+from .decode import decode_attention  # noqa: I001
+from .varlen import attention_varlen
+from . import flash_attn_compat  # (imports the API, varlen and decode)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
     "scaled_dot_product_attention",
+    "attention_varlen",
+    "decode_attention",
+    "flash_attn_compat",
     "available_backends",
     "BackendUnavailableError",
     "sparse",
