@@ -56,10 +56,11 @@ class MultiheadAttention(nn.Module):
 
     Which path a call takes (the outputs agree up to float rounding):
 
-        need_weights=False, no masks (or is_causal)   fastattn.attention: fused kernels
+        need_weights=False, no masks (or is_causal)   fastattn.attention: fused kernels,
+                                                       dropout while training included
         need_weights=False, key_padding_mask/attn_mask fastattn.scaled_dot_product_attention
-            or dropout while training                  with the merged mask (torch's SDPA
-                                                       serves masks and dropout today)
+                                                       with the merged mask (torch's SDPA
+                                                       serves masks today)
         need_weights=True (torch's default)            naive attention that materializes the
                                                        (L, S) weights, as torch does
 
@@ -217,10 +218,10 @@ class MultiheadAttention(nn.Module):
 
         dropout_p = self.dropout if self.training else 0.0
         weights = None
-        if (not need_weights and key_padding_mask is None and dropout_p == 0.0
+        if (not need_weights and key_padding_mask is None and dropout_p < 1.0
                 and (attn_mask is None or is_causal) and (not is_causal or (extra == 0 and L == S))):
             # The fused path: no mask, or exactly causal (L == S, so alignments agree).
-            out = attention(q, k, v, causal=is_causal, backend=self.backend)
+            out = attention(q, k, v, causal=is_causal, backend=self.backend, dropout_p=dropout_p)
         else:
             mask = self._merged_mask(attn_mask, key_padding_mask, is_causal, L, S, extra,
                                      query.dtype, query.device)
