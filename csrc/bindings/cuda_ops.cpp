@@ -2,12 +2,16 @@
 // torch has CUDA and nvcc exists (setup.py). Python side: fastattn/backends/cuda.py (fake
 // implementations and the autograd formula).
 //
-//   fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
-//   fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right,
-//                      block_mask[]) -> (dq, dk, dv)
+//   fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[],
+//                      softcap=0, alibi_slopes=None, dropout_p=0, dropout_seed=0) -> (out, lse)
+//   fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask[],
+//                      softcap=0, alibi_slopes=None, dropout_p=0, dropout_seed=0) -> (dq, dk, dv)
 //
 // block_mask[] is empty (dense / window) or BlockMask.kernel_tensors() (11 tensors), with
 // (window_left, window_right) then the mask's own token rule for its partial blocks.
+// Score modifiers as fastattn.score_mods defines them: softcap (0 = off), alibi_slopes (Hq,) or
+// (B, Hq) float32, dropout_p with a 64-bit dropout_seed (the bits of a signed int64); the
+// backward must get the same values as the forward (it regenerates the dropout keep bits).
 // The same functions are registered for CPU tensors only to fail with a clear message.
 #include <Python.h>
 
@@ -16,7 +20,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -65,9 +71,39 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
               ") must be a multiple of kv heads (", Hkv, ")");
 }
 
+// The score modifiers of one call; `slopes` keeps the (B, Hq) float32 copy alive.
+struct Mods {
+  double softcap = 0, dropout_p = 0;
+  int64_t dropout_seed = 0;
+  at::Tensor slopes;
+};
+
+Mods make_mods(const at::Tensor& q, double softcap, const std::optional<at::Tensor>& alibi,
+               double dropout_p, int64_t dropout_seed) {
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0,
+              "fastattn::cuda: softcap must be a finite float >= 0 (0 = off), got ", softcap);
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1,
+              "fastattn::cuda: dropout_p must lie in [0, 1), got ", dropout_p);
+  Mods m;
+  m.softcap = softcap;
+  m.dropout_p = dropout_p;
+  m.dropout_seed = dropout_seed;
+  if (alibi.has_value() && alibi->defined()) {
+    const at::Tensor& a = *alibi;
+    CHECK_DEVICE(a, q);
+    const int64_t B = q.size(0), Hq = q.size(1);
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == Hq) || (a.dim() == 2 && a.size(0) == B &&
+                                                      a.size(1) == Hq),
+                "fastattn::cuda: alibi_slopes must have shape (", Hq, ",) or (", B, ", ", Hq,
+                "), got ", a.sizes());
+    m.slopes = a.to(at::kFloat).expand({B, Hq}).contiguous();
+  }
+  return m;
+}
+
 FlashParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         double scale, int64_t wl, int64_t wr,
-                        const std::vector<at::Tensor>& bm) {
+                        const std::vector<at::Tensor>& bm, const Mods& mods) {
   FlashParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -85,6 +121,11 @@ FlashParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.window_left = wl;
   p.window_right = wr;
   p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(mods.softcap);
+  p.alibi_slopes = mods.slopes.defined() ? mods.slopes.data_ptr<float>() : nullptr;
+  p.dropout_p = static_cast<float>(mods.dropout_p);
+  p.dropout_threshold = mods.dropout_p > 0 ? dropout_threshold_24(mods.dropout_p) : 0u;
+  p.dropout_seed = static_cast<uint64_t>(mods.dropout_seed);
   p.block_sparse = 0;
   if (!bm.empty()) {
     TORCH_CHECK(bm.size() == 11, "fastattn::cuda: block_mask must be the 11 tensors of "
@@ -125,8 +166,12 @@ FlashParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> cuda_fwd(const at::Tensor& q_, const at::Tensor& k_,
                                             const at::Tensor& v_, double scale, int64_t wl,
-                                            int64_t wr, std::vector<at::Tensor> bm) {
+                                            int64_t wr, std::vector<at::Tensor> bm,
+                                            double softcap,
+                                            const std::optional<at::Tensor>& alibi_slopes,
+                                            double dropout_p, int64_t dropout_seed) {
   check_qkv(q_, k_, v_);
+  const Mods mods = make_mods(q_, softcap, alibi_slopes, dropout_p, dropout_seed);
   const at::Tensor q = kernel_layout(q_), k = kernel_layout(k_), v = kernel_layout(v_);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
@@ -136,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_fwd(const at::Tensor& q_, const at::Tens
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  FlashParams p = make_params(q, k, v, scale, wl, wr, bm);
+  FlashParams p = make_params(q, k, v, scale, wl, wr, bm, mods);
   p.o = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   set_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
@@ -149,8 +194,10 @@ std::tuple<at::Tensor, at::Tensor> cuda_fwd(const at::Tensor& q_, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, double scale, int64_t wl, int64_t wr,
-    std::vector<at::Tensor> bm) {
+    std::vector<at::Tensor> bm, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    double dropout_p, int64_t dropout_seed) {
   check_qkv(q_, k_, v_);
+  const Mods mods = make_mods(q_, softcap, alibi_slopes, dropout_p, dropout_seed);
   CHECK_DEVICE(dout_, q_);
   CHECK_DEVICE(out_, q_);
   CHECK_DEVICE(lse_, q_);
@@ -171,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
     return {dq, dk, dv};
   }
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  FlashParams p = make_params(q, k, v, scale, wl, wr, bm);
+  FlashParams p = make_params(q, k, v, scale, wl, wr, bm, mods);
   p.o = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.dout = dout.data_ptr();
@@ -196,9 +243,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
 // FRAGMENT: several extensions (fastattn._C, fastattn._cuda) add ops to the fastattn namespace.
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def("cuda_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
-        "Tensor[] block_mask) -> (Tensor, Tensor)");
+        "Tensor[] block_mask, float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., "
+        "int dropout_seed=0) -> (Tensor, Tensor)");
   m.def("cuda_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "float scale, int window_left, int window_right, Tensor[] block_mask) "
+        "float scale, int window_left, int window_right, Tensor[] block_mask, "
+        "float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., int dropout_seed=0) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

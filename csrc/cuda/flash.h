@@ -7,6 +7,14 @@
 // aligned: the kernels move 16-byte vectors). lse and delta are contiguous (B, Hq, Nq) float32.
 // GQA: query head h reads kv head h / (Hq / Hkv).
 //
+// Score modifiers (python_pkg/fastattn/score_mods.py defines them; the kernels implement the same
+// formulas). For query i and key j, with s = scale * q_i . k_j:
+//     s = softcap * tanh(s / softcap)               if softcap > 0
+//     s = s - alibi_slopes[b, h] * |i + off - j|    if alibi_slopes != nullptr ((B, Hq) float32)
+//     P = exp(s - lse) (lse of these undropped logits), out_i = sum_j P_ij keep_ij / (1-p) v_j
+// with keep_ij = (hash(seed, (b * Hq + h) * Nq + i, j) >> 8) >= dropout_threshold when
+// dropout_p > 0 (dropout_hash() in kernel_utils.h). The backward regenerates keep from the seed.
+//
 // Masking, bottom-right aligned with off = Nk - Nq (fastattn/masking.py): query i sees key j iff
 //     (window_left  < 0 || j >= i + off - window_left) &&
 //     (window_right < 0 || j <= i + off + window_right)
@@ -16,6 +24,7 @@
 // token rule. List format: fastattn/sparse/block_mask.py.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace fastattn::cuda {
@@ -67,8 +76,21 @@ struct FlashParams {
 
   // Softmax scale (usually d ** -0.5).
   float scale;
-  float pad_;  // keeps the struct free of implicit padding (mirrored by ctypes in the tests)
+  // Score modifiers (see the top of this file); 0 / nullptr = off. No implicit padding in
+  // this tail either: the struct is mirrored field by field by ctypes in the tests.
+  float softcap;
+  const float* alibi_slopes;   // (B, Hq) contiguous float32, or nullptr
+  uint64_t dropout_seed;       // low 32 bits: seed_lo, high 32 bits: seed_hi
+  uint32_t dropout_threshold;  // dropout_threshold_24(dropout_p)
+  float dropout_p;             // in [0, 1); > 0 turns dropout on
 };
+
+// score_mods.dropout_threshold: round(p * 2^24), ties to even (Python's round) — nearbyint in
+// the default rounding mode. A pair is dropped iff its 24-bit hash is below it.
+inline uint32_t dropout_threshold_24(double p) {
+  const double t = std::nearbyint(p * 16777216.0);
+  return t <= 0 ? 0u : (t >= 16777216.0 ? 16777216u : static_cast<uint32_t>(t));
+}
 
 // Head dims the kernels are compiled for: d is padded up to 64 or 128 (d % 8 == 0).
 constexpr int64_t kMaxHeadDim = 128;

@@ -1,5 +1,6 @@
 // Entry points: check the params, then turn the runtime options (dtype, head dim, dense or
 // block-sparse) into template parameters — in this one place — and call the launcher.
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -28,6 +29,11 @@ const char* check_params(const FlashParams& p, bool backward) {
   if (p.b * p.hq > 65535) return "batch * heads must be at most 65535 (grid y)";
   if (p.window_left < -1 || p.window_right < -1) return "window sides must be >= -1";
   if (!p.q || !p.k || !p.v || !p.o || !p.lse) return "null tensor pointer";
+  if (!(p.softcap >= 0.f) || std::isinf(p.softcap)) return "softcap must be a finite float >= 0";
+  if (!(p.dropout_p >= 0.f && p.dropout_p < 1.f)) return "dropout_p must lie in [0, 1)";
+  if (p.dropout_threshold > (1u << 24)) return "dropout threshold must be at most 2^24";
+  if (p.alibi_slopes && reinterpret_cast<uintptr_t>(p.alibi_slopes) % 4 != 0)
+    return "alibi_slopes must be 4-byte aligned float32";
   if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v) || !aligned16(p.o))
     return "tensors must be 16-byte aligned";
   if (!strides_ok(p.q_batch_stride, p.q_head_stride, p.q_row_stride) ||

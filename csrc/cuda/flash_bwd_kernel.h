@@ -8,6 +8,9 @@
 // with P = exp(S * scale - lse) (0 where masked or where lse = -inf: a row that saw no key gets
 // zero gradients) and dS = P * (dP - delta), dP = dO V^T. P and dS are rounded to the input type
 // before their matrix products, as in the forward.
+// Score modifiers (flash.h): the logits get softcap / ALiBi exactly as in the forward; dropout
+// regenerates the keep bits from the seed: dV = P_drop^T dO with P_drop = P * keep / (1 - p),
+// dP = (dO V^T) * keep / (1 - p); and softcap multiplies dS by 1 - tanh^2 (chain rule).
 #pragma once
 
 #include "kernel_traits.h"
@@ -79,7 +82,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dkdv_kernel(const Fla
   const int64_t group = p.hq / p.hkv;
   const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
   const WindowRule rule(p);
-  const float scale_log2 = p.scale * kLog2e;
+  ScoreMods mods(p, b, hk * group);
+  const float scale_log2 = mods.scale_log2;
 
   load_tile<kBlockN, kHeadDim, Kt::kNThreads>(
       sK, kLdQK, static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
@@ -112,6 +116,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dkdv_kernel(const Fla
 
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g;
+    mods.set_head(p, b, h);
     const T* gQ = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const T* gdO = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
     const float* gLse = p.lse + (b * p.hq + h) * p.nq;
@@ -158,11 +163,21 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dkdv_kernel(const Fla
       for (int c = 0; c < kSegM; ++c) {
         const int col = seg * kSegM + c;
         const float lse2 = sLse[col];
-        float pv = 0.f;
-        if (lse2 != neg_inf() && !(tm.on && !tm.visible(rule, m0 + col, key)))
-          pv = exp2f(sAg[r * kLdA + col] * scale_log2 - lse2);
-        const float ds = pv * (sBg[r * kLdB + col] - sDelta[col]);
-        sPtg[r * kLdP + col] = Cvt<T>::from_float(pv);
+        float pv = 0.f, dtanh = 1.f;
+        if (lse2 != neg_inf() && !(tm.on && !tm.visible(rule, m0 + col, key))) {
+          const float x = mods.any ? mods.logit2(sAg[r * kLdA + col], m0 + col, key, dtanh)
+                                   : sAg[r * kLdA + col] * scale_log2;
+          pv = exp2f(x - lse2);
+        }
+        float dp = sBg[r * kLdB + col], pd = pv;
+        if (mods.dropout) {
+          const bool kept = mods.keep(mods.row_hash(m0 + col), key);
+          dp = kept ? dp * mods.rescale : 0.f;
+          pd = kept ? pv * mods.rescale : 0.f;
+        }
+        float ds = pv * (dp - sDelta[col]);
+        if (mods.softcap) ds *= dtanh;
+        sPtg[r * kLdP + col] = Cvt<T>::from_float(pd);
         sdStg[r * kLdP + col] = Cvt<T>::from_float(ds);
       }
       group_sync();
@@ -237,7 +252,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dq_kernel(const Flash
   const int64_t b = blockIdx.y / p.hq, h = blockIdx.y % p.hq, hk = h / (p.hq / p.hkv);
   const int64_t m0 = int64_t(blockIdx.x) * kBlockM;
   const WindowRule rule(p);
-  const float scale_log2 = p.scale * kLog2e;
+  const ScoreMods mods(p, b, h);
+  const float scale_log2 = mods.scale_log2;
 
   load_tile<kBlockM, kHeadDim, Kt::kNThreads>(
       sQ, kLdQK, static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
@@ -253,6 +269,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dq_kernel(const Flash
   const bool row_in = row < p.nq;
   const float lse2 = row_in ? p.lse[(b * p.hq + h) * p.nq + row] * kLog2e : neg_inf();
   const float delta = row_in ? p.delta[(b * p.hq + h) * p.nq + row] : 0.f;
+  const uint32_t drop_row = mods.dropout ? mods.row_hash(row) : 0u;
 
   float* sAw = sA + warp * 16 * kLdA;
   float* sBw = sB + warp * 16 * kLdB;
@@ -297,10 +314,17 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dq_kernel(const Flash
 #pragma unroll
     for (int c = 0; c < kColsS; ++c) {
       const int col = half * kColsS + c;
-      float pv = 0.f;
-      if (lse2 != neg_inf() && !(tm.on && !tm.visible(rule, row, n0 + col)))
-        pv = exp2f(sAw[r * kLdA + col] * scale_log2 - lse2);
-      sdSw[r * kLdP + col] = Cvt<T>::from_float(pv * (sBw[r * kLdB + col] - delta));
+      float pv = 0.f, dtanh = 1.f;
+      if (lse2 != neg_inf() && !(tm.on && !tm.visible(rule, row, n0 + col))) {
+        const float x = mods.any ? mods.logit2(sAw[r * kLdA + col], row, n0 + col, dtanh)
+                                 : sAw[r * kLdA + col] * scale_log2;
+        pv = exp2f(x - lse2);
+      }
+      float dp = sBw[r * kLdB + col];
+      if (mods.dropout) dp = mods.keep(drop_row, n0 + col) ? dp * mods.rescale : 0.f;
+      float ds = pv * (dp - delta);
+      if (mods.softcap) ds *= dtanh;
+      sdSw[r * kLdP + col] = Cvt<T>::from_float(ds);
     }
     __syncwarp();
 

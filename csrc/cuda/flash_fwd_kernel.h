@@ -5,7 +5,8 @@
 // Per key tile, warp w (rows 16w .. 16w+15):
 //   S = Q_w K^T           wmma, fp32 accumulate -> per-warp smem scratch (16 x kBlockN)
 //   softmax update        two lanes per row, each half of the columns, exp2 with the scale
-//                         folded with log2(e); P rounded to the input type -> smem
+//                         folded with log2(e) (softcap / ALiBi applied to the logits here);
+//                         P (times keep / (1 - p) under dropout) rounded to the input type -> smem
 //   O = O * alpha + P V   wmma into the scratch, then each thread updates its own O row-half
 // The O accumulator lives in registers with an explicit layout (lane -> row lane/2, columns
 // (lane&1) * d/2 ...) because wmma's fragment layout is unspecified, so rows of a fragment
@@ -38,7 +39,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
   const int64_t b = blockIdx.y / p.hq, h = blockIdx.y % p.hq, hk = h / (p.hq / p.hkv);
   const int64_t m0 = int64_t(blockIdx.x) * kBlockM;
   const WindowRule rule(p);
-  const float scale_log2 = p.scale * kLog2e;
+  const ScoreMods mods(p, b, h);
+  const float scale_log2 = mods.scale_log2;
 
   const T* gQ = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                 m0 * p.q_row_stride;
@@ -58,6 +60,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
   T* sPw = sP + warp * 16 * kLdP;
   const int r = lane >> 1, half = lane & 1;
   const int64_t row = m0 + warp * 16 + r;
+  const uint32_t drop_row = mods.dropout ? mods.row_hash(row) : 0u;
 
   float acc_o[kColsO];
 #pragma unroll
@@ -94,7 +97,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
 #pragma unroll
     for (int c = 0; c < kColsS; ++c) {
       const int col = half * kColsS + c;
-      float x = sSw[r * kLdS + col] * scale_log2;
+      float x = mods.any ? mods.logit2(sSw[r * kLdS + col], row, n0 + col)
+                         : sSw[r * kLdS + col] * scale_log2;
       if (tm.on && !tm.visible(rule, row, n0 + col)) x = neg_inf();
       s[c] = x;
       m_tile = fmaxf(m_tile, x);
@@ -106,9 +110,12 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
     float l_tile = 0.f;
 #pragma unroll
     for (int c = 0; c < kColsS; ++c) {
+      const int col = half * kColsS + c;
       const float pv = exp2f(s[c] - m_use);
-      l_tile += pv;
-      sPw[r * kLdP + half * kColsS + c] = Cvt<T>::from_float(pv);
+      l_tile += pv;  // the softmax sums undropped probabilities
+      float pd = pv;
+      if (mods.dropout) pd = mods.keep(drop_row, n0 + col) ? pv * mods.rescale : 0.f;
+      sPw[r * kLdP + col] = Cvt<T>::from_float(pd);
     }
     l_tile += __shfl_xor_sync(0xffffffffu, l_tile, 1);
     l_i = l_i * alpha + l_tile;

@@ -104,6 +104,82 @@ struct WindowRule {
   }
 };
 
+// Score modifiers of one (batch, query head), as flash.h and fastattn/score_mods.py define them.
+// Block-uniform flags, checked per element (uniform branches; the plain path stays one multiply).
+// Logits are kept in log2 units (natural logit * log2 e), as everywhere in these kernels.
+constexpr uint32_t kHashGolden = 0x9E3779B1u, kHashColMul = 0x85EBCA77u;
+constexpr uint32_t kHashFmix1 = 0x85EBCA6Bu, kHashFmix2 = 0xC2B2AE35u;
+
+__device__ __forceinline__ uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kHashFmix1;
+  x ^= x >> 13;
+  x *= kHashFmix2;
+  x ^= x >> 16;
+  return x;
+}
+
+struct ScoreMods {
+  bool any, softcap, alibi, dropout;
+  float scale_log2;       // no softcap: logit2 = s * scale_log2
+  float cap_in, cap_out;  // softcap: logit2 = tanh(s * scale / softcap) * softcap * log2 e
+  float slope_log2;       // ALiBi slope of (b, h) times log2 e
+  int64_t off;            // Nk - Nq (bottom-right alignment)
+  int64_t row_base;       // dropout row of query 0 of (b, h): (b * Hq + h) * Nq
+  uint32_t seed_lo, seed_hi, threshold;
+  float rescale;          // 1 / (1 - p)
+
+  __device__ __forceinline__ ScoreMods(const FlashParams& p, int64_t b, int64_t h)
+      : softcap(p.softcap > 0.f),
+        alibi(p.alibi_slopes != nullptr),
+        dropout(p.dropout_p > 0.f),
+        scale_log2(p.scale * kLog2e),
+        cap_in(p.softcap > 0.f ? p.scale / p.softcap : 0.f),
+        cap_out(p.softcap * kLog2e),
+        off(p.nk - p.nq),
+        seed_lo(static_cast<uint32_t>(p.dropout_seed)),
+        seed_hi(static_cast<uint32_t>(p.dropout_seed >> 32)),
+        threshold(p.dropout_threshold),
+        rescale(1.f / (1.f - p.dropout_p)) {
+    any = softcap || alibi;
+    set_head(p, b, h);
+  }
+  // Re-target at query head h of batch b (the dK/dV kernel walks the heads of a GQA group).
+  __device__ __forceinline__ void set_head(const FlashParams& p, int64_t b, int64_t h) {
+    slope_log2 = alibi ? p.alibi_slopes[b * p.hq + h] * kLog2e : 0.f;
+    row_base = (b * p.hq + h) * p.nq;
+  }
+
+  // Logit (log2 units) of raw score s = q_i . k_j; dtanh = d softcap(x) / dx = 1 - tanh^2
+  // (1 without softcap), the factor the backward applies to dS.
+  __device__ __forceinline__ float logit2(float s, int64_t i, int64_t j, float& dtanh) const {
+    float x;
+    if (softcap) {
+      const float t = tanhf(s * cap_in);
+      dtanh = 1.f - t * t;
+      x = t * cap_out;
+    } else {
+      dtanh = 1.f;
+      x = s * scale_log2;
+    }
+    if (alibi) x -= slope_log2 * fabsf(static_cast<float>(i + off - j));
+    return x;
+  }
+  __device__ __forceinline__ float logit2(float s, int64_t i, int64_t j) const {
+    float unused;
+    return logit2(s, i, j, unused);
+  }
+
+  // Dropout: keep (i, j) iff (h >> 8) >= threshold with h = fmix32(fmix32(row * golden +
+  // seed_lo) ^ (j * col_mul + seed_hi)), row = row_base + i, all uint32 (mod 2^32).
+  __device__ __forceinline__ uint32_t row_hash(int64_t i) const {
+    return fmix32(static_cast<uint32_t>(row_base + i) * kHashGolden + seed_lo);
+  }
+  __device__ __forceinline__ bool keep(uint32_t rh, int64_t j) const {
+    return (fmix32(rh ^ (static_cast<uint32_t>(j) * kHashColMul + seed_hi)) >> 8) >= threshold;
+  }
+};
+
 // How tokens of one (query tile, key tile) are masked. on == false: every token is visible
 // (a full, in-range tile). Otherwise (i, j) is visible iff i < nq, j < nk, the window rule
 // holds (if rule) and the bitmask bit is set (if bits).

@@ -3,6 +3,9 @@
     out, lse = emu.forward(q, k, v, scale=..., window=(l, r), block_mask=None)
     dq, dk, dv = emu.backward(dout, q, k, v, out, lse, scale=..., window=..., block_mask=None)
 
+Both also take the score modifiers as keywords: softcap=, alibi_slopes= ((Hq,) or (B, Hq)),
+dropout_p=, dropout_seed= (64-bit int), with fastattn.score_mods' meaning.
+
 q (B, Hq, Nq, d), k/v (B, Hkv, Nk, d), float16 or bfloat16 CPU tensors. block_mask is the list
 BlockMask.kernel_tensors() returns (11 tensors) plus, as the kernel needs it, the mask's token
 window passed as `window`. This mirrors what csrc/bindings/cuda_ops.cpp does for real GPUs:
@@ -32,7 +35,9 @@ _FIELDS = (
                          "full_q_indices", "q_mask_ids", "partial_masks")]
     + [(n, _I64) for n in ("mask_b", "mask_h", "nqb", "nkb", "kmax", "kmax_full", "qmax",
                            "qmax_full", "mask_block_m", "mask_block_n")]
-    + [("scale", ctypes.c_float), ("pad_", ctypes.c_float)]
+    + [("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("alibi_slopes", _P),
+       ("dropout_seed", ctypes.c_uint64), ("dropout_threshold", ctypes.c_uint32),
+       ("dropout_p", ctypes.c_float)]
 )
 
 
@@ -53,6 +58,8 @@ def lib() -> ctypes.CDLL:
         L.fa_emu_check_params.restype = ctypes.c_char_p
         L.fa_emu_params_size.restype = ctypes.c_long
         L.fa_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+        L.fa_emu_dropout_threshold.restype = ctypes.c_uint
+        L.fa_emu_dropout_threshold.argtypes = [ctypes.c_double]
         if L.fa_emu_params_size() != ctypes.sizeof(FlashParams):
             raise RuntimeError("emu.FlashParams does not mirror csrc/cuda/flash.h (size)")
         offs = (ctypes.c_long * 128)()
@@ -84,7 +91,12 @@ def _prep(t):
     return t
 
 
-def _params(q, k, v, scale, window, block_mask, keep):
+def dropout_threshold(p: float) -> int:
+    """The kernels' 24-bit dropout threshold (flash.h dropout_threshold_24)."""
+    return int(lib().fa_emu_dropout_threshold(float(p)))
+
+
+def _params(q, k, v, scale, window, block_mask, keep, mods=None):
     B, Hq, Nq, d = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     p = FlashParams()
@@ -92,6 +104,16 @@ def _params(q, k, v, scale, window, block_mask, keep):
     p.is_bf16 = int(q.dtype == torch.bfloat16)
     p.window_left, p.window_right = window
     p.scale = scale
+    mods = mods or {}
+    p.softcap = float(mods.get("softcap", 0.0))
+    slopes = mods.get("alibi_slopes")
+    if slopes is not None:  # (Hq,) or (B, Hq) -> (B, Hq) contiguous float32, as the binding does
+        slopes = slopes.to(torch.float32).expand(B, Hq).contiguous()
+        keep.append(slopes)
+        p.alibi_slopes = slopes.data_ptr()
+    p.dropout_p = float(mods.get("dropout_p", 0.0))
+    p.dropout_threshold = dropout_threshold(p.dropout_p) if p.dropout_p > 0 else 0
+    p.dropout_seed = int(mods.get("dropout_seed", 0)) & 0xFFFFFFFFFFFFFFFF
     for name, t in (("q", q), ("k", k), ("v", v)):
         setattr(p, name, t.data_ptr())
         for i, s in enumerate(("batch", "head", "row")):
@@ -126,11 +148,12 @@ def _run(p, backward):
         raise EmulatedKernelError(err.decode())
 
 
-def forward(q, k, v, *, scale=None, window=(-1, -1), block_mask=None):
+def forward(q, k, v, *, scale=None, window=(-1, -1), block_mask=None, **mods):
+    """mods: softcap=, alibi_slopes= ((Hq,) or (B, Hq)), dropout_p=, dropout_seed=."""
     q, k, v = _prep(q), _prep(k), _prep(v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keep = []
-    p = _params(q, k, v, scale, window, block_mask, keep)
+    p = _params(q, k, v, scale, window, block_mask, keep, mods)
     out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
     p.o, p.lse = out.data_ptr(), lse.data_ptr()
@@ -140,12 +163,12 @@ def forward(q, k, v, *, scale=None, window=(-1, -1), block_mask=None):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask=None):
+def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask=None, **mods):
     q, k, v, out, dout = _prep(q), _prep(k), _prep(v), _prep(out), _prep(dout)
     lse = lse.float().contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     keep = []
-    p = _params(q, k, v, scale, window, block_mask, keep)
+    p = _params(q, k, v, scale, window, block_mask, keep, mods)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(q.shape[:3], dtype=torch.float32)
     p.o, p.lse, p.dout, p.dq, p.dk, p.dv, p.delta = (
@@ -158,9 +181,9 @@ def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask
     return dq, dk, dv
 
 
-def check_params_reason(q, k, v, *, window=(-1, -1), block_mask=None, backward=False):
+def check_params_reason(q, k, v, *, window=(-1, -1), block_mask=None, backward=False, **mods):
     keep = []
-    p = _params(_prep(q), _prep(k), _prep(v), 1.0, window, block_mask, keep)
+    p = _params(_prep(q), _prep(k), _prep(v), 1.0, window, block_mask, keep, mods)
     out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype)
     lse = torch.empty(q.shape[:3], dtype=torch.float32)
     p.o, p.lse = out.data_ptr(), lse.data_ptr()

@@ -28,7 +28,8 @@ const size_t kOffsets[] = {
     F(block_sparse), F(kv_num_blocks), F(kv_indices), F(full_kv_num_blocks), F(full_kv_indices),
     F(kv_mask_ids), F(q_num_blocks), F(q_indices), F(full_q_num_blocks), F(full_q_indices),
     F(q_mask_ids), F(partial_masks), F(mask_b), F(mask_h), F(nqb), F(nkb), F(kmax),
-    F(kmax_full), F(qmax), F(qmax_full), F(mask_block_m), F(mask_block_n), F(scale), F(pad_),
+    F(kmax_full), F(qmax), F(qmax_full), F(mask_block_m), F(mask_block_n), F(scale),
+    F(softcap), F(alibi_slopes), F(dropout_seed), F(dropout_threshold), F(dropout_p),
 #undef F
 };
 }  // namespace
@@ -60,6 +61,8 @@ const char* fa_emu_run(FlashParams* p, int backward) {
     return g_error.c_str();
   }
 }
+
+unsigned fa_emu_dropout_threshold(double p) { return fastattn::cuda::dropout_threshold_24(p); }
 
 const char* fa_emu_check_params(const FlashParams* p, int backward) {
   return fastattn::cuda::check_params(*p, backward != 0);

@@ -3,9 +3,10 @@
 The kernels are torch.library custom ops defined in C++ (csrc/bindings/cuda_ops.cpp, built into
 fastattn._cuda only when torch has CUDA and nvcc is found):
 
-    fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
-    fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right,
-                       block_mask[]) -> (dq, dk, dv)
+    fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[],
+                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0) -> (out, lse)
+    fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask[],
+                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0) -> (dq, dk, dv)
 
 This module gives them fake (meta) implementations for torch.compile and registers the
 autograd formula, so calling torch.ops.fastattn.cuda_fwd is differentiable. block_mask[] is
@@ -13,7 +14,9 @@ empty for dense/window calls, else BlockMask.kernel_tensors() with the mask's ow
 
 What the kernels do: float16/bfloat16 (fp32 softmax statistics and accumulation), head dims
 that are multiples of 8 up to 128 (compiled for 64 and 128, smaller ones zero-padded), GQA,
-causal/window (bottom-right aligned), block masks whose BLOCK_M and BLOCK_N are multiples of 64.
+causal/window (bottom-right aligned), block masks whose BLOCK_M and BLOCK_N are multiples of 64,
+and the score modifiers of fastattn.score_mods inside the fused loops (softcap, ALiBi slopes
+(Hq,) or (B, Hq), dropout whose keep bits the backward regenerates from the seed).
 """
 
 from __future__ import annotations
@@ -33,34 +36,51 @@ except ImportError as e:  # extension not built (CPU-only torch, no nvcc, or FAS
 MASK_BLOCK_MULTIPLE = 64  # csrc/cuda/flash.h kMaskBlockMultiple
 
 
+def _int64_seed(seed: int) -> int:
+    """The 64 bits of a dropout seed (any int, taken modulo 2^64, as score_mods.split_seed does)
+    as the signed int64 a torch op `int` argument carries; the kernel reads them back unsigned."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 def _register():
     @torch.library.register_fake("fastattn::cuda_fwd")
-    def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask):
+    def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask, softcap=0.0,
+                  alibi_slopes=None, dropout_p=0.0, dropout_seed=0):
         B, Hq, Nq, _ = q.shape
         out = q.new_empty((B, Hq, Nq, v.shape[-1]))
         lse = q.new_empty((B, Hq, Nq), dtype=torch.float32)
         return out, lse
 
     @torch.library.register_fake("fastattn::cuda_bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask):
+    def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask,
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, wl, wr, block_mask = inputs
+        q, k, v, scale, wl, wr, block_mask, *mods = inputs
+        softcap, alibi, dropout_p, dropout_seed = (mods + [0.0, None, 0.0, 0][len(mods):])
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, *block_mask)
+        ctx.has_alibi = alibi is not None
+        ctx.save_for_backward(q, k, v, out, lse, *([alibi] if ctx.has_alibi else []), *block_mask)
         ctx.scale, ctx.wl, ctx.wr = scale, wl, wr
+        ctx.softcap, ctx.dropout_p, ctx.dropout_seed = softcap, dropout_p, dropout_seed
+        # backward returns one grad per input, shaped like it (a list for Tensor[] block_mask)
+        ctx.no_grads = tuple([None] * len(x) if isinstance(x, (list, tuple)) else None
+                             for x in inputs[3:])
 
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *block_mask = ctx.saved_tensors
+        q, k, v, out, lse, *rest = ctx.saved_tensors
+        alibi, block_mask = (rest[0], rest[1:]) if ctx.has_alibi else (None, rest)
         if dlse is not None and bool((dlse != 0).any()):
             raise RuntimeError(
                 "fastattn cuda backend: gradients through the returned lse are not supported; "
                 "use backend='reference' if the loss depends on lse"
             )
         dq, dk, dv = torch.ops.fastattn.cuda_bwd(
-            dout, q, k, v, out, lse, ctx.scale, ctx.wl, ctx.wr, block_mask)
-        return dq, dk, dv, None, None, None, None
+            dout, q, k, v, out, lse, ctx.scale, ctx.wl, ctx.wr, list(block_mask), ctx.softcap,
+            alibi, ctx.dropout_p, ctx.dropout_seed)
+        return (dq, dk, dv) + ctx.no_grads
 
     torch.library.register_autograd("fastattn::cuda_fwd", backward, setup_context=setup_context)
 
@@ -94,6 +114,9 @@ class CUDABackend(Backend):
     supports_block_mask = True
     supports_backward = True
     supports_lse = True
+    supports_softcap = True
+    supports_alibi = True
+    supports_dropout = True
 
     def available(self):
         reasons = _availability_reasons()
@@ -127,5 +150,7 @@ class CUDABackend(Backend):
             bm, (wl, wr) = [], p.window
         else:  # the window is already folded into the mask; its token rule rides along
             bm, (wl, wr) = p.block_mask.kernel_tensors(), p.block_mask.window
-        out, lse = torch.ops.fastattn.cuda_fwd(q, k, v, p.scale, wl, wr, bm)
+        out, lse = torch.ops.fastattn.cuda_fwd(q, k, v, p.scale, wl, wr, bm, float(p.softcap),
+                                               p.alibi_slopes, float(p.dropout_p),
+                                               _int64_seed(p.dropout_seed))
         return out, lse
