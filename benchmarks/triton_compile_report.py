@@ -7,7 +7,8 @@ For each kernel (fwd, bwd_preprocess, bwd_dkdv, bwd_dq), dtype (float16, bfloat1
 head dim (16, 32, 64, 128, 256), masking mode ("causal", which contains the masked and the
 unmasked inner loops and so covers dense and window; "sparse", a BlockMask of 128 x 128
 blocks with bitmasks) and every tile config the autotuner may pick there
-(kernels.default_tiles on that arch's shared memory), Triton compiles for a GPUTarget and
+(kernels.default_tiles on that arch's shared memory), each without score modifiers and with
+softcap + ALiBi + dropout all on (--mods), Triton compiles for a GPUTarget and
 `ptxas -v` (the CUDA toolkit's, from PATH) reads the PTX. Writes
 benchmarks/results/triton_compile_report.md; exits 1 if any config spills, exceeds shared
 memory, fails to compile, or does its products without mma.sync (sm_80) / wgmma (sm_90).
@@ -67,6 +68,9 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--modes", nargs="+", default=["causal", "sparse"])
+    ap.add_argument("--mods", nargs="+", default=["none", aot.ALL_MODS],
+                    help="score-modifier sets: 'none' or '+'-joined names from "
+                         f"{'/'.join(aot.SCORE_MODS)} (default: none and all three together)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/triton_compile_report.md"))
     args = ap.parse_args(argv)
 
@@ -74,8 +78,9 @@ def main(argv=None):
         print("ptxas not found on PATH: install the CUDA toolkit (registers and spills come "
               "from ptxas -v)", file=sys.stderr)
         return 2
+    mods = ["" if m == "none" else m for m in args.mods]
     variants = aot.default_variants(dtypes=args.dtypes, head_dims=args.head_dims,
-                                    modes=args.modes, archs=args.archs)
+                                    modes=args.modes, archs=args.archs, mods=mods)
     command = "PYTHONPATH=python_pkg python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/triton_compile_report.py", *(argv or sys.argv[1:])])
     print(f"{len(variants)} variants, {args.jobs} jobs", flush=True)
@@ -86,7 +91,7 @@ def main(argv=None):
             results.append(r)
             v = r.variant
             print(f"[{i}/{len(variants)}] {v.kernel} {v.dtype} d{v.head_dim} {v.mode} "
-                  f"{v.config} sm_{v.arch}: regs {r.registers} spills {r.spills} smem {r.smem} "
+                  f"{v.mods or 'no mods'} {v.config} sm_{v.arch}: regs {r.registers} spills {r.spills} smem {r.smem} "
                   f"mma {r.mma} {'OK' if r.ok else 'FAIL ' + r.error} ({dt:.1f}s)", flush=True)
     elapsed = time.time() - t0
 
@@ -116,15 +121,25 @@ def main(argv=None):
         "masked and unmasked inner loops (so it covers dense and window calls); `sparse` is a "
         "BlockMask of 128 x 128 blocks with window rule and bitmasks. Config = "
         "BLOCK_M x BLOCK_N, warps, pipeline stages; bwd_dkdv part 1/2 = the dV-only and "
-        "dK-only launches used at head dim 256.",
+        "dK-only launches used at head dim 256. Score mods: `none`, or `softcap+alibi+dropout` "
+        "(the three constexpr switches on together: tanh from exp2, the ALiBi bias, the "
+        "dropout hash; bwd_preprocess has none).",
         "",
     ]
+    with_mods = [r for r in results if r.variant.mods]
+    if with_mods:
+        bad_m = [r for r in with_mods if not r.ok]
+        lines[6:6] = [f"- with score modifiers on: {len(with_mods) - len(bad_m)} of "
+                      f"{len(with_mods)} variants pass; without: "
+                      f"{len(results) - len(with_mods) - len(bad) + len(bad_m)} of "
+                      f"{len(results) - len(with_mods)}"]
     for arch in args.archs:
         sub = [r for r in results if r.variant.arch == arch]
         lines += [f"## sm_{arch}", "",
-                  "| kernel | dtype | head dim | mode | config | registers | spills (B) | "
-                  "smem (KB) | " + ("wgmma" if arch >= 90 else "mma.sync") + " | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| kernel | dtype | head dim | mode | score mods | config | registers | "
+                  "spills (B) | smem (KB) | " + ("wgmma" if arch >= 90 else "mma.sync")
+                  + " | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
             v = r.variant
             name = v.kernel + (f" (part {v.part})" if v.part else "")
@@ -133,7 +148,8 @@ def main(argv=None):
                 mma = "yes" if r.wgmma else ("no (mma.sync: 32-row tile)" if r.mma_sync else "no")
             else:
                 mma = "yes" if r.mma_sync else "no"
-            lines.append(f"| {name} | {v.dtype} | {v.head_dim} | {v.mode} | {v.config} | "
+            lines.append(f"| {name} | {v.dtype} | {v.head_dim} | {v.mode} | "
+                         f"{v.mods or 'none'} | {v.config} | "
                          f"{r.registers} | {r.spills} | {r.smem / 1024:.1f} | {mma} | {status} |")
         lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """triton: FlashAttention-2 kernels written in Triton, dense, windowed and block-sparse,
-forward and backward (kernels.py), behind torch.library ops with autograd (ops.py).
+forward and backward (kernels.py), behind torch.library ops with autograd (ops.py), with
+softcap, ALiBi and hash-based dropout (fastattn.score_mods) fused into every kernel.
 
 Serves CUDA tensors when a GPU is present. With TRITON_INTERPRET=1 it also serves CPU
 tensors through Triton's interpreter, but only when asked for by name (backend="triton"):
@@ -57,6 +58,9 @@ class TritonBackend(Backend):
     supports_block_mask = True
     supports_backward = True
     supports_lse = True
+    supports_softcap = True
+    supports_alibi = True
+    supports_dropout = True
 
     def available(self):
         if _TRITON_ERROR is not None:
@@ -126,6 +130,9 @@ class TritonBackend(Backend):
             if p.window != (-1, -1):  # the dispatcher folds it in; intersect if it did not
                 raise ValueError("triton backend: a window together with a block mask must be "
                                  "folded into the mask (BlockMask.with_window)")
+        seed = int(p.dropout_seed) & 0xFFFFFFFFFFFFFFFF  # the schema's int is signed 64-bit
+        seed = seed - (1 << 64) if seed >= (1 << 63) else seed
         out, lse = torch.ops.fastattn.triton_fwd(q, k, v, float(p.scale), int(left), int(right),
-                                                 tensors, bm, bn)
+                                                 tensors, bm, bn, float(p.softcap),
+                                                 p.alibi_slopes, float(p.dropout_p), seed)
         return out, lse

@@ -3,7 +3,8 @@ triton.compile with a GPUTarget gives PTX (and Triton's shared-memory allocation
 `ptxas -v` on that PTX gives registers and spills. Used by
 benchmarks/triton_compile_report.py and tests/test_triton_compile.py.
 
-A variant is (kernel, dtype, head dim, masking mode, tile config, arch). Arguments are
+A variant is (kernel, dtype, head dim, masking mode, tile config, arch, score modifiers).
+Arguments are
 specialized the way a launch on contiguous tensors specializes them: 16-byte aligned
 pointers, unit inner strides, other strides divisible by 16 when they are.
 """
@@ -25,6 +26,8 @@ MODES = {  # (WINDOW_LEFT, WINDOW_RIGHT, SPARSE, BITMASK)
     "window": (True, True, False, False),
     "sparse": (True, True, True, True),
 }
+SCORE_MODS = {"softcap": "SOFTCAP", "alibi": "ALIBI", "dropout": "DROPOUT"}  # name: constexpr
+ALL_MODS = "+".join(SCORE_MODS)
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _ELEM_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -42,6 +45,7 @@ class Variant:
     arch: int  # 80 | 90
     mask_block: tuple = (128, 128)  # the BlockMask's blocks, sparse mode only
     part: int = 0  # bwd_dkdv: 0 = dK and dV, 1 = dV only, 2 = dK only (head dim 256)
+    mods: str = ""  # score modifiers switched on, "+"-joined names from SCORE_MODS
 
     @property
     def config(self) -> str:
@@ -96,12 +100,14 @@ def ptxas_path() -> str | None:
 
 def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                      head_dims=(16, 32, 64, 128, 256), modes=("causal", "sparse"), archs=(80, 90),
-                     mask_block=(128, 128)):
+                     mask_block=(128, 128), mods=("",)):
     """Every config the autotuner may pick for these problem classes (kernels.default_tiles
     on each arch's shared-memory limit). float32 is not served on GPUs (see
     TritonBackend.why_not), so it is not among the defaults. "causal" holds both the masked and the unmasked
     inner loops, so it covers "dense" and "window"; "sparse" is a block mask of `mask_block`
-    blocks (fastattn.sparse's default 128 x 128) with bitmasks."""
+    blocks (fastattn.sparse's default 128 x 128) with bitmasks. mods: the score-modifier sets
+    each config is compiled with ("" = none; ALL_MODS = softcap, ALiBi and dropout together);
+    bwd_preprocess has none."""
     from .ops import load_kernels
 
     kern = load_kernels(interpret=False)
@@ -122,8 +128,9 @@ def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                         for bm, bn, w, s in kern.default_tiles(short, bd, bd, eb,
                                                                kern.SMEM_LIMIT[arch], mb):
                             for part in parts:
-                                out.append(Variant(kernel, dtype, d, mode, bm, bn, w, s, arch,
-                                                   mb or (16, 16), part))
+                                for m in mods:
+                                    out.append(Variant(kernel, dtype, d, mode, bm, bn, w, s, arch,
+                                                       mb or (16, 16), part, m))
     return out
 
 
@@ -160,6 +167,11 @@ def _signature(fn, v: Variant):
                      DOT_PRECISION=kern.dot_precision(_ELEM_BYTES[v.dtype], bd))
         if v.kernel == "bwd_dkdv":
             const["PART"] = v.part
+        on = set(filter(None, v.mods.split("+")))
+        if on - set(SCORE_MODS):
+            raise ValueError(f"unknown score modifiers {sorted(on - set(SCORE_MODS))}; known: "
+                             f"{list(SCORE_MODS)}")
+        const.update({flag: name in on for name, flag in SCORE_MODS.items()})
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in _INNER_STRIDES:
@@ -176,10 +188,13 @@ def _signature(fn, v: Variant):
         elif name == "PM":
             sig[name] = "*u8"
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "Slopes":  # (B, Hq) float32
+            sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV"):
             sig[name] = f"*{tdt}"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "sm_scale":
+        elif name in ("sm_scale", "softcap", "drop_p"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"

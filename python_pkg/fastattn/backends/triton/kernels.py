@@ -129,6 +129,83 @@ def _q_range(n0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
 
 
 @triton.jit
+def _tanh(x):
+    # tanh from exp2, so one code path runs in the interpreter (no libdevice there) and on
+    # sm_80/sm_90: (1 - e) / (1 + e) with e = exp(-2|x|), and its Taylor series below 0.25
+    # where 1 - e would cancel. Max relative error ~2e-7 (float32).
+    ax = tl.abs(x)
+    e = tl.math.exp2(ax * -2.8853900817779268)  # exp(-2|x|)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    return tl.where(ax < 0.25, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _score_mods(qk, rows, cols, offset, qk_scale, mods,
+                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    # Logits in log2 units from the raw q.k (fastattn.score_mods, times log2(e)):
+    #   softcap: c * tanh(scale * q.k / c);  ALiBi: - slope * |i + offset - j|
+    # rows, cols broadcast (either orientation). Also returns t = tanh(scale * q.k / c),
+    # the backward's softcap derivative 1 - t^2 (t is unused when SOFTCAP is off).
+    cap_in, cap_out, slope2 = mods[0], mods[1], mods[2]
+    if SOFTCAP:
+        t = _tanh(qk * cap_in)  # cap_in = scale / c
+        s = t * cap_out  # cap_out = c * log2(e)
+    else:
+        t = qk
+        s = qk * qk_scale
+    if ALIBI:
+        s -= slope2 * tl.abs(rows + offset - cols).to(tl.float32)  # slope2 = slope * log2(e)
+    return s, t
+
+
+@triton.jit
+def _fmix32(x):  # murmur3's finalizer, uint32 arithmetic (wraps modulo 2^32)
+    x ^= x >> 16
+    x *= 0x85EBCA6B
+    x ^= x >> 13
+    x *= 0xC2B2AE35
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _dropout_keep(rows, cols, mods):
+    # True = kept: fastattn.score_mods' hash of (seed, row, j) at or above the 24-bit
+    # threshold, row = (b * Hq + h) * Nq + i. rows: query positions i, cols: key positions
+    # j (int32, broadcastable); row_base = (b * Hq + h) * Nq modulo 2^32.
+    seed_lo, seed_hi, drop_thresh, row_base = mods[4], mods[5], mods[6], mods[7]
+    r = row_base + rows.to(tl.uint32)
+    h = _fmix32(r * 0x9E3779B1 + seed_lo)
+    h = _fmix32(h ^ (cols.to(tl.uint32) * 0x85EBCA77 + seed_hi))
+    return (h >> 8) >= drop_thresh
+
+
+@triton.jit
+def _mods_tuple(sm_scale, softcap, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
+                drop_p, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+    # The score modifiers' per-(batch, query head) constants, one tuple for the inner loops:
+    #   (cap_in, cap_out, slope2, drop_scale, seed_lo, seed_hi, drop_thresh, row_base)
+    cap_in = sm_scale
+    cap_out = sm_scale * 1.4426950408889634
+    if SOFTCAP:
+        cap_in = sm_scale / softcap
+        cap_out = softcap * 1.4426950408889634
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(Slopes + off_hz) * 1.4426950408889634
+    drop_scale = 1.0
+    row_base = (off_hz.to(tl.int64) * N_CTX_Q).to(tl.uint32)  # wraps modulo 2^32 as specified
+    if DROPOUT:
+        drop_scale = 1.0 / (1.0 - drop_p)
+    return (cap_in, cap_out, slope2, drop_scale, seed_lo.to(tl.uint32, bitcast=True),
+            seed_hi.to(tl.uint32, bitcast=True), drop_thresh.to(tl.uint32, bitcast=True),
+            row_base)
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
                     stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, mcol0,
@@ -136,7 +213,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
                     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
-                    BITMASK: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BITMASK: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    mods, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     # One key block [start_n, start_n + BLOCK_N) of the online softmax.
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kmask = offs_n[:, None] < N_CTX_K
@@ -145,7 +223,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
     k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kmask, other=0.0)
     qk = _dot(q, tl.trans(k), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
-    qk = qk * qk_scale
+    qk, _ = _score_mods(qk, offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, qk_scale, mods,
+                        SOFTCAP, ALIBI)
     if MASKED:
         vis = _visible(offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, N_CTX_K,
                        WIN_LEFT, WIN_RIGHT, WINDOW_LEFT, WINDOW_RIGHT)
@@ -164,6 +243,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
     if HEAD_DIM_V != offs_dv.shape[0]:
         vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
+    if DROPOUT:  # l_i sums the undropped P; dropped entries leave P.V (1/(1-p): epilogue)
+        p = tl.where(_dropout_keep(offs_m[:, None], offs_n[None, :], mods), p, 0.0)
     acc = _dot(p.to(v.dtype), v, acc, DOT_UPCAST, DOT_PRECISION)
     return acc, l_i, m_ij
 
@@ -294,13 +375,15 @@ def _configs(kernel):
 
 # Autotune key: the problem class (lengths, head dims, masking mode); Triton adds dtypes.
 _KEY = ["N_CTX_Q", "N_CTX_K", "BLOCK_D", "BLOCK_DV", "WINDOW_LEFT", "WINDOW_RIGHT", "SPARSE",
-        "MASK_BM", "MASK_BN"]
+        "MASK_BM", "MASK_BN", "SOFTCAP", "ALIBI", "DROPOUT"]
 
 
 # --------------------------------------------------------------------------- forward
+# The dropout seed and threshold change from call to call: one compiled kernel for all.
+_SEED_ARGS = ["seed_lo", "seed_hi", "drop_thresh"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEED_ARGS)
 def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_qz, stride_qh, stride_qm, stride_qk,
               stride_kz, stride_kh, stride_kn, stride_kk,
@@ -311,13 +394,15 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_bz, stride_bh, stride_bm,  # block-mask counts (Z, H, NQB), 0 = broadcast
               stride_iz, stride_ih, stride_im,  # partial lists (Z, H, NQB, KMAX)
               stride_fz, stride_fh, stride_fm,  # full lists (Z, H, NQB, KMAXF)
+              softcap, Slopes, seed_lo, seed_hi, drop_thresh, drop_p,  # score modifiers
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
               SPARSE: tl.constexpr, BITMASK: tl.constexpr, EVEN_N: tl.constexpr,
-              DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
     start_m = tl.program_id(0)
@@ -338,6 +423,8 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below instead of exp
+    mods = _mods_tuple(sm_scale, softcap, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
+                       drop_p, SOFTCAP, ALIBI, DROPOUT)
 
     qmask = offs_m[:, None] < N_CTX_Q
     if HEAD_DIM != BLOCK_D:
@@ -362,7 +449,8 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                     stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
-                    DOT_UPCAST, DOT_PRECISION)
+                    DOT_UPCAST, DOT_PRECISION,
+                    mods, SOFTCAP, ALIBI, DROPOUT)
         # partial blocks: the mask's window rule, then its bitmask
         for i in range(0, tl.load(KV_NUM + lay)):
             kb_ = tl.load(KV_IDX + lay_i + i)
@@ -376,7 +464,8 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                     stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
-                    DOT_UPCAST, DOT_PRECISION)
+                    DOT_UPCAST, DOT_PRECISION,
+                    mods, SOFTCAP, ALIBI, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -387,7 +476,8 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
-                DOT_UPCAST, DOT_PRECISION)
+                DOT_UPCAST, DOT_PRECISION,
+                mods, SOFTCAP, ALIBI, DROPOUT)
         # interior: every token visible, no mask
         for start_n in range(full_lo, full_hi, BLOCK_N):
             acc, l_i, m_i = _attn_fwd_inner(
@@ -395,7 +485,8 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
-                DOT_UPCAST, DOT_PRECISION)
+                DOT_UPCAST, DOT_PRECISION,
+                mods, SOFTCAP, ALIBI, DROPOUT)
         # masked blocks right of it (the causal diagonal, the ragged end)
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _attn_fwd_inner(
@@ -403,11 +494,14 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
-                DOT_UPCAST, DOT_PRECISION)
+                DOT_UPCAST, DOT_PRECISION,
+                mods, SOFTCAP, ALIBI, DROPOUT)
 
     # epilogue: rows that saw no key get out 0 and lse -inf
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:
+        acc = acc * mods[3]  # kept probabilities weigh 1 / (1 - p)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_ok = offs_m < N_CTX_Q
     tl.store(Lse + off_hz.to(tl.int64) * N_CTX_Q + offs_m, lse, mask=row_ok)
@@ -469,9 +563,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
                          MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                          WINDOW_RIGHT: tl.constexpr, BITMASK: tl.constexpr,
                          DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         PART: tl.constexpr):
+                         PART: tl.constexpr,
+                         mods, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     # One query block [start_m, start_m + BLOCK_M) against this program's key block,
     # computed transposed (keys on rows): pT = exp2(k.qT - lse), dsT = pT * (v.doT - Delta).
+    # Dropout: dV gets the kept pT (times 1/(1-p) at the store), dpT is scaled by
+    # keep/(1-p) before dsT; softcap: dsT *= 1 - tanh^2.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N_CTX_Q
     qmask = row_ok[:, None]
@@ -481,7 +578,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
     lse2 = _load_lse2(Lse, offs_m, row_ok)
     qkT = _dot(k, tl.trans(q), tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32),
                DOT_UPCAST, DOT_PRECISION)
-    pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+    sT, tT = _score_mods(qkT, offs_m[None, :], offs_n[:, None], N_CTX_K - N_CTX_Q, qk_scale, mods,
+                         SOFTCAP, ALIBI)
+    pT = tl.math.exp2(sT - lse2[None, :])
     if MASKED:
         vis = _visible(offs_m[None, :], offs_n[:, None], N_CTX_K - N_CTX_Q, N_CTX_K,
                        WIN_LEFT, WIN_RIGHT, WINDOW_LEFT, WINDOW_RIGHT)
@@ -494,18 +593,27 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
         domask = domask & (offs_dv[None, :] < HEAD_DIM_V)
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                  mask=domask, other=0.0)
+    if DROPOUT:
+        keepT = _dropout_keep(offs_m[None, :], offs_n[:, None], mods)
     if PART != 2:
-        dv = _dot(pT.to(do.dtype), do, dv, DOT_UPCAST, DOT_PRECISION)
+        if DROPOUT:
+            dv = _dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, DOT_UPCAST, DOT_PRECISION)
+        else:
+            dv = _dot(pT.to(do.dtype), do, dv, DOT_UPCAST, DOT_PRECISION)
     if PART != 1:
         delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
         dpT = _dot(v, tl.trans(do), tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32),
                    DOT_UPCAST, DOT_PRECISION)
+        if DROPOUT:
+            dpT = tl.where(keepT, dpT * mods[3], 0.0)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_UPCAST, DOT_PRECISION)
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEED_ARGS)
 def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                    stride_qz, stride_qh, stride_qm, stride_qk,
                    stride_kz, stride_kh, stride_kn, stride_kk,
@@ -518,6 +626,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                    stride_bz, stride_bh, stride_bn,  # block-mask counts (Z, H, NKB)
                    stride_iz, stride_ih, stride_in,  # partial lists (Z, H, NKB, QMAX)
                    stride_fz, stride_fh, stride_fn,  # full lists (Z, H, NKB, QMAXF)
+                   softcap, Slopes, seed_lo, seed_hi, drop_thresh, drop_p,  # score modifiers
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -525,7 +634,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                    WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                    SPARSE: tl.constexpr, BITMASK: tl.constexpr, EVEN_N: tl.constexpr,
                    DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   PART: tl.constexpr):
+                   PART: tl.constexpr,
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     # One program per (key block, batch, kv head). The GROUP query heads that share this kv
     # head are summed here in a fixed order: GQA without atomics, bitwise deterministic.
     # PART: 0 = dK and dV; 1 = dV only; 2 = dK only. Head dim 256 launches 1 then 2: each
@@ -561,6 +671,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
         DOh = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         Lh = Lse + off_hz.to(tl.int64) * N_CTX_Q
         Dh = Delta + off_hz.to(tl.int64) * N_CTX_Q
+        mods = _mods_tuple(sm_scale, softcap, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi,
+                           drop_thresh, drop_p, SOFTCAP, ALIBI, DROPOUT)
         if SPARSE:
             kb = n0 // MASK_BN  # this program: columns [mcol0, mcol0 + BLOCK_N) of block kb
             mcol0 = n0 - kb * MASK_BN
@@ -576,7 +688,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                         stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
                         N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
-                        DOT_UPCAST, DOT_PRECISION, PART)
+                        DOT_UPCAST, DOT_PRECISION, PART,
+                        mods, SOFTCAP, ALIBI, DROPOUT)
             for i in range(0, tl.load(Q_NUM + lay)):
                 qb_ = tl.load(Q_IDX + lay_i + i)
                 mask_id = -1
@@ -589,7 +702,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                         stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
                         N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, sub, mcol0,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
-                        BITMASK, DOT_UPCAST, DOT_PRECISION, PART)
+                        BITMASK, DOT_UPCAST, DOT_PRECISION, PART,
+                        mods, SOFTCAP, ALIBI, DROPOUT)
         else:
             lo, full_lo, full_hi, hi = _q_range(n0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                                 BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -599,21 +713,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                     stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
-                    False, DOT_UPCAST, DOT_PRECISION, PART)
+                    False, DOT_UPCAST, DOT_PRECISION, PART,
+                    mods, SOFTCAP, ALIBI, DROPOUT)
             for start_m in range(full_lo, full_hi, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
                     stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
-                    DOT_UPCAST, DOT_PRECISION, PART)
+                    DOT_UPCAST, DOT_PRECISION, PART,
+                    mods, SOFTCAP, ALIBI, DROPOUT)
             for start_m in range(full_hi, hi, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
                     stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
-                    False, DOT_UPCAST, DOT_PRECISION, PART)
+                    False, DOT_UPCAST, DOT_PRECISION, PART,
+                    mods, SOFTCAP, ALIBI, DROPOUT)
 
     if PART != 1:
         dk *= sm_scale  # dS carries no scale; dK = scale * dS^T Q
@@ -621,6 +738,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                  + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
                  dk.to(DK.dtype.element_ty), mask=kmask)
     if PART != 2:
+        if DROPOUT:
+            dv *= 1.0 / (1.0 - drop_p)
         tl.store(DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh
                  + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvk,
                  dv.to(DV.dtype.element_ty), mask=vmask)
@@ -635,8 +754,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, of
                     MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
                        MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                        WINDOW_RIGHT: tl.constexpr, BITMASK: tl.constexpr,
-                       DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       mods, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     # One key block against this program's query block: dQ += dS . k
+    # (dP scaled by keep/(1-p) under dropout; dS *= 1 - tanh^2 under softcap)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM != offs_d.shape[0]:
@@ -648,7 +769,9 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, of
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
     qk = _dot(q, tl.trans(k), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
-    p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+    s, t = _score_mods(qk, offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, qk_scale, mods,
+                       SOFTCAP, ALIBI)
+    p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         vis = _visible(offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, N_CTX_K,
                        WIN_LEFT, WIN_RIGHT, WINDOW_LEFT, WINDOW_RIGHT)
@@ -658,12 +781,16 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, of
         p = tl.where(vis, p, 0.0)
     dp = _dot(do, tl.trans(v), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
+    if DROPOUT:
+        dp = tl.where(_dropout_keep(offs_m[:, None], offs_n[None, :], mods), dp * mods[3], 0.0)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq = _dot(ds.to(k.dtype), k, dq, DOT_UPCAST, DOT_PRECISION)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SEED_ARGS)
 def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_qz, stride_qh, stride_qm, stride_qk,
                  stride_kz, stride_kh, stride_kn, stride_kk,
@@ -675,13 +802,15 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_bz, stride_bh, stride_bm,
                  stride_iz, stride_ih, stride_im,
                  stride_fz, stride_fh, stride_fm,
+                 softcap, Slopes, seed_lo, seed_hi, drop_thresh, drop_p,  # score modifiers
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
                  WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                  SPARSE: tl.constexpr, BITMASK: tl.constexpr, EVEN_N: tl.constexpr,
-                 DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     # One program per (query block, batch, query head); walks the forward's key blocks.
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -711,6 +840,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     delta = tl.load(Delta + row, mask=row_ok, other=0.0)
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
+    mods = _mods_tuple(sm_scale, softcap, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
+                       drop_p, SOFTCAP, ALIBI, DROPOUT)
 
     if SPARSE:
         # kernel tiles divide the mask's blocks: this program is rows [mrow0, mrow0 + BLOCK_M)
@@ -729,7 +860,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                     stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
-                    DOT_UPCAST, DOT_PRECISION)
+                    DOT_UPCAST, DOT_PRECISION,
+                    mods, SOFTCAP, ALIBI, DROPOUT)
         for i in range(0, tl.load(KV_NUM + lay)):
             kb_ = tl.load(KV_IDX + lay_i + i)
             mask_id = -1
@@ -742,7 +874,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                     stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
-                    DOT_UPCAST, DOT_PRECISION)
+                    DOT_UPCAST, DOT_PRECISION,
+                    mods, SOFTCAP, ALIBI, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -752,21 +885,24 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                 stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
-                DOT_UPCAST, DOT_PRECISION)
+                DOT_UPCAST, DOT_PRECISION,
+                mods, SOFTCAP, ALIBI, DROPOUT)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
-                DOT_UPCAST, DOT_PRECISION)
+                DOT_UPCAST, DOT_PRECISION,
+                mods, SOFTCAP, ALIBI, DROPOUT)
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
-                DOT_UPCAST, DOT_PRECISION)
+                DOT_UPCAST, DOT_PRECISION,
+                mods, SOFTCAP, ALIBI, DROPOUT)
 
     dq *= sm_scale
     tl.store(DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
