@@ -270,3 +270,23 @@ def test_majority_and_needle_batches():
     is_needle = b["idx"] < 16
     assert (is_needle.sum(1) == 1).all()
     assert torch.equal(b["idx"][is_needle], b["mlm_labels"][:, 0])
+
+
+@pytest.mark.parametrize("kind", ["gpt", "encdec"])
+def test_attention_dropout_in_kernels_is_seeded_and_off_in_eval(kind):
+    m = Transformer(ModelConfig(**dict(TINY, kind=kind, attn_dropout=0.2)))
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    kw = {"src": x.flip(1)} if kind == "encdec" else {}
+    m.train()
+    losses = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        losses.append(m(x, x, **kw)[1])
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
+    losses[0].backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    m.eval()  # no attention dropout: deterministic, equal to the same model without it
+    plain = Transformer(ModelConfig(**dict(TINY, kind=kind))).eval()
+    plain.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.equal(m(x, **kw)[0], plain(x, **kw)[0])

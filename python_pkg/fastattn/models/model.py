@@ -5,8 +5,8 @@
     kind="encdec"  encoder (bidirectional) + decoder (causal self-attention, cross-attention)
 
 Pre-norm blocks (LayerNorm -> attention/MLP -> residual), rotary or learned positions,
-tied input/output embeddings, dropout on embeddings and residual branches (fastattn's
-kernels have no attention-probability dropout). Every attention call is
+tied input/output embeddings, dropout on embeddings and residual branches, and
+attention-probability dropout inside fastattn's kernels (attn_dropout). Every attention call is
 fastattn.attention; KV-cache decoding calls fastattn.decode.decode_attention.
 
 Attention patterns are chosen per layer in the config (`patterns`), e.g.
@@ -133,6 +133,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.nh * self.hd, cfg.n_embd, bias=cfg.bias)
         self.proj.residual = True  # scaled init
         self.drop = nn.Dropout(cfg.dropout)
+        self.attn_dropout = cfg.attn_dropout
 
     def _heads(self, x, n):
         B, T, _ = x.shape
@@ -142,6 +143,10 @@ class Attention(nn.Module):
         # x (B, T, C); memory (B, S, C) for cross-attention; pos (T,) or (B, T)
         B, T, C = x.shape
         q = self._heads(self.q(x), self.nh)
+        drop_kw = {}  # attention dropout: counter-based in the kernels, regenerated in backward
+        if self.training and self.attn_dropout > 0:
+            drop_kw = {"dropout_p": self.attn_dropout}
+            mask_kw = dict(mask_kw or {}, **drop_kw)
         if self.cross:
             if cache is not None and cache.cross[self.layer] is not None:
                 k, v = cache.cross[self.layer]
@@ -149,7 +154,7 @@ class Attention(nn.Module):
                 k, v = (self._heads(t, self.nkv) for t in self.kv(memory).chunk(2, dim=-1))
                 if cache is not None:
                     cache.cross[self.layer] = (k, v)
-            y = fastattn.attention(q, k, v, backend=self.backend)
+            y = fastattn.attention(q, k, v, backend=self.backend, **drop_kw)
         else:
             k, v = (self._heads(t, self.nkv) for t in self.kv(x).chunk(2, dim=-1))
             if rope is not None:
@@ -224,6 +229,7 @@ class ModelConfig:
     n_kv_head: int = 0  # 0 = n_head (plain MHA); fewer = grouped-query attention
     n_embd: int = 128
     dropout: float = 0.0
+    attn_dropout: float = 0.0  # attention-probability dropout, applied in the kernels (training)
     bias: bool = False
     pos: str = "rope"  # "rope" | "learned"
     rope_base: float = 10000.0

@@ -73,6 +73,7 @@ class TrainConfig:
     n_kv_head: int = 0
     n_embd: int = 128
     dropout: float = 0.0
+    attn_dropout: float = 0.0  # attention-probability dropout inside the kernels
     pos: str = "rope"
     backend: str = "auto"
     patterns: str = "dense"
@@ -116,7 +117,7 @@ def model_config_for(c: TrainConfig, task) -> ModelConfig:
     block = c.seq_len + (1 if task.kind == "encdec" else 0)  # decoder input has BOS
     return ModelConfig(kind=task.kind, vocab_size=task.vocab_size, block_size=block,
                        n_layer=c.n_layer, n_dec_layer=c.n_dec_layer, n_head=c.n_head,
-                       n_kv_head=c.n_kv_head, n_embd=c.n_embd, dropout=c.dropout, pos=c.pos,
+                       n_kv_head=c.n_kv_head, n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout, pos=c.pos,
                        backend=c.backend, patterns=c.patterns, window=c.window,
                        sparse_block=c.sparse_block, n_classes=task.n_classes)
 
@@ -188,7 +189,8 @@ def train(c: TrainConfig) -> dict:
         model.load_state_dict(ck["model"])
     elif c.init_from:
         ck = torch.load(c.init_from, map_location="cpu", weights_only=False)
-        mc = dict(ck["model_config"], n_classes=task.n_classes, dropout=c.dropout)
+        mc = dict(ck["model_config"], n_classes=task.n_classes, dropout=c.dropout,
+                  attn_dropout=c.attn_dropout)
         if task.vocab_size > mc["vocab_size"]:
             raise ValueError(f"task {c.task!r} needs vocab {task.vocab_size} > checkpoint's "
                              f"{mc['vocab_size']}")
