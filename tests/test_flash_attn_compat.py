@@ -488,6 +488,9 @@ KV_SPACE = dict(
 )
 KV_CASES = covering_cases(KV_SPACE, 24, seed=4)
 KV_SLOW = covering_cases(KV_SPACE, 160, seed=5)
+# causal (or causal-window) without score modifiers: what the split-KV decode kernel serves
+# natively today; leftpad rows go to it one by one
+KV_DECODE = covering_cases(dict(KV_SPACE, causal=[True], softcap=[0.0], alibi=[None]), 8, seed=8)
 
 
 def _kv_id(c):
@@ -595,6 +598,11 @@ def run_kvcache_case(c, seed=0, page_size=None):
 @pytest.mark.parametrize("case", KV_CASES, ids=_kv_id)
 def test_kvcache_against_oracle(case):
     run_kvcache_case(case)
+
+
+@pytest.mark.parametrize("case", KV_DECODE, ids=_kv_id)
+def test_kvcache_decode_kernel_cases(case):
+    run_kvcache_case(case, seed=17)
 
 
 @pytest.mark.slow
@@ -721,3 +729,23 @@ def test_empty_and_zero_length_sequences():
     out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, 3, 3, causal=True,
                                          return_attn_probs=True)
     assert out.shape == (3, 2, 16) and lse.shape == (2, 3) and torch.isfinite(out).all()
+
+
+def test_attention_varlen_public_api_matches_per_sequence_attention():
+    import fastattn
+
+    g = torch.Generator().manual_seed(12)
+    cu = torch.tensor([0, 31, 31, 100, 113], dtype=torch.int32)
+    q = torch.randn(113, 4, 40, generator=g)
+    k, v = torch.randn(113, 2, 40, generator=g), torch.randn(113, 2, 40, generator=g)
+    out, lse = fastattn.attention_varlen(q, k, v, cu, cu, causal=True, window=(20, 0),
+                                         return_lse=True)
+    assert out.shape == (113, 4, 40) and lse.shape == (4, 113)
+    for b in range(4):
+        s, e = int(cu[b]), int(cu[b + 1])
+        if s == e:
+            continue
+        o, l_b = fastattn.attention(*(t[s:e].transpose(0, 1)[None] for t in (q, k, v)),
+                                    causal=True, window=(20, 0), return_lse=True)
+        torch.testing.assert_close(out[s:e], o[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[:, s:e], l_b[0], rtol=1e-5, atol=1e-5)
