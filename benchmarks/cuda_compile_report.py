@@ -2,10 +2,13 @@
 reports (registers, spills, stack) plus each kernel's dynamic shared memory.
 
     python benchmarks/cuda_compile_report.py [--archs 80,90] [--jobs 2] [--out PATH] [--check]
+                                             [--baseline PATH] [--note TEXT ...]
 
 Writes benchmarks/results/cuda_compile_report.md (command, date, machine, nvcc version, one
 table row per kernel and arch). --check exits 1 if a default configuration spills registers or
-a kernel fails to compile. No GPU is needed: this is compile-only. Flags match setup.py's CUDA
+a kernel fails to compile. --baseline (default: the report being overwritten) adds a column with
+each kernel's register change against that earlier report; --note adds lines to its notes.
+No GPU is needed: this is compile-only. Flags match setup.py's CUDA
 extension plus the -D__CUDA_NO_HALF*__ flags torch's CUDAExtension adds.
 """
 
@@ -18,6 +21,7 @@ import glob
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -131,13 +135,44 @@ def dynamic_smem(nvcc: str, tmp: str) -> dict[tuple[str, str, str], int]:
     return table
 
 
+def read_registers(path: str) -> dict[tuple[str, str, str], int]:
+    """(kernel, config, arch) -> registers of an earlier report ({} if there is none). path is a
+    file, or git:REV for the recorded report as of commit REV."""
+    if path.startswith("git:"):
+        rel = os.path.relpath(DEFAULT_OUT, ROOT)
+        r = subprocess.run(["git", "show", f"{path[4:]}:{rel}"], cwd=ROOT, capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"--baseline {path}: {r.stderr.strip()}")
+        text = r.stdout
+    elif path and os.path.exists(path):
+        text = open(path).read()
+    else:
+        return {}
+    regs = {}
+    for line in text.splitlines():
+        if line.startswith("| flash_"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            try:
+                regs[(cells[0], cells[1], cells[2])] = int(cells[3])
+            except (IndexError, ValueError):
+                continue
+    return regs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--check", action="store_true", help="exit 1 on spills or compile errors")
+    ap.add_argument("--baseline", default=None,
+                    help="earlier report to diff registers against: a path, or git:REV for the "
+                         "recorded one at commit REV (default: --out, if present)")
+    ap.add_argument("--note", action="append", default=[], help="a line for the notes section")
     args = ap.parse_args(argv)
+    baseline_path = args.baseline if args.baseline is not None else args.out
+    baseline = read_registers(baseline_path)
 
     nvcc = find_nvcc()
     if nvcc is None:
@@ -175,8 +210,14 @@ def main(argv=None) -> int:
     table.sort(key=lambda t: (t[0], t[1], t[2]))
     spills = [t for t in table if t[4] or t[5]]
 
-    cmd = " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else "python",
-                    "benchmarks/cuda_compile_report.py", *(argv if argv is not None else sys.argv[1:])])
+    def delta(t) -> str:
+        old = baseline.get((t[0], t[1], f"sm_{t[2]}"))
+        return "" if old is None or t[3] < 0 else f"{t[3] - old:+d}"
+
+    grew = [t for t in table if delta(t) not in ("", "+0") and not delta(t).startswith("-")]
+
+    cmd = shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else "python",
+                      "benchmarks/cuda_compile_report.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         "# CUDA kernels: ptxas report",
         "",
@@ -188,12 +229,21 @@ def main(argv=None) -> int:
         f"- spills: {'none' if not spills else f'{len(spills)} kernels spill'}; compile failures: {len(failures)}",
         "",
         "dynamic smem = bytes the launcher requests (kernel_traits.h); static smem from ptxas.",
+    ]
+    if baseline:
+        what = (f"the recorded report at commit {baseline_path[4:]}" if baseline_path.startswith("git:")
+                else f"{os.path.relpath(baseline_path, ROOT)} as it was before this run")
+        lines.append(f"registers vs previous = change against {what} ({len(grew)} of {len(table)} "
+                     f"rows grew).")
+    if args.note:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in args.note]
+    lines += [
         "",
-        "| kernel | config | arch | registers | spill stores (B) | spill loads (B) | stack (B) | static smem (B) | dynamic smem (B) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| kernel | config | arch | registers | spill stores (B) | spill loads (B) | stack (B) | static smem (B) | dynamic smem (B) | registers vs previous |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for t in table:
-        lines.append(f"| {t[0]} | {t[1]} | sm_{t[2]} | {t[3]} | {t[4]} | {t[5]} | {t[6]} | {t[7]} | {t[8]} |")
+        lines.append(f"| {t[0]} | {t[1]} | sm_{t[2]} | {t[3]} | {t[4]} | {t[5]} | {t[6]} | {t[7]} | {t[8]} | {delta(t)} |")
     for src, arch, text in failures:
         lines += ["", f"## FAILED: {os.path.relpath(src, ROOT)} sm_{arch}", "", "```", text.strip()[-4000:], "```"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

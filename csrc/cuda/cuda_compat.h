@@ -4,6 +4,7 @@
 //
 //   FA_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)   the one kernel-launch macro
 //   FA_DYNAMIC_SMEM(name)                                         char* to the block's dynamic smem
+//   fa_tanhf(x)                                                   tanhf as --use_fast_math builds it
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,6 +25,15 @@
 #define FA_DYNAMIC_SMEM(name) char* name = ::cuda_emu::dynamic_smem()
 #else
 #error "csrc/cuda builds with nvcc, or as C++ with the emulation layer's headers (tests/cuda_emu)"
+#endif
+
+// tanh of the softcap. Under nvcc with --use_fast_math (setup.py, the compile report) tanhf
+// compiles to the hardware's tanh.approx.f32 (relative error about 2^-11); the emulator models
+// that error bound instead of using the exact C library tanh.
+#if defined(__CUDACC__)
+__device__ __forceinline__ float fa_tanhf(float x) { return tanhf(x); }
+#else
+inline float fa_tanhf(float x) { return ::cuda_emu::tanh_approx(x); }
 #endif
 
 #define FA_CUDA_CHECK(expr)                                                               \

@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dkdv_kernel(const Fla
   const int64_t group = p.hq / p.hkv;
   const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
   const WindowRule rule(p);
-  ScoreMods mods(p, b, hk * group);
-  const float scale_log2 = mods.scale_log2;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool has_mods = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
 
   load_tile<kBlockN, kHeadDim, Kt::kNThreads>(
       sK, kLdQK, static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride +
@@ -116,7 +116,6 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dkdv_kernel(const Fla
 
   for (int64_t g = 0; g < group; ++g) {
     const int64_t h = hk * group + g;
-    mods.set_head(p, b, h);
     const T* gQ = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const T* gdO = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
     const float* gLse = p.lse + (b * p.hq + h) * p.nq;
@@ -158,27 +157,37 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dkdv_kernel(const Fla
       }
       group_sync();
 
-      // P^T and dS^T for row `key`, columns seg * kSegM ...
-#pragma unroll
-      for (int c = 0; c < kSegM; ++c) {
+      // P^T and dS^T for row `key`, columns seg * kSegM ...  With score modifiers the loop runs
+      // rolled, so the plain path keeps its registers.
+      // mods == nullptr: the plain path (a constant after inlining).
+      auto elem = [&](int c, const ScoreMods* mods) {
         const int col = seg * kSegM + c;
         const float lse2 = sLse[col];
         float pv = 0.f, dtanh = 1.f;
         if (lse2 != neg_inf() && !(tm.on && !tm.visible(rule, m0 + col, key))) {
-          const float x = mods.any ? mods.logit2(sAg[r * kLdA + col], m0 + col, key, dtanh)
-                                   : sAg[r * kLdA + col] * scale_log2;
+          const float x = mods && mods->any
+                              ? mods->logit2(sAg[r * kLdA + col], m0 + col, key, dtanh)
+                              : sAg[r * kLdA + col] * scale_log2;
           pv = exp2f(x - lse2);
         }
         float dp = sBg[r * kLdB + col], pd = pv;
-        if (mods.dropout) {
-          const bool kept = mods.keep(mods.row_hash(m0 + col), key);
-          dp = kept ? dp * mods.rescale : 0.f;
-          pd = kept ? pv * mods.rescale : 0.f;
+        if (mods && mods->dropout) {
+          const bool kept = mods->keep(mods->row_hash(m0 + col), key);
+          dp = kept ? dp * mods->rescale : 0.f;
+          pd = kept ? pv * mods->rescale : 0.f;
         }
         float ds = pv * (dp - sDelta[col]);
-        if (mods.softcap) ds *= dtanh;
+        if (mods && mods->softcap) ds *= dtanh;
         sPtg[r * kLdP + col] = Cvt<T>::from_float(pd);
         sdStg[r * kLdP + col] = Cvt<T>::from_float(ds);
+      };
+      if (has_mods) {
+        const ScoreMods mods(p, b, h);  // built here: nothing of it stays live on the plain path
+#pragma unroll 1
+        for (int c = 0; c < kSegM; ++c) elem(c, &mods);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kSegM; ++c) elem(c, nullptr);
       }
       group_sync();
 
@@ -252,8 +261,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dq_kernel(const Flash
   const int64_t b = blockIdx.y / p.hq, h = blockIdx.y % p.hq, hk = h / (p.hq / p.hkv);
   const int64_t m0 = int64_t(blockIdx.x) * kBlockM;
   const WindowRule rule(p);
-  const ScoreMods mods(p, b, h);
-  const float scale_log2 = mods.scale_log2;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool has_mods = p.softcap > 0.f || p.alibi_slopes != nullptr || p.dropout_p > 0.f;
 
   load_tile<kBlockM, kHeadDim, Kt::kNThreads>(
       sQ, kLdQK, static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
@@ -269,7 +278,6 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dq_kernel(const Flash
   const bool row_in = row < p.nq;
   const float lse2 = row_in ? p.lse[(b * p.hq + h) * p.nq + row] * kLog2e : neg_inf();
   const float delta = row_in ? p.delta[(b * p.hq + h) * p.nq + row] : 0.f;
-  const uint32_t drop_row = mods.dropout ? mods.row_hash(row) : 0u;
 
   float* sAw = sA + warp * 16 * kLdA;
   float* sBw = sB + warp * 16 * kLdB;
@@ -311,20 +319,30 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_bwd_dq_kernel(const Flash
     }
     __syncwarp();
 
-#pragma unroll
-    for (int c = 0; c < kColsS; ++c) {
+    // dS for this thread's half row; rolled with score modifiers, as in the dK/dV kernel.
+    auto elem = [&](int c, const ScoreMods* mods, uint32_t drop_row) {
       const int col = half * kColsS + c;
       float pv = 0.f, dtanh = 1.f;
       if (lse2 != neg_inf() && !(tm.on && !tm.visible(rule, row, n0 + col))) {
-        const float x = mods.any ? mods.logit2(sAw[r * kLdA + col], row, n0 + col, dtanh)
-                                 : sAw[r * kLdA + col] * scale_log2;
+        const float x = mods && mods->any
+                            ? mods->logit2(sAw[r * kLdA + col], row, n0 + col, dtanh)
+                            : sAw[r * kLdA + col] * scale_log2;
         pv = exp2f(x - lse2);
       }
       float dp = sBw[r * kLdB + col];
-      if (mods.dropout) dp = mods.keep(drop_row, n0 + col) ? dp * mods.rescale : 0.f;
+      if (mods && mods->dropout) dp = mods->keep(drop_row, n0 + col) ? dp * mods->rescale : 0.f;
       float ds = pv * (dp - delta);
-      if (mods.softcap) ds *= dtanh;
+      if (mods && mods->softcap) ds *= dtanh;
       sdSw[r * kLdP + col] = Cvt<T>::from_float(ds);
+    };
+    if (has_mods) {
+      const ScoreMods mods(p, b, h);
+      const uint32_t drop_row = mods.dropout ? mods.row_hash(row) : 0u;
+#pragma unroll 1
+      for (int c = 0; c < kColsS; ++c) elem(c, &mods, drop_row);
+    } else {
+#pragma unroll
+      for (int c = 0; c < kColsS; ++c) elem(c, nullptr, 0u);
     }
     __syncwarp();
 

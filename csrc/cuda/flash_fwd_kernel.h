@@ -5,8 +5,9 @@
 // Per key tile, warp w (rows 16w .. 16w+15):
 //   S = Q_w K^T           wmma, fp32 accumulate -> per-warp smem scratch (16 x kBlockN)
 //   softmax update        two lanes per row, each half of the columns, exp2 with the scale
-//                         folded with log2(e) (softcap / ALiBi applied to the logits here);
-//                         P (times keep / (1 - p) under dropout) rounded to the input type -> smem
+//                         folded with log2(e) (softcap / ALiBi applied to the logits first);
+//                         P rounded to the input type -> smem (dropped entries zeroed; the
+//                         1 / (1 - p) of dropout scales O at the end)
 //   O = O * alpha + P V   wmma into the scratch, then each thread updates its own O row-half
 // The O accumulator lives in registers with an explicit layout (lane -> row lane/2, columns
 // (lane&1) * d/2 ...) because wmma's fragment layout is unspecified, so rows of a fragment
@@ -20,8 +21,11 @@ namespace fastattn::cuda {
 
 namespace wmma = nvcuda::wmma;
 
+// Min blocks per SM (kernel_traits.h): without it ptxas let the sparse variants grow past the
+// register budget of the occupancy that shared memory allows on sm_90.
 template <typename Kt, bool kSparse>
-__global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashParams params) {
+__global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
+    flash_fwd_kernel(const FlashParams params) {
   using T = typename Kt::elem_type;
   constexpr int kBlockM = Kt::kBlockM, kBlockN = Kt::kBlockN, kHeadDim = Kt::kHeadDim;
   constexpr int kLdQK = Kt::kLdQK, kLdS = Kt::kLdS, kLdP = Kt::kLdP;
@@ -39,8 +43,8 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
   const int64_t b = blockIdx.y / p.hq, h = blockIdx.y % p.hq, hk = h / (p.hq / p.hkv);
   const int64_t m0 = int64_t(blockIdx.x) * kBlockM;
   const WindowRule rule(p);
-  const ScoreMods mods(p, b, h);
-  const float scale_log2 = mods.scale_log2;
+  const float scale_log2 = p.scale * kLog2e;
+  const bool has_logit_mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
 
   const T* gQ = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
                 m0 * p.q_row_stride;
@@ -60,7 +64,6 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
   T* sPw = sP + warp * 16 * kLdP;
   const int r = lane >> 1, half = lane & 1;
   const int64_t row = m0 + warp * 16 + r;
-  const uint32_t drop_row = mods.dropout ? mods.row_hash(row) : 0u;
 
   float acc_o[kColsO];
 #pragma unroll
@@ -91,14 +94,26 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
     }
     __syncwarp();
 
+    // Softcap / ALiBi in a rolled loop of their own, so that the unrolled softmax below stays as
+    // lean (in registers) as the plain path: this thread's half row of S becomes, in place,
+    // logits in log2 units.
+    if (has_logit_mods) {
+      const ScoreMods mods(p, b, h);
+#pragma unroll 1
+      for (int c = 0; c < kColsS; ++c) {
+        const int col = half * kColsS + c;
+        sSw[r * kLdS + col] = mods.logit2(sSw[r * kLdS + col], row, n0 + col);
+      }
+    }
+    const float to_log2 = has_logit_mods ? 1.f : scale_log2;
+
     // Online softmax on this thread's half row.
     float s[kColsS];
     float m_tile = neg_inf();
 #pragma unroll
     for (int c = 0; c < kColsS; ++c) {
       const int col = half * kColsS + c;
-      float x = mods.any ? mods.logit2(sSw[r * kLdS + col], row, n0 + col)
-                         : sSw[r * kLdS + col] * scale_log2;
+      float x = sSw[r * kLdS + col] * to_log2;
       if (tm.on && !tm.visible(rule, row, n0 + col)) x = neg_inf();
       s[c] = x;
       m_tile = fmaxf(m_tile, x);
@@ -110,12 +125,20 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
     float l_tile = 0.f;
 #pragma unroll
     for (int c = 0; c < kColsS; ++c) {
-      const int col = half * kColsS + c;
       const float pv = exp2f(s[c] - m_use);
       l_tile += pv;  // the softmax sums undropped probabilities
-      float pd = pv;
-      if (mods.dropout) pd = mods.keep(drop_row, n0 + col) ? pv * mods.rescale : 0.f;
-      sPw[r * kLdP + col] = Cvt<T>::from_float(pd);
+      sPw[r * kLdP + half * kColsS + c] = Cvt<T>::from_float(pv);
+    }
+    // Dropout (rolled, same reason): P V sees P * keep; the 1 / (1 - p) is applied to O at the
+    // end, in fp32.
+    if (p.dropout_p > 0.f) {
+      const ScoreMods mods(p, b, h);
+      const uint32_t drop_row = mods.row_hash(row);
+#pragma unroll 1
+      for (int c = 0; c < kColsS; ++c) {
+        const int col = half * kColsS + c;
+        if (!mods.keep(drop_row, n0 + col)) sPw[r * kLdP + col] = Cvt<T>::from_float(0.f);
+      }
     }
     l_tile += __shfl_xor_sync(0xffffffffu, l_tile, 1);
     l_i = l_i * alpha + l_tile;
@@ -147,7 +170,7 @@ __global__ void __launch_bounds__(Kt::kNThreads) flash_fwd_kernel(const FlashPar
 
   if (row < p.nq) {
     // A row that saw no key has l_i == 0: output 0, lse -inf. NaN inputs stay NaN.
-    const float inv_l = l_i == 0.f ? 0.f : 1.f / l_i;
+    const float inv_l = l_i == 0.f ? 0.f : (1.f / (1.f - p.dropout_p)) / l_i;  // rescale: 1 / (1 - p)
 #pragma unroll
     for (int c = 0; c < kColsO; ++c) acc_o[c] *= inv_l;
     T* gO = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +

@@ -13,6 +13,20 @@ constexpr int kPadH = 8;  // 16-bit elements of row padding
 constexpr int kPadF = 4;  // float elements of row padding
 
 constexpr int cmax(int a, int b) { return a > b ? a : b; }
+constexpr int cmin(int a, int b) { return a < b ? a : b; }
+
+// Shared memory of one SM that blocks may use, per target arch (device passes only; the host pass
+// never reads it), and the 1 KB the system reserves per block since sm_80. kMinBlocksPerSm of a
+// kernel = how many blocks shared memory lets co-reside; giving it to __launch_bounds__ tells
+// ptxas not to let registers become the tighter occupancy limit.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kSmemPerSm = 228 * 1024;
+#elif defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870)
+constexpr int kSmemPerSm = 164 * 1024;
+#else
+constexpr int kSmemPerSm = 100 * 1024;  // sm_86 / sm_89, and the host pass
+#endif
+constexpr int kSmemReservedPerBlock = 1024;
 
 // Forward: a block computes kBlockM query rows (16 per warp) against key tiles of kBlockN.
 template <int kHeadDim_, int kBlockM_, int kBlockN_, typename elem_type_>
@@ -28,6 +42,9 @@ struct FwdTraits {
   static constexpr int kSmemS = kNWarps * 16 * kLdS * 4;
   static constexpr int kSmemP = kNWarps * 16 * kLdP * 2;
   static constexpr int kSmemBytes = kSmemQ + kSmemKV + kSmemS + kSmemP;
+  // d=64: 3 blocks/SM on sm_80, 4 on sm_90 (<= 128 registers); d=128: 2 / 3 (<= 168).
+  static constexpr int kMinBlocksPerSm =
+      cmax(1, cmin(4, kSmemPerSm / (kSmemBytes + kSmemReservedPerBlock)));
   static_assert(kBlockM % 16 == 0 && kBlockN % 32 == 0 && kHeadDim % 16 == 0, "tile shape");
 };
 

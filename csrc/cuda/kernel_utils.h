@@ -105,8 +105,9 @@ struct WindowRule {
 };
 
 // Score modifiers of one (batch, query head), as flash.h and fastattn/score_mods.py define them.
-// Block-uniform flags, checked per element (uniform branches; the plain path stays one multiply).
-// Logits are kept in log2 units (natural logit * log2 e), as everywhere in these kernels.
+// The kernels build one only inside their (block-uniform) "has score modifiers" branches, which
+// run rolled loops: nothing of it is live on the plain path, whose registers stay as they were.
+// Logits are in log2 units (natural logit * log2 e), as everywhere in these kernels.
 constexpr uint32_t kHashGolden = 0x9E3779B1u, kHashColMul = 0x85EBCA77u;
 constexpr uint32_t kHashFmix1 = 0x85EBCA6Bu, kHashFmix2 = 0xC2B2AE35u;
 
@@ -142,10 +143,6 @@ struct ScoreMods {
         threshold(p.dropout_threshold),
         rescale(1.f / (1.f - p.dropout_p)) {
     any = softcap || alibi;
-    set_head(p, b, h);
-  }
-  // Re-target at query head h of batch b (the dK/dV kernel walks the heads of a GQA group).
-  __device__ __forceinline__ void set_head(const FlashParams& p, int64_t b, int64_t h) {
     slope_log2 = alibi ? p.alibi_slopes[b * p.hq + h] * kLog2e : 0.f;
     row_base = (b * p.hq + h) * p.nq;
   }
@@ -155,7 +152,7 @@ struct ScoreMods {
   __device__ __forceinline__ float logit2(float s, int64_t i, int64_t j, float& dtanh) const {
     float x;
     if (softcap) {
-      const float t = tanhf(s * cap_in);
+      const float t = fa_tanhf(s * cap_in);
       dtanh = 1.f - t * t;
       x = t * cap_out;
     } else {

@@ -28,6 +28,9 @@
 //   - __half / __nv_bfloat16 store their 16 bits; conversions round to nearest even. As with
 //     torch's nvcc flags (-D__CUDA_NO_HALF_CONVERSIONS__ ...), there are no implicit
 //     conversions or operators: kernels must convert explicitly.
+//   - Math: exact C library functions, except where nvcc's --use_fast_math substitutes an
+//     approximation with a documented error bound large enough to matter (tanhf ->
+//     tanh.approx.f32), which is modelled at that bound (cuda_emu::tanh_approx).
 //   - nvcuda::wmma: the fragment layout is unspecified by CUDA, so here every thread holds the
 //     whole tile (x[] in logical row-major order, num_elements = rows * cols). load/store/mma
 //     follow the documented semantics, accumulate in float, and check the documented rules:
@@ -626,6 +629,14 @@ T atomicCAS(T* p, T compare, T v) {
 
 // ---- math intrinsics -------------------------------------------------------------------------
 inline float __expf(float x) { return std::exp(x); }
+
+namespace cuda_emu {
+// What nvcc --use_fast_math makes of tanhf: the hardware's tanh.approx.f32 (sm_75+), whose PTX
+// documentation bounds its relative error by about 2^-11. Its exact bits are not documented, so
+// the emulator returns the worst case that bound allows in one direction: |tanh| shrunk by a
+// factor (1 - 2^-11). Kernels reach it through fa_tanhf (csrc/cuda/cuda_compat.h).
+inline float tanh_approx(float x) { return std::tanh(x) * (1.0f - 0x1p-11f); }
+}  // namespace cuda_emu
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.0f / a; }
