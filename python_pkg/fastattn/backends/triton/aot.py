@@ -64,6 +64,9 @@ class Result:
     wgmma: bool
     mma_sync: bool
     error: str = ""
+    # set when it spills: the same PTX under `.maxnreg 255` (-1 = not tried)
+    registers_maxnreg: int = -1
+    spills_maxnreg: int = -1
 
     @property
     def tensor_cores(self) -> bool:
@@ -194,7 +197,7 @@ def _signature(fn, v: Variant):
         elif name in ("Q", "K", "V", "Out", "O", "DO", "DQ", "DK", "DV"):
             sig[name] = f"*{tdt}"
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("sm_scale", "softcap", "drop_p"):
+        elif name in ("sm_scale", "cap_in", "cap_out", "drop_scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -246,19 +249,38 @@ def compile_variant(v: Variant, workdir: str | None = None) -> Result:
     if ptxas is None:
         return Result(v, -1, -1, -1, smem, limit, mma, wgmma, mma_sync, error="ptxas not found")
     arch = f"sm_{v.arch}a" if v.arch >= 90 else f"sm_{v.arch}"
+    text, ok = _ptxas(ptxas, arch, ptx, workdir)
+    if not ok:
+        return Result(v, -1, -1, -1, smem, limit, mma, wgmma, mma_sync,
+                      error="ptxas: " + text.strip().splitlines()[-1])
+    regs, spills, stack = _parse_ptxas(text)
+    r = Result(v, regs, spills, stack, smem, limit, mma, wgmma, mma_sync)
+    if spills > 0:
+        # Without a register cap in the PTX, ptxas may spill a few bytes to reach the next
+        # occupancy level (128 registers at 8 warps, 168 at 4) though 255 are allowed;
+        # `.maxnreg 255` (triton.Config(maxnreg=255)) tells whether that is all it was.
+        capped = re.sub(r"^(\.reqntid [^\n]*)$", r"\1\n.maxnreg 255", ptx, count=1,
+                        flags=re.M)
+        text, ok = _ptxas(ptxas, arch, capped, workdir)
+        if ok:
+            r.registers_maxnreg, r.spills_maxnreg, _ = _parse_ptxas(text)
+    return r
+
+
+def _ptxas(ptxas, arch, ptx, workdir):
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
         proc = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
                               capture_output=True, text=True)
-    text = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        return Result(v, -1, -1, -1, smem, limit, mma, wgmma, mma_sync,
-                      error="ptxas: " + text.strip().splitlines()[-1])
+    return proc.stdout + proc.stderr, proc.returncode == 0
+
+
+def _parse_ptxas(text):
+    """(registers, spill bytes (stores + loads), stack frame bytes) from ptxas -v."""
     regs = _PTXAS_RE.search(text)
     spill = _SPILL_RE.search(text)
-    return Result(v, int(regs.group(1)) if regs else -1,
-                  int(spill.group(2)) + int(spill.group(3)) if spill else -1,
-                  int(spill.group(1)) if spill else -1,
-                  smem, limit, mma, wgmma, mma_sync)
+    return (int(regs.group(1)) if regs else -1,
+            int(spill.group(2)) + int(spill.group(3)) if spill else -1,
+            int(spill.group(1)) if spill else -1)

@@ -172,34 +172,36 @@ def _fmix32(x):  # murmur3's finalizer, uint32 arithmetic (wraps modulo 2^32)
 
 
 @triton.jit
-def _dropout_keep(rows, cols, mods):
-    # True = kept: fastattn.score_mods' hash of (seed, row, j) at or above the 24-bit
-    # threshold, row = (b * Hq + h) * Nq + i. rows: query positions i, cols: key positions
-    # j (int32, broadcastable); row_base = (b * Hq + h) * Nq modulo 2^32.
-    seed_lo, seed_hi, drop_thresh, row_base = mods[4], mods[5], mods[6], mods[7]
-    r = row_base + rows.to(tl.uint32)
-    h = _fmix32(r * 0x9E3779B1 + seed_lo)
-    h = _fmix32(h ^ (cols.to(tl.uint32) * 0x85EBCA77 + seed_hi))
-    return (h >> 8) >= drop_thresh
+def _row_hash(rows, mods):
+    # first half of fastattn.score_mods' dropout hash, per query position i (int32):
+    # fmix32(row * 0x9E3779B1 + seed_lo), row = (b * Hq + h) * Nq + i modulo 2^32
+    return _fmix32((mods[7] + rows.to(tl.uint32)) * 0x9E3779B1 + mods[4])
 
 
 @triton.jit
-def _mods_tuple(sm_scale, softcap, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
-                drop_p, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+def _col_hash(cols, mods):  # per key position j (int32): j * 0x85EBCA77 + seed_hi
+    return cols.to(tl.uint32) * 0x85EBCA77 + mods[5]
+
+
+@triton.jit
+def _dropout_keep(hrow, hcol, mods):
+    # True = kept: the 24-bit hash fmix32(hrow ^ hcol) >> 8 at or above the threshold.
+    # hrow and hcol broadcast (either orientation); the row half is computed once per
+    # query, the column half once per key, so a tile pays one fmix32 per pair.
+    return (_fmix32(hrow ^ hcol) >> 8) >= mods[6]
+
+
+@triton.jit
+def _mods_tuple(cap_in, cap_out, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
+                drop_scale, ALIBI: tl.constexpr):
     # The score modifiers' per-(batch, query head) constants, one tuple for the inner loops:
     #   (cap_in, cap_out, slope2, drop_scale, seed_lo, seed_hi, drop_thresh, row_base)
-    cap_in = sm_scale
-    cap_out = sm_scale * 1.4426950408889634
-    if SOFTCAP:
-        cap_in = sm_scale / softcap
-        cap_out = softcap * 1.4426950408889634
+    # cap_in = scale / softcap, cap_out = softcap * log2(e), drop_scale = 1 / (1 - p) come
+    # from the host (no divisions here); entries a switched-off modifier would use are dead.
     slope2 = 0.0
     if ALIBI:
-        slope2 = tl.load(Slopes + off_hz) * 1.4426950408889634
-    drop_scale = 1.0
+        slope2 = tl.load(Slopes + off_hz) * 1.4426950408889634  # (B, Hq) contiguous
     row_base = (off_hz.to(tl.int64) * N_CTX_Q).to(tl.uint32)  # wraps modulo 2^32 as specified
-    if DROPOUT:
-        drop_scale = 1.0 / (1.0 - drop_p)
     return (cap_in, cap_out, slope2, drop_scale, seed_lo.to(tl.uint32, bitcast=True),
             seed_hi.to(tl.uint32, bitcast=True), drop_thresh.to(tl.uint32, bitcast=True),
             row_base)
@@ -214,7 +216,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
                     MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
                     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                     BITMASK: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    mods, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                    mods, dhash, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     # One key block [start_n, start_n + BLOCK_N) of the online softmax.
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kmask = offs_n[:, None] < N_CTX_K
@@ -244,7 +246,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
         vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
     if DROPOUT:  # l_i sums the undropped P; dropped entries leave P.V (1/(1-p): epilogue)
-        p = tl.where(_dropout_keep(offs_m[:, None], offs_n[None, :], mods), p, 0.0)
+        p = tl.where(_dropout_keep(dhash[:, None], _col_hash(offs_n, mods)[None, :], mods), p, 0.0)
     acc = _dot(p.to(v.dtype), v, acc, DOT_UPCAST, DOT_PRECISION)
     return acc, l_i, m_ij
 
@@ -394,7 +396,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_bz, stride_bh, stride_bm,  # block-mask counts (Z, H, NQB), 0 = broadcast
               stride_iz, stride_ih, stride_im,  # partial lists (Z, H, NQB, KMAX)
               stride_fz, stride_fh, stride_fm,  # full lists (Z, H, NQB, KMAXF)
-              softcap, Slopes, seed_lo, seed_hi, drop_thresh, drop_p,  # score modifiers
+              cap_in, cap_out, Slopes, seed_lo, seed_hi, drop_thresh, drop_scale,  # score mods
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -423,8 +425,11 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below instead of exp
-    mods = _mods_tuple(sm_scale, softcap, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
-                       drop_p, SOFTCAP, ALIBI, DROPOUT)
+    mods = _mods_tuple(cap_in, cap_out, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
+                       drop_scale, ALIBI)
+    dhash = 0  # dropout: the row half of the hash of this program's queries
+    if DROPOUT:
+        dhash = _row_hash(offs_m, mods)
 
     qmask = offs_m[:, None] < N_CTX_Q
     if HEAD_DIM != BLOCK_D:
@@ -450,7 +455,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
                     DOT_UPCAST, DOT_PRECISION,
-                    mods, SOFTCAP, ALIBI, DROPOUT)
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         # partial blocks: the mask's window rule, then its bitmask
         for i in range(0, tl.load(KV_NUM + lay)):
             kb_ = tl.load(KV_IDX + lay_i + i)
@@ -465,7 +470,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
                     DOT_UPCAST, DOT_PRECISION,
-                    mods, SOFTCAP, ALIBI, DROPOUT)
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -477,7 +482,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         # interior: every token visible, no mask
         for start_n in range(full_lo, full_hi, BLOCK_N):
             acc, l_i, m_i = _attn_fwd_inner(
@@ -486,7 +491,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         # masked blocks right of it (the causal diagonal, the ragged end)
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _attn_fwd_inner(
@@ -495,13 +500,13 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
 
     # epilogue: rows that saw no key get out 0 and lse -inf
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     if DROPOUT:
-        acc = acc * mods[3]  # kept probabilities weigh 1 / (1 - p)
+        acc = acc * drop_scale  # kept probabilities weigh 1 / (1 - p)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_ok = offs_m < N_CTX_Q
     tl.store(Lse + off_hz.to(tl.int64) * N_CTX_Q + offs_m, lse, mask=row_ok)
@@ -564,7 +569,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
                          WINDOW_RIGHT: tl.constexpr, BITMASK: tl.constexpr,
                          DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          PART: tl.constexpr,
-                         mods, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                         mods, dhash, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     # One query block [start_m, start_m + BLOCK_M) against this program's key block,
     # computed transposed (keys on rows): pT = exp2(k.qT - lse), dsT = pT * (v.doT - Delta).
     # Dropout: dV gets the kept pT (times 1/(1-p) at the store), dpT is scaled by
@@ -594,7 +599,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
     do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                  mask=domask, other=0.0)
     if DROPOUT:
-        keepT = _dropout_keep(offs_m[None, :], offs_n[:, None], mods)
+        keepT = _dropout_keep(_row_hash(offs_m, mods)[None, :], dhash[:, None], mods)
+    gT = pT  # what multiplies (dP - Delta) in dS: P, times 1 - t^2 under softcap
+    if SOFTCAP:
+        if PART != 1:
+            gT = pT * (1.0 - tT * tT)
     if PART != 2:
         if DROPOUT:
             dv = _dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, DOT_UPCAST, DOT_PRECISION)
@@ -606,9 +615,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
                    DOT_UPCAST, DOT_PRECISION)
         if DROPOUT:
             dpT = tl.where(keepT, dpT * mods[3], 0.0)
-        dsT = pT * (dpT - delta[None, :])
-        if SOFTCAP:
-            dsT = dsT * (1.0 - tT * tT)
+        dsT = gT * (dpT - delta[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk, DOT_UPCAST, DOT_PRECISION)
     return dk, dv
 
@@ -626,7 +633,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                    stride_bz, stride_bh, stride_bn,  # block-mask counts (Z, H, NKB)
                    stride_iz, stride_ih, stride_in,  # partial lists (Z, H, NKB, QMAX)
                    stride_fz, stride_fh, stride_fn,  # full lists (Z, H, NKB, QMAXF)
-                   softcap, Slopes, seed_lo, seed_hi, drop_thresh, drop_p,  # score modifiers
+                   cap_in, cap_out, Slopes, seed_lo, seed_hi, drop_thresh, drop_scale,  # score mods
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -663,6 +670,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
+    dhash = 0  # dropout: the column half of the hash of this program's keys
+    if DROPOUT:
+        dhash = offs_n.to(tl.uint32) * 0x85EBCA77 + seed_hi.to(tl.uint32, bitcast=True)
 
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
@@ -671,8 +681,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
         DOh = DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
         Lh = Lse + off_hz.to(tl.int64) * N_CTX_Q
         Dh = Delta + off_hz.to(tl.int64) * N_CTX_Q
-        mods = _mods_tuple(sm_scale, softcap, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi,
-                           drop_thresh, drop_p, SOFTCAP, ALIBI, DROPOUT)
+        mods = _mods_tuple(cap_in, cap_out, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi,
+                           drop_thresh, drop_scale, ALIBI)
         if SPARSE:
             kb = n0 // MASK_BN  # this program: columns [mcol0, mcol0 + BLOCK_N) of block kb
             mcol0 = n0 - kb * MASK_BN
@@ -689,7 +699,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                         N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
                         DOT_UPCAST, DOT_PRECISION, PART,
-                        mods, SOFTCAP, ALIBI, DROPOUT)
+                        mods, dhash, SOFTCAP, ALIBI, DROPOUT)
             for i in range(0, tl.load(Q_NUM + lay)):
                 qb_ = tl.load(Q_IDX + lay_i + i)
                 mask_id = -1
@@ -703,7 +713,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                         N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, sub, mcol0,
                         HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
                         BITMASK, DOT_UPCAST, DOT_PRECISION, PART,
-                        mods, SOFTCAP, ALIBI, DROPOUT)
+                        mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         else:
             lo, full_lo, full_hi, hi = _q_range(n0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                                 BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -714,7 +724,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
                     False, DOT_UPCAST, DOT_PRECISION, PART,
-                    mods, SOFTCAP, ALIBI, DROPOUT)
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
             for start_m in range(full_lo, full_hi, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
@@ -722,7 +732,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
                     DOT_UPCAST, DOT_PRECISION, PART,
-                    mods, SOFTCAP, ALIBI, DROPOUT)
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
             for start_m in range(full_hi, hi, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_inner(
                     dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
@@ -730,7 +740,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
                     False, DOT_UPCAST, DOT_PRECISION, PART,
-                    mods, SOFTCAP, ALIBI, DROPOUT)
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
 
     if PART != 1:
         dk *= sm_scale  # dS carries no scale; dK = scale * dS^T Q
@@ -739,7 +749,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                  dk.to(DK.dtype.element_ty), mask=kmask)
     if PART != 2:
         if DROPOUT:
-            dv *= 1.0 / (1.0 - drop_p)
+            dv *= drop_scale
         tl.store(DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh
                  + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvk,
                  dv.to(DV.dtype.element_ty), mask=vmask)
@@ -755,7 +765,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, of
                        MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr,
                        WINDOW_RIGHT: tl.constexpr, BITMASK: tl.constexpr,
                        DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       mods, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                       mods, dhash, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     # One key block against this program's query block: dQ += dS . k
     # (dP scaled by keep/(1-p) under dropout; dS *= 1 - tanh^2 under softcap)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -779,13 +789,14 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, of
             vis = vis & _bitmask(PM, mask_id, mrow0 + tl.arange(0, BLOCK_M)[:, None],
                                  mcol0 + tl.arange(0, BLOCK_N)[None, :], MASK_BM, MASK_BN)
         p = tl.where(vis, p, 0.0)
+    if SOFTCAP:  # dS = P (dP - Delta) (1 - t^2): fold the softcap factor in now (fewer live tiles)
+        p = p * (1.0 - t * t)
     dp = _dot(do, tl.trans(v), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
     if DROPOUT:
-        dp = tl.where(_dropout_keep(offs_m[:, None], offs_n[None, :], mods), dp * mods[3], 0.0)
+        keep = _dropout_keep(dhash[:, None], _col_hash(offs_n, mods)[None, :], mods)
+        dp = tl.where(keep, dp * mods[3], 0.0)
     ds = p * (dp - delta[:, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - t * t)
     dq = _dot(ds.to(k.dtype), k, dq, DOT_UPCAST, DOT_PRECISION)
     return dq
 
@@ -802,7 +813,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_bz, stride_bh, stride_bm,
                  stride_iz, stride_ih, stride_im,
                  stride_fz, stride_fh, stride_fm,
-                 softcap, Slopes, seed_lo, seed_hi, drop_thresh, drop_p,  # score modifiers
+                 cap_in, cap_out, Slopes, seed_lo, seed_hi, drop_thresh, drop_scale,  # score mods
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -840,8 +851,11 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     delta = tl.load(Delta + row, mask=row_ok, other=0.0)
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    mods = _mods_tuple(sm_scale, softcap, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
-                       drop_p, SOFTCAP, ALIBI, DROPOUT)
+    mods = _mods_tuple(cap_in, cap_out, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop_thresh,
+                       drop_scale, ALIBI)
+    dhash = 0  # dropout: the row half of the hash of this program's queries
+    if DROPOUT:
+        dhash = _row_hash(offs_m, mods)
 
     if SPARSE:
         # kernel tiles divide the mask's blocks: this program is rows [mrow0, mrow0 + BLOCK_M)
@@ -861,7 +875,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
                     DOT_UPCAST, DOT_PRECISION,
-                    mods, SOFTCAP, ALIBI, DROPOUT)
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         for i in range(0, tl.load(KV_NUM + lay)):
             kb_ = tl.load(KV_IDX + lay_i + i)
             mask_id = -1
@@ -875,7 +889,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                     N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
                     DOT_UPCAST, DOT_PRECISION,
-                    mods, SOFTCAP, ALIBI, DROPOUT)
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -886,7 +900,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
@@ -894,7 +908,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _attn_bwd_dq_inner(
                 dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
@@ -902,7 +916,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
 
     dq *= sm_scale
     tl.store(DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh

@@ -96,9 +96,11 @@ def _i32(x: int) -> int:
     return x - (1 << 32) if x >= (1 << 31) else x
 
 
-def _mod_args(softcap, alibi_slopes, dropout_p, dropout_seed, device):
+def _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, device):
     """(runtime args, constexprs) of the score modifiers, in the kernels' argument order:
-    softcap, Slopes, seed_lo, seed_hi, drop_thresh, drop_p."""
+    cap_in = scale / softcap, cap_out = softcap * log2(e), Slopes, seed_lo, seed_hi,
+    drop_thresh (the 24-bit threshold), drop_scale = 1 / (1 - p). Derived on the host in
+    float64, so the kernels hold no divisions for them."""
     from ...score_mods import dropout_threshold, split_seed
 
     slopes = alibi_slopes
@@ -106,9 +108,12 @@ def _mod_args(softcap, alibi_slopes, dropout_p, dropout_seed, device):
         slopes = torch.zeros(1, dtype=torch.float32, device=device)
     else:  # (B, Hq) contiguous float32, indexed b * Hq + h
         slopes = slopes.to(device=device, dtype=torch.float32).contiguous()
+    cap_in = scale / softcap if softcap > 0 else 0.0
+    cap_out = softcap * 1.4426950408889634 if softcap > 0 else 0.0
     lo, hi = split_seed(dropout_seed) if dropout_p > 0 else (0, 0)
     thresh = dropout_threshold(dropout_p) if dropout_p > 0 else 0
-    args = [float(softcap), slopes, _i32(lo), _i32(hi), _i32(thresh), float(dropout_p)]
+    drop_scale = 1.0 / (1.0 - dropout_p)
+    args = [cap_in, cap_out, slopes, _i32(lo), _i32(hi), _i32(thresh), drop_scale]
     meta = dict(SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None, DROPOUT=dropout_p > 0)
     return args, meta
 
@@ -167,7 +172,8 @@ def attention_forward(q, k, v, scale, window_left, window_right, block_mask, mas
     fn, tiles = _tiles(kern, bm, mask_block_m, mask_block_n, interpret,
                        "attn_fwd_dense", "attn_fwd_sparse", "_attn_fwd")
     grid = lambda META: (_cdiv(Nq, META["BLOCK_M"]), B * H)
-    margs, mmeta = _mod_args(softcap, alibi_slopes, dropout_p, dropout_seed, q.device)
+    margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed,
+                             q.device)
     fn[grid](q, k, v, out, lse, scale,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(),
              H, H // Hkv, Nq, Nk, window_left, window_right,
@@ -190,7 +196,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale, window_left, window
     kern = load_kernels(interpret)
     bm = list(block_mask)
     meta = _constexprs(q, k, v, window_left, window_right, bm, mask_block_n, interpret)
-    margs, mmeta = _mod_args(softcap, alibi_slopes, dropout_p, dropout_seed, q.device)
+    margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed,
+                             q.device)
     meta.update(mmeta)
 
     delta = torch.empty_like(lse)
