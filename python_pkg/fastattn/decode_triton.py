@@ -1,7 +1,8 @@
 """Triton split-KV decoding attention (flash-decoding), the GPU twin of csrc/cpu/decode_cpu.cpp.
 
     out, lse = triton_decode_attention(q, k_cache, v_cache, cache_seqlens=None,
-                                       window_left=-1, scale=None, num_splits=None)
+                                       window_left=-1, scale=None, num_splits=None,
+                                       softcap=0.0, alibi_slopes=None)
 
 Two kernels:
   _decode_split_kernel    grid (S, B * Hkv): one program per (cache chunk, batch, kv head)
@@ -11,7 +12,10 @@ Two kernels:
   _decode_combine_kernel  grid (B * Hq * Nq,): merges the S partials of one query row by
                           their log-sum-exp.
 Masking (bottom-right causal among the new queries, per-row cache length, optional left
-window) is fastattn.decode's rule. Verified on CPU tensors in Triton's interpreter
+window) is fastattn.decode's rule. Score modifiers as fastattn.score_mods defines them, with
+L = cache_seqlens[b] as the key length (query i sits at L - Nq + i): softcap
+c * tanh(s / c), ALiBi -slope[b, h] * |L - Nq + i - j| (slopes (Hq,) or (B, Hq)); constexpr
+switches, so the plain path compiles as before. No dropout (inference). Verified on CPU tensors in Triton's interpreter
 (TRITON_INTERPRET=1), which cannot run bfloat16 tl.dot: DOT_F32 upcasts the dot operands.
 Use through fastattn.decode.decode_attention(..., backend="triton").
 """
@@ -43,16 +47,31 @@ def available(device) -> tuple[bool, str]:
 
 
 @triton.jit
+def _tanh(x):
+    # as fastattn/backends/triton/kernels.py: from exp2 (no libdevice in the interpreter),
+    # Taylor series below 0.25 where 1 - e would cancel; max relative error ~2e-7
+    ax = tl.abs(x)
+    e = tl.math.exp2(ax * -2.8853900817779268)  # exp(-2|x|)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    return tl.where(ax < 0.25, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, SEQLENS, O_PART, LSE_PART,
     stride_qz, stride_qh, stride_qm,
     stride_kz, stride_kh, stride_kn,
     stride_vz, stride_vh, stride_vn,
     Hkv, Nq, Ncache, CHUNK, scale_log2, window_left,
+    cap_in, cap_out, Slopes,  # softcap: scale / c, c * log2(e); ALiBi slopes (B, Hq) float32
     G: tl.constexpr, R: tl.constexpr, S: tl.constexpr,
     D: tl.constexpr, DV: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
 ):
     tl.static_assert(BLOCK_M >= R)
     sp = tl.program_id(0)
@@ -77,6 +96,8 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
+    if ALIBI:  # per row: its query head's slope, in log2 units
+        slope2 = tl.load(Slopes + b * (Hkv * G) + h, mask=row_ok, other=0.0) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -92,7 +113,12 @@ def _decode_split_kernel(
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        if SOFTCAP:
+            qk = _tanh(tl.dot(q, tl.trans(k)) * cap_in) * cap_out  # (BLOCK_M, BLOCK_N), log2
+        else:
+            qk = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        if ALIBI:
+            qk -= slope2[:, None] * tl.abs(diag[:, None] - offs_n[None, :]).to(tl.float32)
         vis = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= diag[:, None])
         if HAS_WINDOW:
             vis = vis & (offs_n[None, :] >= diag[:, None] - window_left)
@@ -151,9 +177,11 @@ def default_splits(B: int, Hkv: int, max_len: int, block_n: int, n_sm: int = 108
 
 
 def triton_decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, window_left=-1,
-                            scale=None, num_splits=None):
+                            scale=None, num_splits=None, softcap=0.0, alibi_slopes=None):
     """(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32). Inputs as validated by
-    fastattn.decode.decode_attention."""
+    fastattn.decode.decode_attention; softcap (float, 0 = off) and alibi_slopes ((Hq,) or
+    (B, Hq), None = off) as fastattn.score_mods defines them (lse is that of the modified
+    logits)."""
     B, Hq, Nq, D = q.shape
     Hkv, Ncache, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     G, R = Hq // Hkv, (Hq // Hkv) * Nq
@@ -175,16 +203,26 @@ def triton_decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, window_l
     lse = torch.empty((B, Hq, Nq), **f32)
     seqlens = cache_seqlens.to(torch.int32) if cache_seqlens is not None else q  # unused if None
     pow2 = lambda n, lo=16: max(lo, triton.next_power_of_2(n))
+    softcap = float(softcap or 0.0)
+    cap_in = float(scale) / softcap if softcap > 0 else 0.0
+    cap_out = softcap * math.log2(math.e) if softcap > 0 else 0.0
+    if alibi_slopes is not None:  # (B, Hq) contiguous float32, indexed b * Hq + h
+        slopes = alibi_slopes.detach().to(device=q.device, dtype=torch.float32)
+        slopes = slopes.expand(B, Hq).contiguous()
+    else:
+        slopes = lse  # unused
     _decode_split_kernel[(S, B * Hkv)](
         q, k_cache, v_cache, seqlens, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         Hkv, Nq, Ncache, chunk, float(scale) * math.log2(math.e), max(window_left, 0),
+        cap_in, cap_out, slopes,
         G=G, R=R, S=S, D=D, DV=Dv,
         HAS_SEQLENS=cache_seqlens is not None, HAS_WINDOW=window_left >= 0,
         DOT_F32=interp or q.dtype == torch.float32,
         BLOCK_M=pow2(R), BLOCK_N=BLOCK_N, BLOCK_D=pow2(D), BLOCK_DV=pow2(Dv),
+        SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None,
     )
     _decode_combine_kernel[(B * Hq * Nq,)](
         o_part, lse_part, out, lse, Hq, Nq, Hkv,
