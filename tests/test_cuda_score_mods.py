@@ -16,10 +16,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cuda_emu import emu  # noqa: E402
-from oracle import assert_by_rule  # noqa: E402
-
 from fastattn import score_mods  # noqa: E402
 from fastattn.backends.reference import reference_attention  # noqa: E402
+from oracle import assert_by_rule  # noqa: E402
 
 try:
     import fastattn.sparse as fs
@@ -77,7 +76,7 @@ def run_case(B, Hq, Hkv, Nq, Nk, D, dtype, *, window=(-1, -1), block_mask=None, 
         return out, lse, None
     grads = emu.backward(dout, q, k, v, out, lse, scale=scale, window=kwindow, block_mask=kt,
                          **mods)
-    for name, got, r, lo in zip(("dq", "dk", "dv"), grads, r64[2:], low[2:]):
+    for name, got, r, lo in zip(("dq", "dk", "dv"), grads, r64[2:], low[2:], strict=True):
         assert got.dtype == dtype
         assert_by_rule(name, got, r.double(), lo, dtype)
     return out, lse, grads
@@ -129,7 +128,8 @@ def kernel_keep_bits(B, Hq, Nq, Nk, D, dtype, p, seed, window=(-1, -1)):
 @pytest.mark.parametrize("seed", [0, 12345, (7 << 40) + 99, 2 ** 64 - 3],
                          ids=["0", "small", "high-bits", "top"])
 def test_dropout_keep_bits_bit_identical(dtype, seed):
-    # D = 128: 32-key tiles, so Nk = 100 spans 4 tiles; B * Hq * Nq rows exercise row = (b*Hq+h)*Nq+i
+    # D = 128: 32-key tiles, so Nk = 100 spans 4 tiles; B * Hq * Nq rows exercise
+    # row = (b * Hq + h) * Nq + i
     B, Hq, Nq, Nk, p = 2, 3, 37, 100, 0.3
     got = kernel_keep_bits(B, Hq, Nq, Nk, 128, dtype, p, seed)
     want = score_mods.dropout_keep_mask(seed, p, B, Hq, Nq, Nk)
@@ -183,7 +183,7 @@ def test_same_seed_bitwise_identical_other_seed_differs():
                                                  **mods)))
         finally:
             emu.set_schedule("forward")
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
     other, _ = emu.forward(q, k, v, window=(-1, 0), **{**mods, "dropout_seed": 100})
     assert not torch.equal(other, runs[0][0])

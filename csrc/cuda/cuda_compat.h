@@ -4,7 +4,7 @@
 //
 //   FA_LAUNCH(kernel, grid, block, smem_bytes, stream, args...)   the one kernel-launch macro
 //   FA_DYNAMIC_SMEM(name)                                         char* to the block's dynamic smem
-//   fa_tanhf(x)                                                   tanhf as --use_fast_math builds it
+//   fa_tanhf(x)                                                   tanhf as fast math builds it
 #pragma once
 
 #include <cuda_runtime.h>

@@ -170,7 +170,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
 
   if (row < p.nq) {
     // A row that saw no key has l_i == 0: output 0, lse -inf. NaN inputs stay NaN.
-    const float inv_l = l_i == 0.f ? 0.f : (1.f / (1.f - p.dropout_p)) / l_i;  // rescale: 1 / (1 - p)
+    // (1 / (1 - p): dropout's rescale, exactly 1 without dropout.)
+    const float inv_l = l_i == 0.f ? 0.f : (1.f / (1.f - p.dropout_p)) / l_i;
 #pragma unroll
     for (int c = 0; c < kColsO; ++c) acc_o[c] *= inv_l;
     T* gO = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
