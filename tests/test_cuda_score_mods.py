@@ -37,13 +37,15 @@ def alibi_slopes(B, Hq, per_batch):
 
 
 def run_case(B, Hq, Hkv, Nq, Nk, D, dtype, *, window=(-1, -1), block_mask=None, seed=0,
-             q_scale=1.0, backward=True, **mods):
-    """Kernel vs float64 oracle (and torch in dtype) for out, lse and, if backward, dq/dk/dv."""
+             q_scale=1.0, backward=True, with_dlse=False, **mods):
+    """Kernel vs float64 oracle (and torch in dtype) for out, lse and, if backward, dq/dk/dv
+    (of a loss that also depends on lse if with_dlse)."""
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(B, Hq, Nq, D, generator=g) * q_scale).to(dtype)
     k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
     v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype)
     dout = torch.randn(B, Hq, Nq, D, generator=g).to(dtype)
+    dlse = torch.randn(B, Hq, Nq, generator=g) if with_dlse else None
     scale = D ** -0.5
     kt, kwindow, mask = None, window, None
     if block_mask is not None:  # what the backend does: the mask carries its own token rule
@@ -63,7 +65,10 @@ def run_case(B, Hq, Hkv, Nq, Nk, D, dtype, *, window=(-1, -1), block_mask=None, 
         o, l_ = fn(qq, kk, vv)
         if not backward:
             return o.detach(), l_, None, None, None
-        dq_, dk_, dv_ = torch.autograd.grad(o, (qq, kk, vv), dout.to(o.dtype))
+        outs, grads_in = (o, l_), (dout.to(o.dtype), dlse)
+        if dlse is None:
+            outs, grads_in = outs[:1], grads_in[:1]
+        dq_, dk_, dv_ = torch.autograd.grad(outs, (qq, kk, vv), grads_in)
         return o.detach(), l_.detach(), dq_, dk_, dv_
 
     r64, low = ref(None), ref(dtype)
@@ -75,7 +80,7 @@ def run_case(B, Hq, Hkv, Nq, Nk, D, dtype, *, window=(-1, -1), block_mask=None, 
     if not backward:
         return out, lse, None
     grads = emu.backward(dout, q, k, v, out, lse, scale=scale, window=kwindow, block_mask=kt,
-                         **mods)
+                         dlse=dlse, **mods)
     for name, got, r, lo in zip(("dq", "dk", "dv"), grads, r64[2:], low[2:], strict=True):
         assert got.dtype == dtype
         assert_by_rule(name, got, r.double(), lo, dtype)
@@ -189,6 +194,23 @@ def test_same_seed_bitwise_identical_other_seed_differs():
     assert not torch.equal(other, runs[0][0])
 
 
+# ---- gradients through lse -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_lse_gradient(dtype):
+    # loss = <out, dout> + <lse, dlse>: dlse enters as delta -= dlse
+    run_case(1, 4, 2, 40, 70, 64, dtype, window=(-1, 0), with_dlse=True, seed=12)
+
+
+@needs_sparse
+def test_lse_gradient_with_mods_block_sparse():
+    Nq, Nk = 90, 130
+    bm = fs.causal(Nq, Nk, block_size=64).with_window(50, 0)
+    run_case(1, 2, 1, Nq, Nk, 128, torch.bfloat16, block_mask=bm, with_dlse=True, softcap=5.0,
+             q_scale=3.0, alibi_slopes=alibi_slopes(1, 2, True), dropout_p=0.2, dropout_seed=13,
+             seed=13)
+
+
 # ---- all three, block-sparse ------------------------------------------------------------------
 
 @needs_sparse
@@ -266,10 +288,11 @@ for body in re.findall(r'm\.def\(((?:\s*"[^"]*")+)\s*\);', src):
 def fwd(q, k, v, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0):
     return emu.forward(q, k, v, scale=scale, window=(wl, wr), block_mask=bm or None,
                        softcap=softcap, alibi_slopes=alibi, dropout_p=p, dropout_seed=seed)
-def bwd(dout, q, k, v, out, lse, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0):
+def bwd(dout, q, k, v, out, lse, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0,
+        dlse=None):
     return emu.backward(dout, q, k, v, out, lse, scale=scale, window=(wl, wr),
                         block_mask=bm or None, softcap=softcap, alibi_slopes=alibi,
-                        dropout_p=p, dropout_seed=seed)
+                        dropout_p=p, dropout_seed=seed, dlse=dlse)
 lib.impl("cuda_fwd", fwd, "CPU")
 lib.impl("cuda_bwd", bwd, "CPU")
 from fastattn.backends import cuda
@@ -281,6 +304,7 @@ B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 37, 70, 64
 g = torch.Generator().manual_seed(0)
 q, k, v, dout = (torch.randn(B, h, n, D, generator=g).half() for h, n in
                  ((Hq, Nq), (Hkv, Nk), (Hkv, Nk), (Hq, Nq)))
+dlse = torch.randn(B, Hq, Nq, generator=g)
 slopes = torch.tensor([[0.5, 0.25, 0.125, 0.0625]])
 seed = 2 ** 64 - 12345  # >= 2^63: must reach the kernel as the same 64 bits
 for bm in (None, fs.causal(Nq, Nk, block_size=64)):
@@ -293,14 +317,14 @@ for bm in (None, fs.causal(Nq, Nk, block_size=64)):
                 or "dropout" in r]
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse = cuda.CUDABackend().forward(qq, kk, vv, prob)
-    out.backward(dout)
+    torch.autograd.backward((out, lse), (dout, dlse))  # the loss depends on lse too
     kw = dict(scale=D ** -0.5, softcap=5.0, alibi_slopes=slopes, dropout_p=0.3, dropout_seed=seed)
     if bm is None:
         kw["window"] = (-1, 0)
     else:
         kw.update(window=bm.window, block_mask=bm.kernel_tensors())
     o2, l2 = emu.forward(q, k, v, **kw)
-    grads = emu.backward(dout, q, k, v, o2, l2, **kw)
+    grads = emu.backward(dout, q, k, v, o2, l2, dlse=dlse, **kw)
     assert torch.equal(out, o2) and torch.equal(lse, l2)
     for a, b in zip((qq.grad, kk.grad, vv.grad), grads):
         assert torch.equal(a, b)
@@ -311,14 +335,26 @@ for bm in (None, fs.causal(Nq, Nk, block_size=64)):
                                  window=window, mask=mask, softcap=5.0, alibi_slopes=slopes,
                                  dropout_p=0.3, dropout_seed=seed)
     assert (out.double() - ref).abs().max() < 2e-2
+
+# torch.library.opcheck: schema, fake impls, autograd registration, AOT dispatch (which also
+# backpropagates through lse) -- with every modifier set, and with all of them at their defaults
+# (the dispatcher then drops those arguments: backward must still return one grad per input).
+qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+bm = fs.causal(Nq, Nk, block_size=64)
+for args in [(qg, kg, vg, 0.125, -1, 0, [], 5.0, slopes, 0.3, -7),
+             (qg, kg, vg, 0.125, *bm.window, bm.kernel_tensors())]:
+    torch.library.opcheck(torch.ops.fastattn.cuda_fwd.default, args)
+out, lse = torch.ops.fastattn.cuda_fwd(q, k, v, 0.125, -1, 0, [], 5.0, slopes, 0.3, -7)
+torch.library.opcheck(torch.ops.fastattn.cuda_bwd.default,
+                      (dout, q, k, v, out, lse, 0.125, -1, 0, [], 5.0, slopes, 0.3, -7, dlse))
 print("GLUE OK")
 '''
 
 
 def test_backend_glue_through_emulated_ops():
-    """cuda.py (fake impls, setup_context/backward, seed passing) on ops with the binding's exact
-    schemas, implemented by the emulator: what runs on a GPU, minus the GPU. In a subprocess, so
-    the ops it defines do not leak into other tests."""
+    """cuda.py (fake impls, setup_context/backward, seed and dlse passing, opcheck) on ops with the
+    binding's exact schemas, implemented by the emulator: what runs on a GPU, minus the GPU. In a
+    subprocess, so the ops it defines do not leak into other tests."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))

@@ -5,13 +5,15 @@
 //   fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[],
 //                      softcap=0, alibi_slopes=None, dropout_p=0, dropout_seed=0) -> (out, lse)
 //   fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask[],
-//                      softcap=0, alibi_slopes=None, dropout_p=0, dropout_seed=0) -> (dq, dk, dv)
+//                      softcap=0, alibi_slopes=None, dropout_p=0, dropout_seed=0, dlse=None)
+//                      -> (dq, dk, dv)
 //
 // block_mask[] is empty (dense / window) or BlockMask.kernel_tensors() (11 tensors), with
 // (window_left, window_right) then the mask's own token rule for its partial blocks.
 // Score modifiers as fastattn.score_mods defines them: softcap (0 = off), alibi_slopes (Hq,) or
 // (B, Hq) float32, dropout_p with a 64-bit dropout_seed (the bits of a signed int64); the
 // backward must get the same values as the forward (it regenerates the dropout keep bits).
+// dlse (optional, (B, Hq, Nq)) is the gradient of the returned lse.
 // The same functions are registered for CPU tensors only to fail with a clear message.
 #include <Python.h>
 
@@ -195,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, double scale, int64_t wl, int64_t wr,
     std::vector<at::Tensor> bm, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-    double dropout_p, int64_t dropout_seed) {
+    double dropout_p, int64_t dropout_seed, const std::optional<at::Tensor>& dlse_) {
   check_qkv(q_, k_, v_);
   const Mods mods = make_mods(q_, softcap, alibi_slopes, dropout_p, dropout_seed);
   CHECK_DEVICE(dout_, q_);
@@ -207,6 +209,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
   const at::Tensor q = kernel_layout(q_), k = kernel_layout(k_), v = kernel_layout(v_);
   const at::Tensor out = kernel_layout(out_), dout = kernel_layout(dout_.to(q.scalar_type()));
   const at::Tensor lse = lse_.to(at::kFloat).contiguous();
+  at::Tensor dlse;
+  if (dlse_.has_value() && dlse_->defined()) {
+    CHECK_DEVICE(*dlse_, q_);
+    CHECK_SHAPE(*dlse_, q_.size(0), q_.size(1), q_.size(2));
+    dlse = dlse_->to(at::kFloat).contiguous();
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
@@ -226,6 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.delta = delta.data_ptr<float>();
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
   set_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
   set_strides(dout, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
   set_strides(dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
@@ -247,8 +256,8 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         "int dropout_seed=0) -> (Tensor, Tensor)");
   m.def("cuda_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float scale, int window_left, int window_right, Tensor[] block_mask, "
-        "float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., int dropout_seed=0) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., int dropout_seed=0, "
+        "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {

@@ -83,6 +83,10 @@ struct FlashParams {
   uint64_t dropout_seed;       // low 32 bits: seed_lo, high 32 bits: seed_hi
   uint32_t dropout_threshold;  // dropout_threshold_24(dropout_p)
   float dropout_p;             // in [0, 1); > 0 turns dropout on
+
+  // Backward only: the gradient of lse, (B, Hq, Nq) contiguous float32, or nullptr (zero).
+  // d lse_i / d s_ij = P_ij, so it enters as delta_i -= dlse_i (FlashAttention's trick).
+  const float* dlse;
 };
 
 // score_mods.dropout_threshold: round(p * 2^24), ties to even (Python's round) — nearbyint in
@@ -103,7 +107,7 @@ const char* check_params(const FlashParams& p, bool backward);
 
 // Forward: writes o and lse. Throws std::runtime_error on bad params or a launch error.
 void run_fwd(FlashParams& p, void* stream);
-// Backward: reads q, k, v, o, lse, dout; writes delta, dq, dk, dv.
+// Backward: reads q, k, v, o, lse, dout (and dlse if set); writes delta, dq, dk, dv.
 void run_bwd(FlashParams& p, void* stream);
 
 }  // namespace fastattn::cuda

@@ -1,6 +1,7 @@
 // Backward kernels, FlashAttention-2 style, recomputing P from the saved log-sum-exp:
 //
-//   1. flash_bwd_preprocess_kernel   delta_i = sum_c dO[i, c] * O[i, c]           (fp32)
+//   1. flash_bwd_preprocess_kernel   delta_i = sum_c dO[i, c] * O[i, c] - dlse_i  (fp32; dlse_i,
+//                                    the gradient of lse_i, is 0 unless given)
 //   2. flash_bwd_dkdv_kernel         per key tile: dV = sum P^T dO, dK = scale * sum dS^T Q,
 //                                    over every visiting query chunk of every query head of
 //                                    the kv head's group (GQA: no atomics, deterministic)
@@ -20,7 +21,7 @@ namespace fastattn::cuda {
 
 namespace wmma = nvcuda::wmma;
 
-// delta = rowsum(dO * O): one warp per row, lanes over the columns.
+// delta = rowsum(dO * O) - dlse: one warp per row, lanes over the columns.
 template <typename T, int kNWarps>
 __global__ void __launch_bounds__(kNWarps * 32) flash_bwd_preprocess_kernel(const FlashParams params) {
   const FlashParams& p = params;
@@ -35,7 +36,8 @@ __global__ void __launch_bounds__(kNWarps * 32) flash_bwd_preprocess_kernel(cons
              Cvt<T>::to_float(gdO[i * p.do_row_stride + c]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) p.delta[(b * p.hq + h) * p.nq + i] = acc;
+    const int64_t idx = (b * p.hq + h) * p.nq + i;
+    if (lane == 0) p.delta[idx] = p.dlse != nullptr ? acc - p.dlse[idx] : acc;
   }
 }
 

@@ -1,7 +1,8 @@
 """Run fastattn's CUDA kernels in the CPU emulator from torch tensors.
 
     out, lse = emu.forward(q, k, v, scale=..., window=(l, r), block_mask=None)
-    dq, dk, dv = emu.backward(dout, q, k, v, out, lse, scale=..., window=..., block_mask=None)
+    dq, dk, dv = emu.backward(dout, q, k, v, out, lse, scale=..., window=..., block_mask=None,
+                              dlse=None)
 
 Both also take the score modifiers as keywords: softcap=, alibi_slopes= ((Hq,) or (B, Hq)),
 dropout_p=, dropout_seed= (64-bit int), with fastattn.score_mods' meaning.
@@ -37,7 +38,7 @@ _FIELDS = (
                            "qmax_full", "mask_block_m", "mask_block_n")]
     + [("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("alibi_slopes", _P),
        ("dropout_seed", ctypes.c_uint64), ("dropout_threshold", ctypes.c_uint32),
-       ("dropout_p", ctypes.c_float)]
+       ("dropout_p", ctypes.c_float), ("dlse", _P)]
 )
 
 
@@ -163,7 +164,9 @@ def forward(q, k, v, *, scale=None, window=(-1, -1), block_mask=None, **mods):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask=None, **mods):
+def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask=None,
+             dlse=None, **mods):
+    """dlse: optional gradient of lse (B, Hq, Nq)."""
     q, k, v, out, dout = _prep(q), _prep(k), _prep(v), _prep(out), _prep(dout)
     lse = lse.float().contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -177,6 +180,10 @@ def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask
     for name, t in (("o", out), ("do", dout), ("dq", dq), ("dk", dk), ("dv", dv)):
         for i, s in enumerate(("batch", "head", "row")):
             setattr(p, f"{name}_{s}_stride", t.stride(i))
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+        keep.append(dlse)
+        p.dlse = dlse.data_ptr()
     _run(p, True)
     return dq, dk, dv
 

@@ -6,7 +6,8 @@ fastattn._cuda only when torch has CUDA and nvcc is found):
     fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[],
                        softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0) -> (out, lse)
     fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask[],
-                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0) -> (dq, dk, dv)
+                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0, dlse=None)
+                       -> (dq, dk, dv)
 
 This module gives them fake (meta) implementations for torch.compile and registers the
 autograd formula, so calling torch.ops.fastattn.cuda_fwd is differentiable. block_mask[] is
@@ -54,7 +55,7 @@ def _register():
 
     @torch.library.register_fake("fastattn::cuda_bwd")
     def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask,
-                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0):
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0, dlse=None):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx, inputs, output):
@@ -65,22 +66,22 @@ def _register():
         ctx.save_for_backward(q, k, v, out, lse, *([alibi] if ctx.has_alibi else []), *block_mask)
         ctx.scale, ctx.wl, ctx.wr = scale, wl, wr
         ctx.softcap, ctx.dropout_p, ctx.dropout_seed = softcap, dropout_p, dropout_seed
-        # backward returns one grad per input, shaped like it (a list for Tensor[] block_mask)
-        ctx.no_grads = tuple([None] * len(x) if isinstance(x, (list, tuple)) else None
-                             for x in inputs[3:])
 
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         alibi, block_mask = (rest[0], rest[1:]) if ctx.has_alibi else (None, rest)
-        if dlse is not None and bool((dlse != 0).any()):
-            raise RuntimeError(
-                "fastattn cuda backend: gradients through the returned lse are not supported; "
-                "use backend='reference' if the loss depends on lse"
-            )
+        # dlse (None when the loss ignores lse) enters the kernels as delta -= dlse
+        if dout is None:
+            dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.fastattn.cuda_bwd(
             dout, q, k, v, out, lse, ctx.scale, ctx.wl, ctx.wr, list(block_mask), ctx.softcap,
-            alibi, ctx.dropout_p, ctx.dropout_seed)
-        return (dq, dk, dv) + ctx.no_grads
+            alibi, ctx.dropout_p, ctx.dropout_seed, dlse)
+        # One grad per input as the dispatcher passed them (it drops trailing arguments equal to
+        # their defaults), shaped like it: a list for the Tensor[] block_mask. needs_input_grad
+        # has exactly that structure here.
+        rest = tuple([None] * len(x) if isinstance(x, (list, tuple)) else None
+                     for x in ctx.needs_input_grad[3:])
+        return (dq, dk, dv) + rest
 
     torch.library.register_autograd("fastattn::cuda_fwd", backward, setup_context=setup_context)
 
