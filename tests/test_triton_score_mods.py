@@ -364,3 +364,13 @@ def test_decode_kernel_softcap_alibi():
                        timeout=600)
     assert r.returncode == 0, f"decode cases failed:\n{r.stdout}\n{r.stderr[-4000:]}"
     assert r.stdout.count("ok ") == 3 * len(DECODE_CASES)
+
+
+def test_op_accepts_per_head_slopes():
+    # the op itself broadcasts (Hq,) slopes as the public API does
+    q, k, v, _ = make_inputs(2, 2, 1, 17, 20, 16, F32)
+    s = alibi_slopes(2, 2, False)
+    out, _ = torch.ops.fastattn.triton_fwd(q, k, v, 0.25, -1, 0, [], 0, 0, 0.0, s, 0.0, 0)
+    ref, _ = reference_attention(q.double(), k.double(), v.double(), scale=0.25, window=(-1, 0),
+                                 alibi_slopes=s)
+    assert torch.allclose(out.double(), ref, atol=1e-5)

@@ -96,7 +96,7 @@ def _i32(x: int) -> int:
     return x - (1 << 32) if x >= (1 << 31) else x
 
 
-def _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, device):
+def _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, B, H, device):
     """(runtime args, constexprs) of the score modifiers, in the kernels' argument order:
     cap_in = scale / softcap, cap_out = softcap * log2(e), Slopes, seed_lo, seed_hi,
     drop_thresh (the 24-bit threshold), drop_scale = 1 / (1 - p). Derived on the host in
@@ -106,8 +106,8 @@ def _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, device):
     slopes = alibi_slopes
     if slopes is None:
         slopes = torch.zeros(1, dtype=torch.float32, device=device)
-    else:  # (B, Hq) contiguous float32, indexed b * Hq + h
-        slopes = slopes.to(device=device, dtype=torch.float32).contiguous()
+    else:  # (B, Hq) contiguous float32, indexed b * Hq + h; (Hq,) is broadcast
+        slopes = slopes.to(device=device, dtype=torch.float32).expand(B, H).contiguous()
     cap_in = scale / softcap if softcap > 0 else 0.0
     cap_out = softcap * 1.4426950408889634 if softcap > 0 else 0.0
     lo, hi = split_seed(dropout_seed) if dropout_p > 0 else (0, 0)
@@ -172,7 +172,7 @@ def attention_forward(q, k, v, scale, window_left, window_right, block_mask, mas
     fn, tiles = _tiles(kern, bm, mask_block_m, mask_block_n, interpret,
                        "attn_fwd_dense", "attn_fwd_sparse", "_attn_fwd")
     grid = lambda META: (_cdiv(Nq, META["BLOCK_M"]), B * H)
-    margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed,
+    margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, B, H,
                              q.device)
     fn[grid](q, k, v, out, lse, scale,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -196,7 +196,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale, window_left, window
     kern = load_kernels(interpret)
     bm = list(block_mask)
     meta = _constexprs(q, k, v, window_left, window_right, bm, mask_block_n, interpret)
-    margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed,
+    margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, B, H,
                              q.device)
     meta.update(mmeta)
 
