@@ -10,7 +10,8 @@ fastattn._cuda only when torch has CUDA and nvcc is found):
                        -> (dq, dk, dv)
 
 This module gives them fake (meta) implementations for torch.compile and registers the
-autograd formula, so calling torch.ops.fastattn.cuda_fwd is differentiable. block_mask[] is
+autograd formula, so calling torch.ops.fastattn.cuda_fwd is differentiable (through out and lse:
+the lse gradient reaches the kernels as dlse). block_mask[] is
 empty for dense/window calls, else BlockMask.kernel_tensors() with the mask's own token window.
 
 What the kernels do: float16/bfloat16 (fp32 softmax statistics and accumulation), head dims
