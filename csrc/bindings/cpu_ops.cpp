@@ -1,13 +1,17 @@
 // TORCH_LIBRARY bindings of the CPU kernels (csrc/cpu) plus the pybind11 module fastattn._C.
 //
-//   fastattn::cpu_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
+//   fastattn::cpu_fwd(q, k, v, scale, window_left, window_right, block_mask[],
+//                     softcap=0, alibi_slopes?=None, dropout_p=0, seed=0) -> (out, lse)
 //   fastattn::cpu_bwd(dout, q, k, v, out, lse, dlse?, scale, window_left, window_right,
-//                     block_mask[]) -> (dq, dk, dv)
+//                     block_mask[], softcap=0, alibi_slopes?=None, dropout_p=0, seed=0)
+//                     -> (dq, dk, dv)
 //
 // The checks here guard the kernels against malformed calls that bypass the Python API
 // (which validates first and gives friendlier messages).
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "cpu/attention_cpu.h"
 
@@ -84,36 +88,69 @@ void check_window(int64_t l, int64_t r) {
   FA_CHECK(l >= -1 && r >= -1, "window entries must be >= -1 (-1 = unbounded), got (", l, ", ", r, ")");
 }
 
+// Score modifiers from the op arguments (see csrc/cpu/score_mods.h); seed is the 64-bit
+// dropout seed as a signed int64 (Python passes it wrapped).
+fastattn::cpu::ScoreMods make_mods(const at::Tensor& q, double softcap, const c10::optional<at::Tensor>& alibi,
+                                   double dropout_p, int64_t seed) {
+  fastattn::cpu::ScoreMods m;
+  FA_CHECK(softcap >= 0.0 && std::isfinite(softcap), "softcap must be a finite float >= 0, got ", softcap);
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must lie in [0, 1), got ", dropout_p);
+  m.softcap = static_cast<float>(softcap);
+  m.Hq = q.size(1);
+  if (alibi.has_value() && alibi->defined()) {
+    FA_CHECK(alibi->scalar_type() == at::kFloat && alibi->is_contiguous() && alibi->dim() == 2 &&
+                 alibi->size(0) == q.size(0) && alibi->size(1) == q.size(1),
+             "alibi_slopes must be a contiguous float32 (B, Hq) tensor");
+    m.slopes = alibi->data_ptr<float>();
+  }
+  if (dropout_p > 0.0) {
+    const uint64_t s = static_cast<uint64_t>(seed);
+    m.dropout_p = static_cast<float>(dropout_p);
+    m.seed_lo = static_cast<uint32_t>(s & 0xFFFFFFFFu);
+    m.seed_hi = static_cast<uint32_t>(s >> 32);
+    m.threshold = static_cast<uint32_t>(std::llround(dropout_p * 16777216.0));  // p * 2^24
+  }
+  return m;
+}
+
 std::tuple<at::Tensor, at::Tensor> cpu_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            double scale, int64_t wl, int64_t wr,
-                                           const std::vector<at::Tensor>& block_mask) {
+                                           const std::vector<at::Tensor>& block_mask, double softcap,
+                                           const c10::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                           int64_t seed) {
   check_qkv(q, k, v);
   check_window(wl, wr);
   check_block_mask(block_mask, q, k);
-  return fastattn::cpu::attention_fwd(q, k, v, scale, wl, wr, block_mask);
+  const auto mods = make_mods(q, softcap, alibi_slopes, dropout_p, seed);
+  return fastattn::cpu::attention_fwd(q, k, v, scale, wl, wr, block_mask, mods);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                        const at::Tensor& k, const at::Tensor& v,
                                                        const at::Tensor& out, const at::Tensor& lse,
                                                        const c10::optional<at::Tensor>& dlse, double scale, int64_t wl,
-                                                       int64_t wr, const std::vector<at::Tensor>& block_mask) {
+                                                       int64_t wr, const std::vector<at::Tensor>& block_mask,
+                                                       double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                                                       double dropout_p, int64_t seed) {
   check_qkv(q, k, v);
   check_window(wl, wr);
   check_block_mask(block_mask, q, k);
   FA_CHECK(dout.sizes() == out.sizes(), "dout must have out's shape");
   FA_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
            "lse must be (B, Hq, Nq)");
-  return fastattn::cpu::attention_bwd(dout, q, k, v, out, lse, dlse, scale, wl, wr, block_mask);
+  const auto mods = make_mods(q, softcap, alibi_slopes, dropout_p, seed);
+  return fastattn::cpu::attention_bwd(dout, q, k, v, out, lse, dlse, scale, wl, wr, block_mask, mods);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def("cpu_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
-        "Tensor[] block_mask) -> (Tensor, Tensor)");
+        "Tensor[] block_mask, float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., "
+        "int seed=0) -> (Tensor, Tensor)");
   m.def("cpu_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
-        "float scale, int window_left, int window_right, Tensor[] block_mask) -> (Tensor, Tensor, Tensor)");
+        "float scale, int window_left, int window_right, Tensor[] block_mask, float softcap=0., "
+        "Tensor? alibi_slopes=None, float dropout_p=0., int seed=0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {

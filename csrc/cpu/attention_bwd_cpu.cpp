@@ -11,6 +11,9 @@
 //   dS^T = P^T * (dP^T - delta) * scale, delta = rowsum(dO * O) - dlse
 //   dK  += dS^T Q                        (n, D)
 //   dQ  += dS K   into the split's own float32 dQ buffer (no atomics: deterministic)
+// Score modifiers (score_mods.h): softcap keeps tanh per element for dS *= (1 - tanh^2);
+// ALiBi shifts S^T; dropout regenerates keep bits, dV uses P * keep/(1-p) and
+// dP^T is multiplied by keep/(1-p) before dS (Delta = rowsum(dO * O) stays exact).
 // dK/dV of a key tile are complete when its task ends; the S split buffers of dQ are summed
 // at the end (S = 1 whenever batch * kv heads alone keeps every thread busy).
 #include <ATen/Parallel.h>
@@ -20,6 +23,7 @@
 
 #include "attention_cpu.h"
 #include "kernel_math.h"
+#include "score_mods.h"
 #include "sparse_lists.h"
 #include "tiles.h"
 
@@ -55,7 +59,8 @@ inline void mask_partial_tile_t(float* pt, int64_t ld, int64_t i0, int64_t m, in
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& dlse, double scale,
-    int64_t window_left, int64_t window_right, const std::vector<at::Tensor>& block_mask) {
+    int64_t window_left, int64_t window_right, const std::vector<at::Tensor>& block_mask,
+    const ScoreMods& mods) {
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
   const int64_t group = Hq / Hkv;
@@ -93,8 +98,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const float *delta_p = delta.data_ptr<float>(), *lse2_p = lse2.data_ptr<float>();
   float *dq_p = dq_acc.data_ptr<float>(), *dk_p = dk32.data_ptr<float>(), *dv_p = dv32.data_ptr<float>();
 
+  const bool softcap = mods.softcap > 0.f, dropout = mods.dropout();
+  const float capC = mods.cap_log2(), capInv = softcap ? 1.f / capC : 0.f, keep_s = mods.keep_scale();
+  const int64_t off = Nk - Nq;
+
   at::parallel_for(0, units * S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> st(BN * BM), dpt(BN * BM), ds(BM * BN), dk_acc(BN * D), dv_acc(BN * Dv);
+    std::vector<float> th(softcap ? BN * BM : 0), pdrop(dropout ? BN * BM : 0);
+    std::vector<uint32_t> rowh(dropout ? BM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % S, bhk = task / S;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
@@ -112,6 +123,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
             // S^T = K Q^T: (n, D) x (D, m), log2 units
             at::native::cpublas::brgemm(n, m, D, D, Nq, BM, false, k_h + j0 * D, qT_p + bh * D * Nq + i0, st.data());
             const float* l2 = lse2_p + bh * Nq + i0;
+            if (softcap) {  // S^T <- C tanh(S^T / C), keeping tanh for the chain rule
+              for (int64_t c = 0; c < n; ++c) {
+                float* row = st.data() + c * BM;
+                float* t = th.data() + c * BM;
+                for (int64_t r = 0; r < m; ++r) {
+                  t[r] = tanh_fast(row[r] * capInv);
+                  row[r] = capC * t[r];
+                }
+              }
+            }
+            if (mods.slopes != nullptr) {  // S^T -= slope |i + off - j|
+              const float sl2 = mods.slope_log2(b, h);
+              for (int64_t c = 0; c < n; ++c) {
+                float* row = st.data() + c * BM;
+                const int64_t d0 = i0 + off - (j0 + c);
+                for (int64_t r = 0; r < m; ++r) {
+                  const float d = static_cast<float>(d0 + r);
+                  row[r] -= sl2 * (d < 0.f ? -d : d);
+                }
+              }
+            }
             for (int64_t c = 0; c < n; ++c) {
               float* row = st.data() + c * BM;
               for (int64_t r = 0; r < m; ++r) row[r] = exp2_fast(row[r] - l2[r]);
@@ -121,17 +153,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                   vis.mask_id >= 0 ? sl.masks + static_cast<int64_t>(vis.mask_id) * BM * BN : nullptr;
               mask_partial_tile_t(st.data(), BM, i0, m, j0, n, w, bits, BN);
             }
+            const float* pv = st.data();  // the P^T that multiplies dO: dropped when dropout
+            if (dropout) {
+              for (int64_t r = 0; r < m; ++r) rowh[r] = dropout_row_hash(mods, static_cast<uint64_t>(bh * Nq + i0 + r));
+              for (int64_t c = 0; c < n; ++c) {
+                const float* p = st.data() + c * BM;
+                float* pd = pdrop.data() + c * BM;
+                for (int64_t r = 0; r < m; ++r) pd[r] = dropout_keep(mods, rowh[r], j0 + c) ? p[r] * keep_s : 0.f;
+              }
+              pv = pdrop.data();
+            }
             // dV += P^T dO: (n, m) x (m, Dv)
-            at::native::cpublas::brgemm(n, Dv, m, BM, Dv, Dv, true, st.data(), do_p + (bh * Nq + i0) * Dv,
+            at::native::cpublas::brgemm(n, Dv, m, BM, Dv, Dv, true, pv, do_p + (bh * Nq + i0) * Dv,
                                         dv_acc.data());
             // dP^T = V dO^T: (n, Dv) x (Dv, m)
             at::native::cpublas::brgemm(n, m, Dv, Dv, Nq, BM, false, v_h + j0 * Dv, doT_p + bh * Dv * Nq + i0,
                                         dpt.data());
             const float* dl = delta_p + bh * Nq + i0;
+            if (dropout) {  // dP = dP_dropped * keep / (1 - p); keep read off pdrop (where P = 0, dS = 0 anyway)
+              for (int64_t c = 0; c < n; ++c) {
+                const float* pd = pdrop.data() + c * BM;
+                float* dp = dpt.data() + c * BM;
+                for (int64_t r = 0; r < m; ++r) dp[r] = pd[r] != 0.f ? dp[r] * keep_s : 0.f;
+              }
+            }
             for (int64_t c = 0; c < n; ++c) {
               const float* p = st.data() + c * BM;
               float* dp = dpt.data() + c * BM;
               for (int64_t r = 0; r < m; ++r) dp[r] = p[r] * (dp[r] - dl[r]) * scale_f;  // dS^T
+            }
+            if (softcap) {  // d(C tanh(x / C)) / dx = 1 - tanh^2
+              for (int64_t c = 0; c < n; ++c) {
+                const float* t = th.data() + c * BM;
+                float* dp = dpt.data() + c * BM;
+                for (int64_t r = 0; r < m; ++r) dp[r] *= 1.f - t[r] * t[r];
+              }
             }
             // dK += dS^T Q: (n, m) x (m, D)
             at::native::cpublas::brgemm(n, D, m, BM, D, D, true, dpt.data(), q_p + (bh * Nq + i0) * D,

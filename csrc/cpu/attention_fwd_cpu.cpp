@@ -4,9 +4,9 @@
 //   m = -inf, l = 0, acc = 0                                  // (BM), (BM), (BM, Dv) float32
 //   for each visited key tile (BN keys):                      // see tiles.h
 //     S = (Q * scale*log2e) K^T   (BM, BN)  brgemm on K^T pre-transposed per head
-//     S masked to -inf on partial tiles
+//     S softcapped / ALiBi-biased when asked (score_mods.h), masked to -inf on partial tiles
 //     m' = max(m, rowmax S); P = exp2(S - m'); l = l*2^(m-m') + rowsum P
-//     acc = acc*2^(m-m') + P V   (BM, Dv)   brgemm
+//     acc = acc*2^(m-m') + P V   (BM, Dv)   brgemm (P * keep / (1 - p) with dropout)
 //   out = acc / l, lse = (m + log2 l) * ln2   (rows with l == 0: out 0, lse -inf)
 // Extra memory is O(N * D) (float32 K^T / V copies) plus O(BM * BN) per thread: never N^2.
 #include <ATen/Parallel.h>
@@ -16,6 +16,7 @@
 
 #include "attention_cpu.h"
 #include "kernel_math.h"
+#include "score_mods.h"
 #include "sparse_lists.h"
 #include "tiles.h"
 
@@ -57,7 +58,8 @@ inline int64_t zigzag(int64_t k, int64_t n) { return (k & 1) ? n - 1 - (k >> 1) 
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                                  const at::Tensor& v_in, double scale, int64_t window_left,
-                                                 int64_t window_right, const std::vector<at::Tensor>& block_mask) {
+                                                 int64_t window_right, const std::vector<at::Tensor>& block_mask,
+                                                 const ScoreMods& mods) {
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Nk = k_in.size(2), Dv = v_in.size(3);
   const int64_t group = Hq / Hkv;
@@ -77,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   const WindowRule w(Nq, Nk, window_left, window_right);
   const int64_t NQB = (Nq + BM - 1) / BM;
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
+  const bool has_mods = mods.softcap > 0.f || mods.slopes != nullptr;  // score changes
 
   const int64_t sq_b = q.stride(0), sq_h = q.stride(1), sq_n = q.stride(2);
   const int64_t sv_b = v.stride(0), sv_h = v.stride(1), sv_n = v.stride(2);
@@ -106,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
           const int64_t j0 = vis.t * BN, n = std::min(BN, Nk - j0);
           // S = Q K^T: (m, D) x (D, n), already in log2 units
           at::native::cpublas::brgemm(m, n, D, D, Nk, BN, false, q_tile.data(), kT_h + j0, s.data());
+          if (has_mods) apply_score_mods_rows(s.data(), BN, i0, m, j0, n, Nk - Nq, mods, b, h);
           if (!vis.full) {
             const uint8_t* bits = vis.mask_id >= 0 ? sl.masks + static_cast<int64_t>(vis.mask_id) * BM * BN : nullptr;
             mask_partial_tile(s.data(), BN, i0, m, j0, n, w, bits, BN);
@@ -123,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
             m_i[r] = m_new;
             if (alpha != 1.f) scale_inplace(acc.data() + r * Dv, Dv, alpha);
           }
+          if (mods.dropout()) apply_dropout_rows(s.data(), BN, i0, m, j0, n, mods, bh, Nq);
           // acc += P V: (m, n) x (n, Dv)
           at::native::cpublas::brgemm(m, Dv, n, BN, sv_n, Dv, true, s.data(), v_h + j0 * sv_n, acc.data());
         });

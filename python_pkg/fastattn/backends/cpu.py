@@ -2,13 +2,17 @@
 
 The kernels are torch.library custom ops defined in C++ (csrc/bindings/cpu_ops.cpp):
 
-    fastattn::cpu_fwd(q, k, v, scale, window_left, window_right, block_mask[]) -> (out, lse)
+    fastattn::cpu_fwd(q, k, v, scale, window_left, window_right, block_mask[],
+                      softcap=0, alibi_slopes?=None, dropout_p=0, seed=0) -> (out, lse)
     fastattn::cpu_bwd(dout, q, k, v, out, lse, dlse?, scale, window_left, window_right,
-                      block_mask[]) -> (dq, dk, dv)
+                      block_mask[], softcap=0, alibi_slopes?=None, dropout_p=0, seed=0)
+                      -> (dq, dk, dv)
 
 This module gives them fake (meta) implementations for torch.compile and registers the
 autograd formula, so calling torch.ops.fastattn.cpu_fwd is differentiable.
-block_mask[] is empty for dense/window calls, else BlockMask.kernel_tensors().
+block_mask[] is empty for dense/window calls, else BlockMask.kernel_tensors(). softcap,
+alibi_slopes ((B, Hq) float32), dropout_p and seed are fastattn.score_mods' modifiers; the
+backward regenerates the dropout keep bits from the seed.
 """
 
 from __future__ import annotations
@@ -28,30 +32,41 @@ except ImportError as e:  # extension not built
 
 def _register():
     @torch.library.register_fake("fastattn::cpu_fwd")
-    def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask):
+    def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask, softcap=0.0,
+                  alibi_slopes=None, dropout_p=0.0, seed=0):
         B, Hq, Nq, _ = q.shape
         out = q.new_empty((B, Hq, Nq, v.shape[-1]))
         lse = q.new_empty((B, Hq, Nq), dtype=torch.float32)
         return out, lse
 
     @torch.library.register_fake("fastattn::cpu_bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, block_mask):
+    def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, block_mask,
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0):
         # The kernel returns contiguous gradients whatever the inputs' strides (empty_like
         # would keep a transposed k's strides and mislead torch.compile's views).
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, wl, wr, block_mask = inputs
+        # inputs may omit trailing defaulted arguments (the dispatcher drops them)
+        q, k, v, scale, wl, wr, block_mask = inputs[:7]
+        mods = dict(zip(("softcap", "alibi_slopes", "dropout_p", "seed"), inputs[7:]))
+        alibi = mods.pop("alibi_slopes", None)
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, *block_mask)
+        ctx.save_for_backward(q, k, v, out, lse, alibi, *block_mask)
         ctx.scale, ctx.wl, ctx.wr, ctx.n_bm = scale, wl, wr, len(block_mask)
+        ctx.mods = mods
 
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, *block_mask = ctx.saved_tensors
+        q, k, v, out, lse, alibi, *block_mask = ctx.saved_tensors
         # dlse flows in when a loss depends on the returned lse (ring attention merges on it).
         dq, dk, dv = torch.ops.fastattn.cpu_bwd(
-            dout, q, k, v, out, lse, dlse, ctx.scale, ctx.wl, ctx.wr, block_mask)
-        return dq, dk, dv, None, None, None, [None] * ctx.n_bm
+            dout, q, k, v, out, lse, dlse, ctx.scale, ctx.wl, ctx.wr, block_mask,
+            softcap=ctx.mods.get("softcap", 0.0), alibi_slopes=alibi,
+            dropout_p=ctx.mods.get("dropout_p", 0.0), seed=ctx.mods.get("seed", 0))
+        # one entry per argument the caller passed (the dispatcher drops trailing defaults;
+        # needs_input_grad has the passed structure)
+        grads = [dq, dk, dv, None, None, None, [None] * ctx.n_bm]
+        return tuple(grads + [None] * (len(ctx.needs_input_grad) - 7))
 
     torch.library.register_autograd("fastattn::cpu_fwd", backward, setup_context=setup_context)
 
@@ -77,6 +92,9 @@ class CPUBackend(Backend):
     supports_block_mask = True
     supports_backward = True
     supports_lse = True
+    supports_softcap = True
+    supports_alibi = True
+    supports_dropout = True
 
     def available(self):
         if _C is None:
@@ -89,5 +107,16 @@ class CPUBackend(Backend):
             bm, (wl, wr) = [], p.window
         else:  # the mask carries its own token rule for partial blocks
             bm, (wl, wr) = p.block_mask.kernel_tensors(), p.block_mask.window
-        out, lse = torch.ops.fastattn.cpu_fwd(q, k, v, p.scale, wl, wr, bm)
+        if p.has_score_mods:
+            out, lse = torch.ops.fastattn.cpu_fwd(
+                q, k, v, p.scale, wl, wr, bm, p.softcap, p.alibi_slopes, p.dropout_p,
+                _int64_seed(p.dropout_seed))
+        else:  # the plain schema call (what compiled graphs of unmodified models hold)
+            out, lse = torch.ops.fastattn.cpu_fwd(q, k, v, p.scale, wl, wr, bm)
         return out, lse
+
+
+def _int64_seed(seed: int) -> int:
+    """The 64-bit seed as the signed int64 the op schema carries (the kernel reads its bits)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
