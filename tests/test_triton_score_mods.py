@@ -18,8 +18,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from oracle import assert_by_rule  # noqa: E402
-
 import fastattn  # noqa: E402
 import fastattn.sparse as fs  # noqa: E402
 from fastattn import score_mods  # noqa: E402
@@ -27,6 +25,7 @@ from fastattn._validate import normalize_window  # noqa: E402
 from fastattn.backends.reference import reference_attention  # noqa: E402
 from fastattn.backends.triton import TritonBackend  # noqa: E402
 from fastattn.masking import window_mask  # noqa: E402
+from oracle import assert_by_rule  # noqa: E402
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -99,7 +98,7 @@ def check(q, k, v, dout, **kw):
     low = reference_run(q, k, v, dout, dtype, **kw)
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
     for name, g, r, lo in zip(("out", "dq", "dk", "dv"), (got[0], *got[2:]),
-                              (ref[0], *ref[2:]), (low[0], *low[2:])):
+                              (ref[0], *ref[2:]), (low[0], *low[2:]), strict=True):
         assert g.shape == r.shape and g.dtype == dtype
         assert_by_rule(name, g, r.double(), lo, dtype)
     lse, ref_lse = got[1], ref[1]
@@ -175,7 +174,7 @@ def test_gradient_through_lse_with_mods():
         out, lse = fastattn.attention(*xs, backend=backend, return_lse=True, **kw)
         (out.double() * w_out.double()).sum().add((lse.double() * w_lse.double()).sum()).backward()
         grads.append([x.grad.double() for x in xs])
-    for name, a, r in zip("qkv", *grads):
+    for name, a, r in zip("qkv", *grads, strict=True):
         assert torch.allclose(a, r, atol=2e-5, rtol=1e-4), f"d{name}: {(a - r).abs().max()}"
 
 
@@ -234,7 +233,7 @@ def test_same_seed_is_bitwise_reproducible():
               dropout_p=0.25, dropout_seed=42)
     a = triton_run(q, k, v, dout, **kw)
     b = triton_run(q, k, v, dout, **kw)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     c = triton_run(q, k, v, dout, **dict(kw, dropout_seed=43))
     assert not torch.equal(a[0], c[0])
@@ -244,7 +243,7 @@ def test_same_seed_is_bitwise_reproducible():
     d = triton_run(q, k, v, dout, **kw)
     torch.manual_seed(3)
     e = triton_run(q, k, v, dout, **kw)
-    for x, y in zip(d, e):
+    for x, y in zip(d, e, strict=True):
         assert torch.equal(x, y)
 
 
