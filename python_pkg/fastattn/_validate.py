@@ -100,22 +100,28 @@ def validate_scale(scale, D: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
-    if not math.isfinite(scale):
+    if not (-math.inf < scale < math.inf):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
 
 
 def validate_softcap(softcap) -> float:
-    """softcap: 0 (off) or a positive float; logits become softcap * tanh(s / softcap)."""
+    """softcap: None/0 (off) or a positive float; logits become softcap * tanh(s / softcap).
+    (The public defaults are None, not 0.0: torch.compile traces float defaults symbolically.)"""
+    if softcap is None:
+        return 0.0
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"softcap must be a float (0.0 = off), got {type(softcap).__name__}")
     softcap = float(softcap)
-    if not math.isfinite(softcap) or softcap < 0:
+    # comparisons, not math.isfinite: they trace under torch.compile(dynamic=True)
+    if not (0.0 <= softcap < math.inf):
         raise ValueError(f"softcap must be a finite float >= 0 (0.0 = off), got {softcap}")
     return softcap
 
 
 def validate_dropout(dropout_p, dropout_seed) -> tuple[float, int | None]:
+    if dropout_p is None:
+        dropout_p = 0
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     dropout_p = float(dropout_p)

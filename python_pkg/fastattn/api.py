@@ -42,7 +42,7 @@ def _empty_result(q, k, v, lse_fill: float):
 
 
 def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None,
-              softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
+              softcap=None, alibi_slopes=None, dropout_p=None, dropout_seed=None,
               backend="auto", return_lse=False):
     """Fused attention over q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
 
@@ -60,15 +60,16 @@ def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None
                                    . . x x
 
     A query that sees no key returns 0 (lse -inf) and gets zero gradients.
-    scale defaults to D ** -0.5. Score modifiers (exact formulas in fastattn.score_mods):
-    softcap > 0 caps logits as softcap * tanh(s / softcap); alibi_slopes (Hq,) or (B, Hq)
-    adds -slope * |i + offset - j|; dropout_p drops probabilities with a counter-based hash
-    of dropout_seed (default: drawn from torch's generator, so torch.manual_seed
-    reproduces it) that the backward regenerates: no N^2 mask is stored. Dropout is applied
-    whenever dropout_p > 0 (pass 0.0 at eval time, as with FlashAttention). backend: "auto" (FASTATTN_BACKEND overrides), "cpu",
-    "triton", "cuda", "sdpa" or "reference". Returns out (B, Hq, Nq, Dv) in q's dtype, and
-    with return_lse=True also lse (B, Hq, Nq) float32, the natural-log log-sum-exp of the
-    scaled, masked scores.
+    scale defaults to D ** -0.5. Score modifiers (exact formulas in fastattn.score_mods;
+    None or 0 = off): softcap > 0 caps logits as softcap * tanh(s / softcap); alibi_slopes
+    (Hq,) or (B, Hq) adds -slope * |i + offset - j|; dropout_p drops probabilities with a
+    counter-based hash of dropout_seed (default: drawn from torch's generator, so
+    torch.manual_seed reproduces it) that the backward regenerates, so no N^2 mask is
+    stored. Dropout applies whenever dropout_p > 0 (pass 0 at eval time, as with
+    FlashAttention). backend: "auto" (FASTATTN_BACKEND overrides), "cpu", "triton",
+    "cuda", "sdpa" or "reference". Returns out (B, Hq, Nq, Dv) in q's dtype, and with
+    return_lse=True also lse (B, Hq, Nq) float32, the natural-log log-sum-exp of the
+    scaled, modified, masked scores.
     """
     backend = dispatch.validate_backend_name(backend)
     validate_qkv(q, k, v)
