@@ -221,7 +221,7 @@ class MultiheadAttention(nn.Module):
         if (not need_weights and key_padding_mask is None and dropout_p < 1.0
                 and (attn_mask is None or is_causal) and (not is_causal or (extra == 0 and L == S))):
             # The fused path: no mask, or exactly causal (L == S, so alignments agree).
-            out = attention(q, k, v, causal=is_causal, backend=self.backend, dropout_p=dropout_p)
+            out = attention(q, k, v, causal=is_causal, backend=self.backend, dropout_p=dropout_p or None)
         else:
             mask = self._merged_mask(attn_mask, key_padding_mask, is_causal, L, S, extra,
                                      query.dtype, query.device)

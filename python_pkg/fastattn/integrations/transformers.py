@@ -205,7 +205,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     dropout = float(dropout or 0.0)
     if attention_mask is None:
         out = fastattn.attention(query, key, value, causal=is_causal, window=window, scale=scale,
-                                 softcap=softcap, dropout_p=dropout)
+                                 softcap=softcap or None, dropout_p=dropout or None)
     elif softcap:  # masked + softcap: the naive path applies both exactly
         mask = attention_mask[:, :, :, :Nk]
         if mask.dtype != torch.bool:
