@@ -180,3 +180,68 @@ def test_triton_decode_matches_oracle_in_interpreter():
 
 def test_floor_table_covers_kernel_dtypes():
     assert all(d in FLOOR for d in (torch.float32, torch.bfloat16, torch.float16))
+
+
+# --- softcap, ALiBi and the general window (FlashAttention's KV-cache semantics) ----------
+
+def _per_row_oracle(q, k, v, seqlens, window, softcap, slopes):
+    """Each batch row attends over its own first L keys with fastattn's reference attention
+    (bottom-right aligned: offset L - Nq), so ALiBi's distance is |L - Nq + i - j|."""
+    from fastattn.backends.reference import reference_attention
+    from fastattn.masking import window_mask
+
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        L = int(seqlens[b])
+        s = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b])
+        o, l = reference_attention(q[b:b + 1].double(), k[b:b + 1, :, :L].double(),
+                                   v[b:b + 1, :, :L].double(), scale=q.shape[-1] ** -0.5,
+                                   window=window, softcap=softcap, alibi_slopes=s)
+        if L == 0:
+            o, l = torch.zeros_like(q[b:b + 1]).double(), torch.full(q.shape[1:3], float("-inf"))[None]
+        outs.append(o)
+        lses.append(l)
+    assert window_mask is not None
+    return torch.cat(outs), torch.cat(lses)
+
+
+@requires_cpu_ext
+@pytest.mark.parametrize("window", [(-1, 0), (-1, -1), (7, 3), (12, 0)], ids=str)
+@pytest.mark.parametrize("mods", [dict(), dict(softcap=3.0), dict(alibi=1), dict(alibi=2),
+                                  dict(softcap=5.0, alibi=1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_softcap_alibi_window(window, mods, dtype):
+    B, Hq, Hkv, Nq, Ncache, D = 3, 4, 2, 3, 200, 32
+    q, k, v = _inputs(B, Hq, Hkv, Nq, Ncache, D, dtype, seed=5)
+    q = q * 3  # so a small softcap bites
+    seqlens = torch.tensor([200, 37, 2], dtype=torch.int32)
+    slopes = None
+    if "alibi" in mods:
+        shape = (Hq,) if mods["alibi"] == 1 else (B, Hq)
+        slopes = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 0.3
+    softcap = mods.get("softcap", 0.0)
+    wl, wr = window
+    out, lse = decode_attention(q, k, v, cache_seqlens=seqlens, window_left=wl, window_right=wr,
+                                softcap=softcap, alibi_slopes=slopes, backend="cpu",
+                                num_splits=2, return_lse=True)
+    ref, ref_lse = _per_row_oracle(q, k, v, seqlens, window, softcap, slopes)
+    # the reference backend of decode_attention (what auto uses with grads) must agree too
+    rout, rlse = decode_attention(q.double(), k.double(), v.double(), cache_seqlens=seqlens,
+                                  window_left=wl, window_right=wr, softcap=softcap,
+                                  alibi_slopes=slopes, backend="reference", return_lse=True)
+    torch.testing.assert_close(rout, ref, atol=1e-6, rtol=1e-6)  # (ALiBi bias is fp32 in one)
+    low = decode_attention(q, k, v, cache_seqlens=seqlens, window_left=wl, window_right=wr,
+                           softcap=softcap, alibi_slopes=slopes, backend="reference")
+    assert_by_rule("out", out, ref, low if dtype == torch.float32 else low.float().to(dtype), dtype)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[fin].double() - ref_lse[fin]).abs().max() < 2e-2
+    assert FLOOR[dtype] > 0
+
+
+def test_decode_window_right_validation():
+    q, k, v = _inputs(1, 2, 2, 1, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="window_right"):
+        decode_attention(q, k, v, window_right=-3)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        decode_attention(q, k, v, alibi_slopes=torch.ones(5))

@@ -51,7 +51,8 @@ int64_t decode_default_splits(int64_t batch, int64_t kv_heads, int64_t max_len, 
 
 std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
                                               const at::Tensor& v_in, const c10::optional<at::Tensor>& cache_seqlens,
-                                              double scale, int64_t window_left, int64_t num_splits) {
+                                              double scale, int64_t window_left, int64_t num_splits,
+                                              int64_t window_right, const ScoreMods& mods) {
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Hkv = k_in.size(1), Ncache = k_in.size(2), Dv = v_in.size(3);
   const int64_t G = Hq / Hkv, R = G * Nq;  // query rows served by one kv head
@@ -84,6 +85,7 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q_in, const at::
   if (B == 0 || Hq == 0 || Nq == 0) return {out, lse};
 
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
+  const float cap_log2 = mods.cap_log2(), inv_cap = cap_log2 > 0.f ? 1.f / cap_log2 : 0.f;
   const int64_t sq_b = q.stride(0), sq_h = q.stride(1), sq_n = q.stride(2);
   const int64_t sk_b = k.stride(0), sk_h = k.stride(1), sk_n = k.stride(2);
   const int64_t sv_b = v.stride(0), sv_h = v.stride(1), sv_n = v.stride(2);
@@ -111,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q_in, const at::
         for (int64_t r = 0; r < R; ++r) {
           const int64_t i = r % Nq, diag = L - Nq + i;  // the query's own position
           int64_t a = window_left >= 0 ? diag - window_left : 0;
-          int64_t e = diag + 1;
+          int64_t e = window_right >= 0 ? diag + window_right + 1 : L;
           a = std::max(a, c0);
           e = std::min(e, c1);
           lo[r] = a;
@@ -147,6 +149,16 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q_in, const at::
               const float* qr = qs.data() + r * D;
               for (int64_t j = a; j < e; ++j) s[j - a] = dot(qr, kt.data() + (j - j0) * D, D);
               const int64_t cnt = e - a;
+              if (cap_log2 > 0.f)
+                for (int64_t j = 0; j < cnt; ++j) s[j] = cap_log2 * tanh_fast(s[j] * inv_cap);
+              if (mods.slopes != nullptr) {  // -slope |p - j|, p = L - Nq + i
+                const float sl2 = mods.slope_log2(b, hk * G + r / Nq);
+                const int64_t diag = L - Nq + r % Nq;
+                for (int64_t j = a; j < e; ++j) {
+                  const float d = static_cast<float>(diag - j);
+                  s[j - a] -= sl2 * (d < 0.f ? -d : d);
+                }
+              }
               const float mx = row_max(s.data(), cnt);
               const float m_new = mx != mx ? mx : std::max(m_i[r], mx);  // NaN propagates
               const float alpha = exp2_fast(m_i[r] - m_new);

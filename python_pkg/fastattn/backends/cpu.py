@@ -72,7 +72,8 @@ def _register():
 
     if hasattr(torch.ops.fastattn, "cpu_decode"):  # split-KV decode (fastattn.decode), no grad
         @torch.library.register_fake("fastattn::cpu_decode")
-        def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, window_left, num_splits):
+        def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, window_left, num_splits,
+                         window_right=0, softcap=0.0, alibi_slopes=None):
             B, Hq, Nq, _ = q.shape
             out = q.new_empty((B, Hq, Nq, v_cache.shape[-1]))
             return out, q.new_empty((B, Hq, Nq), dtype=torch.float32)
