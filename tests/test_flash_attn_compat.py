@@ -488,8 +488,7 @@ KV_SPACE = dict(
 )
 KV_CASES = covering_cases(KV_SPACE, 24, seed=4)
 KV_SLOW = covering_cases(KV_SPACE, 160, seed=5)
-# causal (or causal-window) without score modifiers: what the split-KV decode kernel serves
-# natively today; leftpad rows go to it one by one
+# extra causal / causal-window cases without score modifiers (the decode kernel's plain path)
 KV_DECODE = covering_cases(dict(KV_SPACE, causal=[True], softcap=[0.0], alibi=[None]), 8, seed=8)
 
 

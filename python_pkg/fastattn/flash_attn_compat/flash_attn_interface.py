@@ -41,8 +41,6 @@ Semantics shared by all functions (as in FlashAttention >= 2.1):
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from .. import api
@@ -296,50 +294,27 @@ def _index_vector(name, t, B, device):
     return t.long()
 
 
-def _decode_params() -> frozenset:
-    return frozenset(inspect.signature(decode_attention).parameters)
-
-
 def _attend_cache(q, kc, vc, lens, starts, win, scale, softcap, alibi_slopes, num_splits):
     """q (B, Hq, Sq, D) against kc / vc (B, Hkv, Ncache, D|Dv), row b reading keys
-    starts[b]:lens[b] (bottom-right aligned to lens[b]); returns (out, lse)."""
-    B, Sq = q.shape[0], q.shape[2]
+    starts[b]:lens[b] (bottom-right aligned to lens[b]); returns (out, lse). One
+    decode_attention call, or one per row (zero-copy slices) when rows start at
+    cache_leftpad."""
     left, right = win
-    params = _decode_params()
-    general = "window_right" in params  # decode_attention with non-causal/general windows
-    decode_ok = ((not softcap or "softcap" in params)
-                 and (alibi_slopes is None or "alibi_slopes" in params)
-                 and (general or right == 0 or Sq == 1))  # one query: causal == sees all
-
-    def decode(q_, k_, v_, lens_, slopes):
-        kw = dict(cache_seqlens=lens_, scale=scale, num_splits=num_splits or None,
-                  return_lse=True)
-        if general:
-            kw.update(window_left=left, window_right=right)
-        else:
-            kw.update(window_left=None if left == -1 else left)
-        if softcap:
-            kw["softcap"] = softcap
-        if slopes is not None:
-            kw["alibi_slopes"] = slopes
-        return decode_attention(q_, k_, v_, **kw)
-
-    if decode_ok and starts is None:
-        return decode(q, kc, vc, lens.to(torch.int32), alibi_slopes)
-    # Rows with their own start (cache_leftpad), or options decode_attention lacks: one
-    # call per row on a zero-copy slice of its keys.
+    kw = dict(scale=scale, window_left=left, window_right=right, num_splits=num_splits or None,
+              return_lse=True)
+    if softcap:
+        kw["softcap"] = softcap
+    if starts is None:
+        return decode_attention(q, kc, vc, cache_seqlens=lens.to(torch.int32),
+                                alibi_slopes=alibi_slopes, **kw)
     outs, lses = [], []
-    for b in range(B):
-        s0, n = (0 if starts is None else int(starts[b])), int(lens[b])
+    for b in range(q.shape[0]):
+        s0, n = int(starts[b]), int(lens[b])
         slopes = alibi_slopes
         if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.ndim == 2:
             slopes = alibi_slopes[b:b + 1]
-        qb, kb, vb = q[b:b + 1], kc[b:b + 1, :, s0:n], vc[b:b + 1, :, s0:n]
-        if decode_ok:
-            o, lse = decode(qb, kb, vb, None, slopes)
-        else:
-            o, lse = api.attention(qb, kb, vb, window=win, scale=scale, softcap=softcap,
-                                   alibi_slopes=slopes, return_lse=True)
+        o, lse = decode_attention(q[b:b + 1], kc[b:b + 1, :, s0:n], vc[b:b + 1, :, s0:n],
+                                  alibi_slopes=slopes, **kw)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs, 0), torch.cat(lses, 0)
@@ -369,14 +344,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     Attention: query i of row b sees keys [cache_leftpad[b], L) with L = cache_seqlens[b] +
     seqlen_new, bottom-right aligned to L under causal / window_size; softcap and
-    alibi_slopes as in flash_attn_func. Runs on fastattn.decode_attention (split-KV decode
-    kernel) where it can serve the options, else fastattn.attention per row on slices.
+    alibi_slopes as in flash_attn_func. Runs on fastattn.decode_attention (the split-KV
+    decode kernel; one call, or one per row on zero-copy slices with cache_leftpad).
     A paged cache (or a cache_batch_idx that is not 0..batch-1) is gathered into a
     contiguous (batch, L_max, nheads_k, headdim) copy per call.
 
     Returns out (batch, seqlen_q, nheads, headdim), and softmax_lse (batch, nheads,
     seqlen_q) float32 with return_softmax_lse=True. num_splits: 0 = automatic, else the
-    number of KV chunks of the split-KV kernel.
+    number of KV chunks of the split-KV kernel. Inference only: with inputs that require
+    grad, decode_attention falls back to its (differentiable) reference.
     """
     for name in ("causal", "rotary_interleaved", "return_softmax_lse"):
         _flag(name, locals()[name])
