@@ -244,6 +244,25 @@ def test_block_mask_fullgraph():
     assert "fastattn.cpu_fwd" in _targets(gm)
 
 
+def test_dropout_with_seed_fullgraph_and_fresh_seed_without():
+    """fullgraph needs dropout_seed (the per-call seed is a host int, drawn eagerly); then
+    the compiled function equals eager. Without a seed, fullgraph fails with an error that
+    names dropout_seed, and the default mode breaks the graph there and still draws a new
+    seed on every call."""
+    q, k, v = make_qkv(1, 2, 2, 17, 17, 16, torch.float32)
+    _compile_and_compare(
+        lambda q, k, v: fastattn.attention(q, k, v, causal=True, dropout_p=0.25,
+                                           dropout_seed=1234, softcap=20.0), [q, k, v])
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q: fastattn.attention(q, q, q, dropout_p=0.25), fullgraph=True,
+                       backend="aot_eager")
+    with pytest.raises(Exception, match="dropout_seed"):
+        fn(q)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q: fastattn.attention(q, q, q, dropout_p=0.25), backend="aot_eager")
+    assert not torch.equal(fn(q), fn(q))
+
+
 def test_nn_modules_fullgraph():
     torch.manual_seed(0)
     attn = fnn.Attention(32, 4, 2, pattern="causal")

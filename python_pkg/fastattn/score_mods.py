@@ -52,8 +52,14 @@ def split_seed(seed: int) -> tuple[int, int]:
     return seed & _M32, (seed >> 32) & _M32
 
 
+@torch.compiler.disable(reason=(
+    "fastattn draws a fresh dropout seed per call from torch's generator, a host-side int "
+    "that a graph cannot hold: under torch.compile(fullgraph=True) pass dropout_seed=<int> "
+    "yourself (e.g. from torch.randint outside the compiled function); without fullgraph "
+    "this is a graph break and works"))
 def draw_seed(generator: torch.Generator | None = None) -> int:
-    """A fresh 63-bit seed from torch's (default CPU) generator."""
+    """A fresh 63-bit seed from torch's (default CPU) generator. Under torch.compile this
+    runs eagerly (a graph break), so every call of the compiled function gets a new seed."""
     return int(torch.randint(0, 2**63 - 1, (), generator=generator, dtype=torch.int64))
 
 
