@@ -120,7 +120,9 @@ def main(argv=None):
         "memory is Triton's dynamic allocation for the config. Modes: `causal` holds the "
         "masked and unmasked inner loops (so it covers dense and window calls); `sparse` is a "
         "BlockMask of 128 x 128 blocks with window rule and bitmasks. Config = "
-        "BLOCK_M x BLOCK_N, warps, pipeline stages; bwd_dkdv part 1/2 = the dV-only and "
+        "BLOCK_M x BLOCK_N, warps, pipeline stages, and `r255` where the config sets "
+        "triton.Config(maxnreg=255) (the PTX's `.maxnreg`: every config with score modifiers, "
+        "and dK/dV at head dim 256); bwd_dkdv part 1/2 = the dV-only and "
         "dK-only launches used at head dim 256. Score mods: `none`, or `softcap+alibi+dropout` "
         "(the three constexpr switches on together: tanh from exp2, the ALiBi bias, the "
         "dropout hash; bwd_preprocess has none).",
@@ -139,8 +141,7 @@ def main(argv=None):
                       "no register cap, trades a few spilled bytes for occupancy (128 registers "
                       "at 8 warps, 168 at 4): the same PTX with `.maxnreg 255` (what "
                       "triton.Config(maxnreg=255) emits) compiles with 0 spills (status column). "
-                      "Which is faster needs a GPU; the tuner's configs leave the choice to "
-                      "ptxas."]
+                      "Which is faster needs a GPU."]
     for arch in args.archs:
         sub = [r for r in results if r.variant.arch == arch]
         lines += [f"## sm_{arch}", "",

@@ -291,6 +291,37 @@ def test_head_dim_256_splits_dkdv():
     check(q, k, v, causal=True)
 
 
+def _table_tiles():
+    """Every (BLOCK_M, BLOCK_N) the GPU tables can hand a kernel, with the padded head dims
+    and kernels that use it (TILES and TILES_MODS)."""
+    from fastattn.backends.triton.ops import load_kernels
+
+    kern = load_kernels(True)
+    out = {}
+    for table in (kern.TILES, kern.TILES_MODS):
+        for kernel, by_dim in table.items():
+            for bd, tiles in by_dim.items():
+                for t in tiles:
+                    out.setdefault(t[:2], set()).add((kernel, bd))
+    return kern, out
+
+
+_KERN, _TABLE_TILES = _table_tiles()
+
+
+@pytest.mark.parametrize("tile", sorted(_TABLE_TILES), ids=lambda t: f"{t[0]}x{t[1]}")
+def test_every_gpu_table_tile_in_the_interpreter(monkeypatch, tile):
+    # The interpreter normally runs one fixed tile; here each tile shape the GPU autotuner
+    # may pick runs every kernel (fwd, dK/dV, dQ) at the largest head dim it is listed for,
+    # with odd lengths, GQA and a causal window, so tile-edge logic is checked at those
+    # sizes too (head dim 256: the dV and dK launches; dropout + softcap with TILES_MODS').
+    monkeypatch.setattr(_KERN, "INTERPRET_TILE", dict(BLOCK_M=tile[0], BLOCK_N=tile[1]))
+    bd = max(d for _, d in _TABLE_TILES[tile])
+    D = {16: 16, 32: 24, 64: 40, 128: 72, 256: 200}[bd]
+    q, k, v = make_qkv(1, 2, 1, 45, 70, D, F16)
+    check(q, k, v, causal=True, window=(30, 0))
+
+
 def test_block_mask_with_empty_rows():
     m = torch.rand(40, 33, generator=torch.Generator().manual_seed(1)) > 0.5
     m[5:21] = False  # whole query rows (and a whole query block) see nothing

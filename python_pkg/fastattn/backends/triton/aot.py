@@ -46,10 +46,12 @@ class Variant:
     mask_block: tuple = (128, 128)  # the BlockMask's blocks, sparse mode only
     part: int = 0  # bwd_dkdv: 0 = dK and dV, 1 = dV only, 2 = dK only (head dim 256)
     mods: str = ""  # score modifiers switched on, "+"-joined names from SCORE_MODS
+    maxnreg: int | None = None  # triton.Config(maxnreg=...): the PTX's .maxnreg cap
 
     @property
     def config(self) -> str:
-        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+        cap = f" r{self.maxnreg}" if self.maxnreg else ""
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{cap}"
 
 
 @dataclass
@@ -105,7 +107,7 @@ def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                      head_dims=(16, 32, 64, 128, 256), modes=("causal", "sparse"), archs=(80, 90),
                      mask_block=(128, 128), mods=("",)):
     """Every config the autotuner may pick for these problem classes (kernels.default_tiles
-    on each arch's shared-memory limit). float32 is not served on GPUs (see
+    on each arch's shared-memory limit, with or without score modifiers). float32 is not served on GPUs (see
     TritonBackend.why_not), so it is not among the defaults. "causal" holds both the masked and the unmasked
     inner loops, so it covers "dense" and "window"; "sparse" is a block mask of `mask_block`
     blocks (fastattn.sparse's default 128 x 128) with bitmasks. mods: the score-modifier sets
@@ -128,12 +130,12 @@ def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                     for mode in modes:
                         mb = mask_block if mode == "sparse" else None
                         parts = kern.dkdv_parts(bd, bd) if short == "dkdv" else (0,)
-                        for bm, bn, w, s in kern.default_tiles(short, bd, bd, eb,
-                                                               kern.SMEM_LIMIT[arch], mb):
-                            for part in parts:
-                                for m in mods:
+                        for m in mods:
+                            for bm, bn, w, s, r in kern.default_tiles(
+                                    short, bd, bd, eb, kern.SMEM_LIMIT[arch], mb, mods=bool(m)):
+                                for part in parts:
                                     out.append(Variant(kernel, dtype, d, mode, bm, bn, w, s, arch,
-                                                       mb or (16, 16), part, m))
+                                                       mb or (16, 16), part, m, r))
     return out
 
 
@@ -230,6 +232,8 @@ def compile_variant(v: Variant, workdir: str | None = None) -> Result:
         sig, const, attrs = _signature(fn, v)
         src = ASTSource(fn, signature=sig, constexprs=const, attrs=attrs)
         options = dict(num_warps=v.num_warps, num_stages=v.num_stages, enable_fp_fusion=True)
+        if v.maxnreg:
+            options["maxnreg"] = v.maxnreg
         ptx_version = system_ptx_version()
         if ptx_version is not None:  # an ISA both Triton's ptxas and the system's accept
             from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version

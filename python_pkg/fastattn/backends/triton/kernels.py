@@ -252,14 +252,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
 
 
 # --------------------------------------------------------------------------- configs
-# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, chosen
-# from ptxas -v over sm_80 and sm_90 (benchmarks/results/triton_compile_report.md): every
-# entry but dK/dV at head dim 256 compiles with 0 spills, and all fit shared memory. Why they shrink with the head dim:
-# the fp32 accumulators (fwd: acc; dK/dV: dk + dv; dQ: dq) grow with it, and ptxas spills
-# past 255 registers per thread. Hopper's wgmma wants the MMA's M side (BLOCK_M for fwd/dQ,
-# BLOCK_N for dK/dV) >= 64 and num_warps a multiple of 4, so entries keep both (one
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) per kernel and padded head dim,
+# chosen from ptxas -v over sm_80 and sm_90 (benchmarks/results/triton_compile_report.md):
+# every entry compiles with 0 spills and fits shared memory. Why they shrink with the head
+# dim: the fp32 accumulators (fwd: acc; dK/dV: dk + dv; dQ: dq) grow with it, and ptxas
+# spills past 255 registers per thread. Hopper's wgmma wants the MMA's M side (BLOCK_M for
+# fwd/dQ, BLOCK_N for dK/dV) >= 64 and num_warps a multiple of 4, so entries keep both (one
 # exception, dK/dV at head dim 256, below).
 # dK/dV: BLOCK_N key rows per program, BLOCK_M query rows per step; dQ: the reverse.
+# maxnreg (triton.Config(maxnreg=...), the PTX's .maxnreg): without it ptxas may spill a
+# few bytes to reach the next occupancy step (128 registers at 8 warps, 168 at 4). With score
+# modifiers on (more live values: tanh, bias, hash) every entry gets MODS_MAXNREG, and a few
+# entries change (TILES_MODS); dK/dV at head dim 256 always carries its own.
 # float32 is not served on GPUs (TritonBackend.why_not): its products would be FMAs (see
 # dot_precision) or 3xTF32 MMAs, and both spill registers in these kernels at every tile
 # the compile report tried; the interpreter runs float32 exactly.
@@ -277,11 +281,11 @@ TILES = {  # 16-bit inputs (float16, bfloat16)
         32: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
         64: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 128, 8, 2)],
         128: [(16, 64, 8, 2)],
-        # 256: split into dV / dK launches (dkdv_parts); even so a 64-row wgmma tile needs
-        # a 64 x 256 fp32 accumulator beside resident K and V, which spills, so this one
-        # runs 32-row mma.sync tiles on both archs. KNOWN LIMIT: ptxas still spills 24-128
-        # bytes here in most modes (see the compile report); no tile tried avoids it.
-        256: [(16, 32, 4, 1)],
+        # 256: split into dV / dK launches (dkdv_parts). A 64-row wgmma tile needs a
+        # 64 x 256 fp32 accumulator beside resident K and V and spills in the dK launch, so
+        # this one runs 32-row mma.sync tiles on both archs; two pipeline stages (q, dO
+        # staged through shared memory by cp.async) and the full register file keep it clean.
+        256: [(32, 32, 8, 2, 255)],
     },
     "dq": {
         16: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
@@ -291,6 +295,13 @@ TILES = {  # 16-bit inputs (float16, bfloat16)
         256: [(64, 32, 8, 2)],
     },
 }
+TILES_MODS = {  # entries that replace TILES' when softcap, ALiBi or dropout is on
+    "dq": {
+        64: [(64, 32, 4, 2), (128, 32, 8, 2)],  # 128 x 64 spills 36 B under the sparse loop
+        256: [(64, 16, 8, 2)],  # 64 x 32 spills 8-12 B on sm_90
+    },
+}
+MODS_MAXNREG = 255
 SMEM_LIMIT = {80: 164 * 1024, 90: 228 * 1024}  # opt-in shared memory per block
 INTERPRET_TILE = dict(BLOCK_M=32, BLOCK_N=16)  # the one fixed config under the interpreter
 
@@ -315,15 +326,20 @@ def smem_estimate(kernel, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_stages, elem_
     raise ValueError(kernel)
 
 
-def default_tiles(kernel, BLOCK_D, BLOCK_DV, elem_bytes, smem_limit, mask_block=None):
-    """The tiles the autotuner may pick for this problem class: the table's entry for the
-    head dim, kept if it fits `smem_limit`; with a block mask, only tiles dividing its
-    blocks (powers of two: tile <= block), else the mask's own blocks."""
-    bd = max(BLOCK_D, BLOCK_DV, 16)
-    tiles = TILES[kernel][min(bd, 256)]
+def default_tiles(kernel, BLOCK_D, BLOCK_DV, elem_bytes, smem_limit, mask_block=None,
+                  mods=False):
+    """The tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg or None) the autotuner
+    may pick for this problem class: the table's entry for the head dim (TILES_MODS' when
+    score modifiers are on), kept if it fits `smem_limit`; with a block mask, only tiles
+    dividing its blocks (powers of two: tile <= block), else the mask's own blocks."""
+    bd = min(max(BLOCK_D, BLOCK_DV, 16), 256)
+    tiles = TILES_MODS.get(kernel, {}).get(bd) if mods else None
+    tiles = [tuple(t) + (None,) * (5 - len(t)) for t in (tiles or TILES[kernel][bd])]
+    if mods:
+        tiles = [(bm, bn, w, s, r or MODS_MAXNREG) for bm, bn, w, s, r in tiles]
     if mask_block is not None:  # clip to the mask's blocks (powers of two: tile divides block)
         mbm, mbn = mask_block
-        clipped = [(min(bm, mbm), min(bn, mbn), w, s) for bm, bn, w, s in tiles]
+        clipped = [(min(bm, mbm), min(bn, mbn), w, s, r) for bm, bn, w, s, r in tiles]
         tiles = [t for i, t in enumerate(clipped) if t not in clipped[:i]]
     fit = [t for t in tiles
            if smem_estimate(kernel, t[0], t[1], BLOCK_D, BLOCK_DV, t[3], elem_bytes) <= smem_limit]
@@ -356,23 +372,26 @@ def _all_tiles():
     # every tile the tables (or their clipping to a block mask) can produce; the pruning
     # function keeps the ones default_tiles names for the call
     sizes = (16, 32, 64, 128)
-    return [(bm, bn, w, s) for bm in sizes for bn in sizes for w in (4, 8) for s in (1, 2, 3)]
+    return [(bm, bn, w, s, r) for bm in sizes for bn in sizes for w in (4, 8) for s in (1, 2, 3)
+            for r in (None, MODS_MAXNREG)]
 
 
 def _make_prune(kernel, sparse):
     def prune(configs, named_args, **kwargs):
         mask_block = (kwargs["MASK_BM"], kwargs["MASK_BN"]) if sparse else None
+        mods = bool(kwargs["SOFTCAP"] or kwargs["ALIBI"] or kwargs["DROPOUT"])
         want = default_tiles(kernel, kwargs["BLOCK_D"], kwargs["BLOCK_DV"],
-                             named_args["Q"].element_size(), _device_smem(), mask_block)
+                             named_args["Q"].element_size(), _device_smem(), mask_block, mods)
         keep = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                    c.maxnreg) in want]
         return keep
     return prune
 
 
 def _configs(kernel):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in _all_tiles()]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=r)
+            for bm, bn, w, s, r in _all_tiles()]
 
 
 # Autotune key: the problem class (lengths, head dims, masking mode); Triton adds dtypes.
