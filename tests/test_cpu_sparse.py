@@ -133,3 +133,18 @@ def test_cpu_sparse_skips_empty_blocks():
     parts = [fastattn.attention(q[:, :, i:i + bs], k[:, :, i:i + bs], v[:, :, i:i + bs],
                                 backend="reference") for i in range(0, N, bs)]
     torch.testing.assert_close(out, torch.cat(parts, dim=2), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [(128, 128), (256, 64), (128, 32), (96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_sparse_tall_blocks_walked_in_slices(block_size, dtype):
+    # blocks taller than 64 rows are walked in 64-row slices by the backward: bitmask rows,
+    # the causal/window rule and a last slice past Nq must line up with each slice
+    Nq, Nk = 203, 230
+    bm = sparse.from_mask_fn(lambda b, h, i, j: ((i * 7 + j * 3 + h) % 5 != 0) & (j <= i + 40),
+                             Nq, Nk, H=4, block_size=block_size)
+    assert bm.partial_masks.shape[0] > 0
+    q, k, v = make_qkv(1, 4, 2, Nq, Nk, 40, dtype)
+    fn = lambda q_, k_, v_: fastattn.attention(q_, k_, v_, block_mask=bm, backend="cpu",
+                                               window=(90, -1), return_lse=True)
+    check_against_oracle(fn, q, k, v, mask=bm.to_dense() & window_mask(Nq, Nk, 90, -1))

@@ -14,8 +14,9 @@
 // Score modifiers (score_mods.h): softcap keeps tanh per element for dS *= (1 - tanh^2);
 // ALiBi shifts S^T; dropout regenerates keep bits, dV uses P * keep/(1-p) and
 // dP^T is multiplied by keep/(1-p) before dS (Delta = rowsum(dO * O) stays exact).
-// dK/dV of a key tile are complete when its task ends; the S split buffers of dQ are summed
-// at the end (S = 1 whenever batch * kv heads alone keeps every thread busy).
+// Block-mask blocks taller than kSubBM rows are walked in kSubBM-row slices (same masks,
+// smaller per-thread tiles). dK/dV of a key tile are complete when its task ends; the S
+// split buffers of dQ are summed at the end (S = 1 whenever batch * kv heads alone keeps every thread busy).
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -33,6 +34,10 @@ namespace {
 
 constexpr int64_t kDenseBM = 64;   // query rows per tile
 constexpr int64_t kDenseBN = 128;  // keys per tile
+// Block masks bring their own blocks (128 x 128 by default); taller blocks are walked in
+// kSubBM-row slices so the per-thread tiles (S^T, dP^T, dS: BN x kSubBM float32 each) stay
+// the dense path's size and in L2.
+constexpr int64_t kSubBM = 64;
 
 // Zeroes P^T (n, m; ld) outside the token rule of a partial tile.
 inline void mask_partial_tile_t(float* pt, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
@@ -84,6 +89,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   int64_t BM = kDenseBM, BN = kDenseBN;
   const SparseLists sl = sparse_lists_from(block_mask, BM, BN);
+  const int64_t TM = std::min(BM, kSubBM);  // rows per slice (the last may be shorter)
   const WindowRule w(Nq, Nk, window_left, window_right);
   const int64_t NKB = (Nk + BN - 1) / BN;
 
@@ -103,9 +109,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const int64_t off = Nk - Nq;
 
   at::parallel_for(0, units * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> st(BN * BM), dpt(BN * BM), ds(BM * BN), dk_acc(BN * D), dv_acc(BN * Dv);
-    std::vector<float> th(softcap ? BN * BM : 0), pdrop(dropout ? BN * BM : 0);
-    std::vector<uint32_t> rowh(dropout ? BM : 0);
+    std::vector<float> st(BN * TM), dpt(BN * TM), ds(TM * BN), dk_acc(BN * D), dv_acc(BN * Dv);
+    std::vector<float> th(softcap ? BN * TM : 0), pdrop(dropout ? BN * TM : 0);
+    std::vector<uint32_t> rowh(dropout ? TM : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % S, bhk = task / S;
       const int64_t b = bhk / Hkv, hk = bhk % Hkv;
@@ -119,14 +125,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = hk * group + g, bh = b * Hq + h;
           for_each_q_tile(w, sl, b, h, kt, BM, BN, [&](const Visit& vis) {
-            const int64_t i0 = vis.t * BM, m = std::min(BM, Nq - i0);
+           for (int64_t sub = 0; sub < BM; sub += TM) {  // TM-row slices of the visited tile
+            const int64_t i0 = vis.t * BM + sub, m = std::min({TM, BM - sub, Nq - i0});
+            if (m <= 0) break;
             // S^T = K Q^T: (n, D) x (D, m), log2 units
-            at::native::cpublas::brgemm(n, m, D, D, Nq, BM, false, k_h + j0 * D, qT_p + bh * D * Nq + i0, st.data());
+            at::native::cpublas::brgemm(n, m, D, D, Nq, TM, false, k_h + j0 * D, qT_p + bh * D * Nq + i0, st.data());
             const float* l2 = lse2_p + bh * Nq + i0;
             if (softcap) {  // S^T <- C tanh(S^T / C), keeping tanh for the chain rule
               for (int64_t c = 0; c < n; ++c) {
-                float* row = st.data() + c * BM;
-                float* t = th.data() + c * BM;
+                float* row = st.data() + c * TM;
+                float* t = th.data() + c * TM;
                 for (int64_t r = 0; r < m; ++r) {
                   t[r] = tanh_fast(row[r] * capInv);
                   row[r] = capC * t[r];
@@ -136,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
             if (mods.slopes != nullptr) {  // S^T -= slope |i + off - j|
               const float sl2 = mods.slope_log2(b, h);
               for (int64_t c = 0; c < n; ++c) {
-                float* row = st.data() + c * BM;
+                float* row = st.data() + c * TM;
                 const int64_t d0 = i0 + off - (j0 + c);
                 for (int64_t r = 0; r < m; ++r) {
                   const float d = static_cast<float>(d0 + r);
@@ -145,58 +153,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               }
             }
             for (int64_t c = 0; c < n; ++c) {
-              float* row = st.data() + c * BM;
+              float* row = st.data() + c * TM;
               for (int64_t r = 0; r < m; ++r) row[r] = exp2_fast(row[r] - l2[r]);
             }
             if (!vis.full) {
               const uint8_t* bits =
-                  vis.mask_id >= 0 ? sl.masks + static_cast<int64_t>(vis.mask_id) * BM * BN : nullptr;
-              mask_partial_tile_t(st.data(), BM, i0, m, j0, n, w, bits, BN);
+                  vis.mask_id >= 0 ? sl.masks + (static_cast<int64_t>(vis.mask_id) * BM + sub) * BN : nullptr;
+              mask_partial_tile_t(st.data(), TM, i0, m, j0, n, w, bits, BN);
             }
             const float* pv = st.data();  // the P^T that multiplies dO: dropped when dropout
             if (dropout) {
               for (int64_t r = 0; r < m; ++r) rowh[r] = dropout_row_hash(mods, static_cast<uint64_t>(bh * Nq + i0 + r));
               for (int64_t c = 0; c < n; ++c) {
-                const float* p = st.data() + c * BM;
-                float* pd = pdrop.data() + c * BM;
+                const float* p = st.data() + c * TM;
+                float* pd = pdrop.data() + c * TM;
                 for (int64_t r = 0; r < m; ++r) pd[r] = dropout_keep(mods, rowh[r], j0 + c) ? p[r] * keep_s : 0.f;
               }
               pv = pdrop.data();
             }
             // dV += P^T dO: (n, m) x (m, Dv)
-            at::native::cpublas::brgemm(n, Dv, m, BM, Dv, Dv, true, pv, do_p + (bh * Nq + i0) * Dv,
+            at::native::cpublas::brgemm(n, Dv, m, TM, Dv, Dv, true, pv, do_p + (bh * Nq + i0) * Dv,
                                         dv_acc.data());
             // dP^T = V dO^T: (n, Dv) x (Dv, m)
-            at::native::cpublas::brgemm(n, m, Dv, Dv, Nq, BM, false, v_h + j0 * Dv, doT_p + bh * Dv * Nq + i0,
+            at::native::cpublas::brgemm(n, m, Dv, Dv, Nq, TM, false, v_h + j0 * Dv, doT_p + bh * Dv * Nq + i0,
                                         dpt.data());
             const float* dl = delta_p + bh * Nq + i0;
             if (dropout) {  // dP = dP_dropped * keep / (1 - p); keep read off pdrop (where P = 0, dS = 0 anyway)
               for (int64_t c = 0; c < n; ++c) {
-                const float* pd = pdrop.data() + c * BM;
-                float* dp = dpt.data() + c * BM;
+                const float* pd = pdrop.data() + c * TM;
+                float* dp = dpt.data() + c * TM;
                 for (int64_t r = 0; r < m; ++r) dp[r] = pd[r] != 0.f ? dp[r] * keep_s : 0.f;
               }
             }
             for (int64_t c = 0; c < n; ++c) {
-              const float* p = st.data() + c * BM;
-              float* dp = dpt.data() + c * BM;
+              const float* p = st.data() + c * TM;
+              float* dp = dpt.data() + c * TM;
               for (int64_t r = 0; r < m; ++r) dp[r] = p[r] * (dp[r] - dl[r]) * scale_f;  // dS^T
             }
             if (softcap) {  // d(C tanh(x / C)) / dx = 1 - tanh^2
               for (int64_t c = 0; c < n; ++c) {
-                const float* t = th.data() + c * BM;
-                float* dp = dpt.data() + c * BM;
+                const float* t = th.data() + c * TM;
+                float* dp = dpt.data() + c * TM;
                 for (int64_t r = 0; r < m; ++r) dp[r] *= 1.f - t[r] * t[r];
               }
             }
             // dK += dS^T Q: (n, m) x (m, D)
-            at::native::cpublas::brgemm(n, D, m, BM, D, D, true, dpt.data(), q_p + (bh * Nq + i0) * D,
+            at::native::cpublas::brgemm(n, D, m, TM, D, D, true, dpt.data(), q_p + (bh * Nq + i0) * D,
                                         dk_acc.data());
             // dQ += dS K: (m, n) x (n, D)
             for (int64_t c = 0; c < n; ++c)
-              for (int64_t r = 0; r < m; ++r) ds[r * BN + c] = dpt[c * BM + r];
+              for (int64_t r = 0; r < m; ++r) ds[r * BN + c] = dpt[c * TM + r];
             at::native::cpublas::brgemm(m, D, n, BN, D, D, true, ds.data(), k_h + j0 * D,
                                         dq_split + (bh * Nq + i0) * D);
+           }
           });
         }
         std::copy(dk_acc.begin(), dk_acc.begin() + n * D, dk_p + ((b * Hkv + hk) * Nk + j0) * D);
