@@ -128,11 +128,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
            for (int64_t sub = 0; sub < BM; sub += TM) {  // TM-row slices of the visited tile
             const int64_t i0 = vis.t * BM + sub, m = std::min({TM, BM - sub, Nq - i0});
             if (m <= 0) break;
-            // S^T = K Q^T: (n, D) x (D, m), log2 units
-            at::native::cpublas::brgemm(n, m, D, D, Nq, TM, false, k_h + j0 * D, qT_p + bh * D * Nq + i0, st.data());
+            // partial tile: only the keys some row of this slice sees (j0s, ns); dK/dV rows
+            // of the tile shift by skip
+            int64_t j0s = j0, ns = n;
+            const int64_t skip = vis.full ? 0 : narrow_keys(w, i0, i0 + m, j0s, ns);
+            if (skip < 0) continue;
+            // S^T = K Q^T: (ns, D) x (D, m), log2 units
+            at::native::cpublas::brgemm(ns, m, D, D, Nq, TM, false, k_h + j0s * D, qT_p + bh * D * Nq + i0, st.data());
             const float* l2 = lse2_p + bh * Nq + i0;
             if (softcap) {  // S^T <- C tanh(S^T / C), keeping tanh for the chain rule
-              for (int64_t c = 0; c < n; ++c) {
+              for (int64_t c = 0; c < ns; ++c) {
                 float* row = st.data() + c * TM;
                 float* t = th.data() + c * TM;
                 for (int64_t r = 0; r < m; ++r) {
@@ -143,67 +148,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
             }
             if (mods.slopes != nullptr) {  // S^T -= slope |i + off - j|
               const float sl2 = mods.slope_log2(b, h);
-              for (int64_t c = 0; c < n; ++c) {
+              for (int64_t c = 0; c < ns; ++c) {
                 float* row = st.data() + c * TM;
-                const int64_t d0 = i0 + off - (j0 + c);
+                const int64_t d0 = i0 + off - (j0s + c);
                 for (int64_t r = 0; r < m; ++r) {
                   const float d = static_cast<float>(d0 + r);
                   row[r] -= sl2 * (d < 0.f ? -d : d);
                 }
               }
             }
-            for (int64_t c = 0; c < n; ++c) {
+            for (int64_t c = 0; c < ns; ++c) {
               float* row = st.data() + c * TM;
               for (int64_t r = 0; r < m; ++r) row[r] = exp2_fast(row[r] - l2[r]);
             }
             if (!vis.full) {
               const uint8_t* bits =
-                  vis.mask_id >= 0 ? sl.masks + (static_cast<int64_t>(vis.mask_id) * BM + sub) * BN : nullptr;
-              mask_partial_tile_t(st.data(), TM, i0, m, j0, n, w, bits, BN);
+                  vis.mask_id >= 0 ? sl.masks + (static_cast<int64_t>(vis.mask_id) * BM + sub) * BN + skip : nullptr;
+              mask_partial_tile_t(st.data(), TM, i0, m, j0s, ns, w, bits, BN);
             }
             const float* pv = st.data();  // the P^T that multiplies dO: dropped when dropout
             if (dropout) {
               for (int64_t r = 0; r < m; ++r) rowh[r] = dropout_row_hash(mods, static_cast<uint64_t>(bh * Nq + i0 + r));
-              for (int64_t c = 0; c < n; ++c) {
+              for (int64_t c = 0; c < ns; ++c) {
                 const float* p = st.data() + c * TM;
                 float* pd = pdrop.data() + c * TM;
-                for (int64_t r = 0; r < m; ++r) pd[r] = dropout_keep(mods, rowh[r], j0 + c) ? p[r] * keep_s : 0.f;
+                for (int64_t r = 0; r < m; ++r) pd[r] = dropout_keep(mods, rowh[r], j0s + c) ? p[r] * keep_s : 0.f;
               }
               pv = pdrop.data();
             }
-            // dV += P^T dO: (n, m) x (m, Dv)
-            at::native::cpublas::brgemm(n, Dv, m, TM, Dv, Dv, true, pv, do_p + (bh * Nq + i0) * Dv,
-                                        dv_acc.data());
-            // dP^T = V dO^T: (n, Dv) x (Dv, m)
-            at::native::cpublas::brgemm(n, m, Dv, Dv, Nq, TM, false, v_h + j0 * Dv, doT_p + bh * Dv * Nq + i0,
+            // dV += P^T dO: (ns, m) x (m, Dv)
+            at::native::cpublas::brgemm(ns, Dv, m, TM, Dv, Dv, true, pv, do_p + (bh * Nq + i0) * Dv,
+                                        dv_acc.data() + skip * Dv);
+            // dP^T = V dO^T: (ns, Dv) x (Dv, m)
+            at::native::cpublas::brgemm(ns, m, Dv, Dv, Nq, TM, false, v_h + j0s * Dv, doT_p + bh * Dv * Nq + i0,
                                         dpt.data());
             const float* dl = delta_p + bh * Nq + i0;
             if (dropout) {  // dP = dP_dropped * keep / (1 - p); keep read off pdrop (where P = 0, dS = 0 anyway)
-              for (int64_t c = 0; c < n; ++c) {
+              for (int64_t c = 0; c < ns; ++c) {
                 const float* pd = pdrop.data() + c * TM;
                 float* dp = dpt.data() + c * TM;
                 for (int64_t r = 0; r < m; ++r) dp[r] = pd[r] != 0.f ? dp[r] * keep_s : 0.f;
               }
             }
-            for (int64_t c = 0; c < n; ++c) {
+            for (int64_t c = 0; c < ns; ++c) {
               const float* p = st.data() + c * TM;
               float* dp = dpt.data() + c * TM;
               for (int64_t r = 0; r < m; ++r) dp[r] = p[r] * (dp[r] - dl[r]) * scale_f;  // dS^T
             }
             if (softcap) {  // d(C tanh(x / C)) / dx = 1 - tanh^2
-              for (int64_t c = 0; c < n; ++c) {
+              for (int64_t c = 0; c < ns; ++c) {
                 const float* t = th.data() + c * TM;
                 float* dp = dpt.data() + c * TM;
                 for (int64_t r = 0; r < m; ++r) dp[r] *= 1.f - t[r] * t[r];
               }
             }
-            // dK += dS^T Q: (n, m) x (m, D)
-            at::native::cpublas::brgemm(n, D, m, TM, D, D, true, dpt.data(), q_p + (bh * Nq + i0) * D,
-                                        dk_acc.data());
-            // dQ += dS K: (m, n) x (n, D)
-            for (int64_t c = 0; c < n; ++c)
+            // dK += dS^T Q: (ns, m) x (m, D)
+            at::native::cpublas::brgemm(ns, D, m, TM, D, D, true, dpt.data(), q_p + (bh * Nq + i0) * D,
+                                        dk_acc.data() + skip * D);
+            // dQ += dS K: (m, ns) x (ns, D)
+            for (int64_t c = 0; c < ns; ++c)
               for (int64_t r = 0; r < m; ++r) ds[r * BN + c] = dpt[c * TM + r];
-            at::native::cpublas::brgemm(m, D, n, BN, D, D, true, ds.data(), k_h + j0 * D,
+            at::native::cpublas::brgemm(m, D, ns, BN, D, D, true, ds.data(), k_h + j0s * D,
                                         dq_split + (bh * Nq + i0) * D);
            }
           });

@@ -1,12 +1,14 @@
 // Fused attention forward on the CPU (FlashAttention-2 schedule, one query tile per task).
 //
-// For each (batch, query head, query tile of BM rows), in parallel (at::parallel_for):
-//   m = -inf, l = 0, acc = 0                                  // (BM), (BM), (BM, Dv) float32
+// For each (batch, query head, query tile of TM rows), in parallel (at::parallel_for); TM = BM,
+// or 64-row slices of taller block-mask blocks:
+//   m = -inf, l = 0, acc = 0                                  // (TM), (TM), (TM, Dv) float32
 //   for each visited key tile (BN keys):                      // see tiles.h
-//     S = (Q * scale*log2e) K^T   (BM, BN)  brgemm on K^T pre-transposed per head
+//     (partial tile: keys outside every row's window/causal range are dropped first)
+//     S = (Q * scale*log2e) K^T   (TM, BN)  brgemm on K^T pre-transposed per head
 //     S softcapped / ALiBi-biased when asked (score_mods.h), masked to -inf on partial tiles
 //     m' = max(m, rowmax S); P = exp2(S - m'); l = l*2^(m-m') + rowsum P
-//     acc = acc*2^(m-m') + P V   (BM, Dv)   brgemm (P * keep / (1 - p) with dropout)
+//     acc = acc*2^(m-m') + P V   (TM, Dv)   brgemm (P * keep / (1 - p) with dropout)
 //   out = acc / l, lse = (m + log2 l) * ln2   (rows with l == 0: out 0, lse -inf)
 // Extra memory is O(N * D) (float32 K^T / V copies) plus O(BM * BN) per thread: never N^2.
 #include <ATen/Parallel.h>
@@ -28,6 +30,7 @@ namespace {
 // the (BM, BN) float32 score tile (64 KiB) and the K^T/V tiles in L2.
 constexpr int64_t kDenseBM = 64;
 constexpr int64_t kDenseBN = 256;
+constexpr int64_t kSliceM = 64;  // query rows per task when a block mask's blocks are taller
 
 // Applies the token rule of a partial tile to scores s (rows [i0, i0+m), cols [j0, j0+n)).
 inline void mask_partial_tile(float* s, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
@@ -77,7 +80,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   int64_t BM = kDenseBM, BN = kDenseBN;
   const SparseLists sl = sparse_lists_from(block_mask, BM, BN);
   const WindowRule w(Nq, Nk, window_left, window_right);
-  const int64_t NQB = (Nq + BM - 1) / BM;
+  // A task owns TM query rows. Under a causal/window rule, block-mask blocks taller than
+  // kSliceM rows (and a multiple of it) are split into kSliceM-row slices, so partial tiles
+  // can drop the keys none of the slice's rows sees (narrow_keys); without a rule, whole
+  // blocks keep each K/V tile load shared by more rows.
+  const int64_t TM = (!w.trivial() && BM > kSliceM && BM % kSliceM == 0) ? kSliceM : BM;
+  const int64_t NQT = (Nq + TM - 1) / TM;
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
   const bool has_mods = mods.softcap > 0.f || mods.slopes != nullptr;  // score changes
 
@@ -90,12 +98,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn_cpu_fwd", [&] {
     const scalar_t* q_ptr = q.data_ptr<scalar_t>();
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * Hq * NQB, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> q_tile(BM * D), s(BM * BN), acc(BM * Dv), m_i(BM), l_i(BM);
+    at::parallel_for(0, B * Hq * NQT, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> q_tile(TM * D), s(TM * BN), acc(TM * Dv), m_i(TM), l_i(TM);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t bh = task / NQB, qt = zigzag(task % NQB, NQB);
+        const int64_t bh = task / NQT, i0 = zigzag(task % NQT, NQT) * TM;
+        const int64_t qt = i0 / BM, sub = i0 - qt * BM;  // query tile of the lists, row offset in it
         const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
-        const int64_t i0 = qt * BM, m = std::min(BM, Nq - i0);
+        const int64_t m = std::min(TM, Nq - i0);
         const scalar_t* qp = q_ptr + b * sq_b + h * sq_h + i0 * sq_n;
         for (int64_t r = 0; r < m; ++r)
           for (int64_t d = 0; d < D; ++d) q_tile[r * D + d] = static_cast<float>(qp[r * sq_n + d]) * scale_log2;
@@ -106,12 +115,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
         const float* v_h = v_ptr + b * sv_b + hk * sv_h;
 
         for_each_kv_tile(w, sl, b, h, qt, BM, BN, [&](const Visit& vis) {
-          const int64_t j0 = vis.t * BN, n = std::min(BN, Nk - j0);
+          int64_t j0 = vis.t * BN, n = std::min(BN, Nk - j0);
+          // partial tile: only the keys some row of this slice sees
+          const int64_t skip = vis.full ? 0 : narrow_keys(w, i0, i0 + m, j0, n);
+          if (skip < 0) return;
           // S = Q K^T: (m, D) x (D, n), already in log2 units
           at::native::cpublas::brgemm(m, n, D, D, Nk, BN, false, q_tile.data(), kT_h + j0, s.data());
           if (has_mods) apply_score_mods_rows(s.data(), BN, i0, m, j0, n, Nk - Nq, mods, b, h);
           if (!vis.full) {
-            const uint8_t* bits = vis.mask_id >= 0 ? sl.masks + static_cast<int64_t>(vis.mask_id) * BM * BN : nullptr;
+            const uint8_t* bits = vis.mask_id >= 0
+                ? sl.masks + (static_cast<int64_t>(vis.mask_id) * BM + sub) * BN + skip : nullptr;
             mask_partial_tile(s.data(), BN, i0, m, j0, n, w, bits, BN);
           }
           for (int64_t r = 0; r < m; ++r) {

@@ -53,6 +53,22 @@ struct WindowRule {
   }
 };
 
+// Narrows a partial tile's keys [j0, j0 + n) to the span some query row of [i0, i1) may see
+// under the rule (row ranges only move right as i grows, so the first and last rows bound
+// it), rounded out to whole groups of 16 keys to keep the GEMM shapes few. Returns how many
+// leading keys were dropped (j0, n updated), or -1 when the rule hides the tile from every row.
+inline int64_t narrow_keys(const WindowRule& w, int64_t i0, int64_t i1, int64_t& j0, int64_t& n) {
+  int64_t a0, b0, a1, b1;
+  w.row_range(i0, j0, j0 + n, a0, b0);
+  w.row_range(i1 - 1, j0, j0 + n, a1, b1);
+  const int64_t lo = std::min(a0, a1), hi = std::max(b0, b1);
+  if (lo >= hi) return -1;
+  const int64_t skip = (lo - j0) / 16 * 16;
+  n = std::min(n - skip, (hi - j0 - skip + 15) / 16 * 16);
+  j0 += skip;
+  return skip;
+}
+
 // Block-sparse lists of a BlockMask, as raw pointers (see BlockMask.kernel_tensors()).
 struct SparseLists {
   bool active = false;
