@@ -14,9 +14,10 @@
 // Score modifiers (score_mods.h): softcap keeps tanh per element for dS *= (1 - tanh^2);
 // ALiBi shifts S^T; dropout regenerates keep bits, dV uses P * keep/(1-p) and
 // dP^T is multiplied by keep/(1-p) before dS (Delta = rowsum(dO * O) stays exact).
-// Block-mask blocks taller than kSubBM rows are walked in kSubBM-row slices (same masks,
-// smaller per-thread tiles). dK/dV of a key tile are complete when its task ends; the S
-// split buffers of dQ are summed at the end (S = 1 whenever batch * kv heads alone keeps every thread busy).
+// Block-mask blocks taller than kSliceM rows (tiles.h) are walked in kSliceM-row slices, so
+// the per-thread S^T, dP^T, dS tiles (BN x kSliceM float32) stay the dense path's size, in L2.
+// dK/dV of a key tile are complete when its task ends; the S split buffers of dQ are summed
+// at the end (S = 1 whenever batch * kv heads alone keeps every thread busy).
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -34,10 +35,6 @@ namespace {
 
 constexpr int64_t kDenseBM = 64;   // query rows per tile
 constexpr int64_t kDenseBN = 128;  // keys per tile
-// Block masks bring their own blocks (128 x 128 by default); taller blocks are walked in
-// kSubBM-row slices so the per-thread tiles (S^T, dP^T, dS: BN x kSubBM float32 each) stay
-// the dense path's size and in L2.
-constexpr int64_t kSubBM = 64;
 
 // Zeroes P^T (n, m; ld) outside the token rule of a partial tile.
 inline void mask_partial_tile_t(float* pt, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
@@ -89,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
   int64_t BM = kDenseBM, BN = kDenseBN;
   const SparseLists sl = sparse_lists_from(block_mask, BM, BN);
-  const int64_t TM = std::min(BM, kSubBM);  // rows per slice (the last may be shorter)
+  const int64_t TM = std::min(BM, kSliceM);  // rows per slice (the last may be shorter)
   const WindowRule w(Nq, Nk, window_left, window_right);
   const int64_t NKB = (Nk + BN - 1) / BN;
 

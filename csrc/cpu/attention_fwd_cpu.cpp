@@ -30,7 +30,6 @@ namespace {
 // the (BM, BN) float32 score tile (64 KiB) and the K^T/V tiles in L2.
 constexpr int64_t kDenseBM = 64;
 constexpr int64_t kDenseBN = 256;
-constexpr int64_t kSliceM = 64;  // query rows per task when a block mask's blocks are taller
 
 // Applies the token rule of a partial tile to scores s (rows [i0, i0+m), cols [j0, j0+n)).
 inline void mask_partial_tile(float* s, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,

@@ -53,6 +53,10 @@ struct WindowRule {
   }
 };
 
+// Query rows per slice when a block mask's blocks are taller: both kernels walk such blocks
+// in slices of this many rows (smaller per-thread tiles, narrower partial tiles).
+constexpr int64_t kSliceM = 64;
+
 // Narrows a partial tile's keys [j0, j0 + n) to the span some query row of [i0, i1) may see
 // under the rule (row ranges only move right as i grows, so the first and last rows bound
 // it), rounded out to whole groups of 16 keys to keep the GEMM shapes few. Returns how many

@@ -107,8 +107,8 @@ def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                      head_dims=(16, 32, 64, 128, 256), modes=("causal", "sparse"), archs=(80, 90),
                      mask_block=(128, 128), mods=("",)):
     """Every config the autotuner may pick for these problem classes (kernels.default_tiles
-    on each arch's shared-memory limit, with or without score modifiers). float32 is not served on GPUs (see
-    TritonBackend.why_not), so it is not among the defaults. "causal" holds both the masked and the unmasked
+    on each arch's shared-memory limit, with or without score modifiers). float32 is not
+    served on GPUs (see TritonBackend.why_not), so it is not among the defaults. "causal" holds both the masked and the unmasked
     inner loops, so it covers "dense" and "window"; "sparse" is a block mask of `mask_block`
     blocks (fastattn.sparse's default 128 x 128) with bitmasks. mods: the score-modifier sets
     each config is compiled with ("" = none; ALL_MODS = softcap, ALiBi and dropout together);
