@@ -400,7 +400,8 @@ def test_kernel_tensors_order_dtypes_and_cache():
         assert t is getattr(bm, name) and t.dtype == torch.int32 and t.is_contiguous()
     assert ts[10].dtype == torch.uint8 and ts[10].shape[1:] == (32, 64) and ts[10].shape[0] >= 1
     assert torch.equal(ts[10].bool(), bm.partial_masks)
-    assert bm.kernel_tensors() is ts  # cached
+    assert bm.kernel_mask() is bm.kernel_mask()  # built once, cached
+    assert all(x is y for x, y in zip(bm.kernel_tensors(), ts, strict=True))
     assert ts[0].shape == (1, 1, 9) and ts[5].shape == (1, 1, 5)
 
 

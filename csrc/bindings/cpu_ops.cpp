@@ -13,6 +13,7 @@
 
 #include <cmath>
 
+#include "common/block_mask_fields.h"
 #include "cpu/attention_cpu.h"
 
 namespace {
@@ -38,32 +39,39 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
            "head dims must be in [1, 256], got ", q.size(3), " and ", v.size(3));
 }
 
+// Validates the named block-mask hand-off (csrc/common/block_mask_fields.h) by field name.
 void check_block_mask(const std::vector<at::Tensor>& bm, const at::Tensor& q, const at::Tensor& k) {
+  using namespace fastattn;
   if (bm.empty()) return;
-  FA_CHECK(bm.size() == 11, "block_mask must be the 11 tensors of BlockMask.kernel_tensors(), got ", bm.size());
-  for (size_t i = 0; i < 10; ++i) {
-    FA_CHECK(bm[i].scalar_type() == at::kInt && bm[i].is_contiguous() && bm[i].device().is_cpu(),
-             "block_mask tensor ", i, " must be a contiguous int32 CPU tensor");
-    FA_CHECK(bm[i].dim() == ((i % 5 == 0 || i % 5 == 2) ? 3 : 4), "block_mask tensor ", i, " has the wrong rank");
+  FA_CHECK(bm.size() == kBlockMaskFieldCount, "block_mask must be the ", int(kBlockMaskFieldCount),
+           " tensors of BlockMask.kernel_mask().lists (", kBlockMaskFieldNames[0], ", ..., ",
+           kBlockMaskFieldNames[kPartialMasks], "), got ", bm.size());
+  for (int f = 0; f < kBlockMaskFieldCount; ++f) {
+    const auto want = f == kPartialMasks ? at::kByte : at::kInt;
+    FA_CHECK(bm[f].scalar_type() == want && bm[f].is_contiguous() && bm[f].device().is_cpu(),
+             "block_mask.", kBlockMaskFieldNames[f], " must be a contiguous ", want, " CPU tensor, got ",
+             bm[f].scalar_type(), " on ", bm[f].device());
+    FA_CHECK(bm[f].dim() == block_mask_field_rank(f), "block_mask.", kBlockMaskFieldNames[f], " must be ",
+             block_mask_field_rank(f), "-D, got ", bm[f].dim(), "-D");
   }
-  FA_CHECK(bm[10].scalar_type() == at::kByte && bm[10].dim() == 3 && bm[10].is_contiguous(),
-           "block_mask partial_masks must be a contiguous uint8 (P, BLOCK_M, BLOCK_N) tensor");
-  const int64_t BM = bm[10].size(1), BN = bm[10].size(2);
+  const at::Tensor& masks = bm[kPartialMasks];
+  const int64_t BM = masks.size(1), BN = masks.size(2);
   FA_CHECK(BM > 0 && BN > 0, "block sizes must be positive");
   const int64_t NQB = (q.size(2) + BM - 1) / BM, NKB = (k.size(2) + BN - 1) / BN;
-  const int64_t Bm = bm[0].size(0), Hm = bm[0].size(1);
+  const int64_t Bm = bm[kKvNumBlocks].size(0), Hm = bm[kKvNumBlocks].size(1);
   FA_CHECK((Bm == 1 || Bm == q.size(0)) && (Hm == 1 || Hm == q.size(1)),
            "block_mask layout (", Bm, ", ", Hm, ") does not broadcast to (batch, heads) = (", q.size(0), ", ",
            q.size(1), ")");
-  for (int i : {0, 1, 2, 3, 4})
-    FA_CHECK(bm[i].size(0) == Bm && bm[i].size(1) == Hm && bm[i].size(2) == NQB,
-             "block_mask forward lists do not match Nq = ", q.size(2), " with BLOCK_M = ", BM);
-  for (int i : {5, 6, 7, 8, 9})
-    FA_CHECK(bm[i].size(0) == Bm && bm[i].size(1) == Hm && bm[i].size(2) == NKB,
-             "block_mask backward lists do not match Nk = ", k.size(2), " with BLOCK_N = ", BN);
-  FA_CHECK(bm[4].sizes() == bm[1].sizes() && bm[9].sizes() == bm[6].sizes(), "mask id lists misaligned");
+  for (int f : {kKvNumBlocks, kKvIndices, kFullKvNumBlocks, kFullKvIndices, kKvMaskIds})
+    FA_CHECK(bm[f].size(0) == Bm && bm[f].size(1) == Hm && bm[f].size(2) == NQB, "block_mask.",
+             kBlockMaskFieldNames[f], " does not match Nq = ", q.size(2), " with BLOCK_M = ", BM);
+  for (int f : {kQNumBlocks, kQIndices, kFullQNumBlocks, kFullQIndices, kQMaskIds})
+    FA_CHECK(bm[f].size(0) == Bm && bm[f].size(1) == Hm && bm[f].size(2) == NKB, "block_mask.",
+             kBlockMaskFieldNames[f], " does not match Nk = ", k.size(2), " with BLOCK_N = ", BN);
+  FA_CHECK(bm[kKvMaskIds].sizes() == bm[kKvIndices].sizes() && bm[kQMaskIds].sizes() == bm[kQIndices].sizes(),
+           "block_mask.kv_mask_ids / q_mask_ids must be shaped like kv_indices / q_indices");
   // Indices are trusted by the kernels only after this (cheap, O(#blocks)) scan.
-  const int64_t P = bm[10].size(0);
+  const int64_t P = masks.size(0);
   auto lists_ok = [P](const at::Tensor& num, const at::Tensor& idx, const at::Tensor* ids, int64_t hi) {
     const int32_t* np = num.data_ptr<int32_t>();
     const int32_t* ip = idx.data_ptr<int32_t>();
@@ -79,8 +87,10 @@ void check_block_mask(const std::vector<at::Tensor>& bm, const at::Tensor& q, co
     }
     return true;
   };
-  FA_CHECK(lists_ok(bm[0], bm[1], &bm[4], NKB) && lists_ok(bm[2], bm[3], nullptr, NKB) &&
-               lists_ok(bm[5], bm[6], &bm[9], NQB) && lists_ok(bm[7], bm[8], nullptr, NQB),
+  FA_CHECK(lists_ok(bm[kKvNumBlocks], bm[kKvIndices], &bm[kKvMaskIds], NKB) &&
+               lists_ok(bm[kFullKvNumBlocks], bm[kFullKvIndices], nullptr, NKB) &&
+               lists_ok(bm[kQNumBlocks], bm[kQIndices], &bm[kQMaskIds], NQB) &&
+               lists_ok(bm[kFullQNumBlocks], bm[kFullQIndices], nullptr, NQB),
            "block_mask holds out-of-range block indices, counts or mask ids (malformed layout)");
 }
 

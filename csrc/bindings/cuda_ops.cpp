@@ -28,6 +28,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/block_mask_fields.h"
 #include "cuda/flash.h"
 
 namespace fastattn::cuda {
@@ -130,38 +131,38 @@ FlashParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.dropout_seed = static_cast<uint64_t>(mods.dropout_seed);
   p.block_sparse = 0;
   if (!bm.empty()) {
-    TORCH_CHECK(bm.size() == 11, "fastattn::cuda: block_mask must be the 11 tensors of "
-                "BlockMask.kernel_tensors(), got ", bm.size());
-    for (size_t i = 0; i < 10; ++i) {
-      CHECK_DEVICE(bm[i], q);
-      TORCH_CHECK(bm[i].scalar_type() == at::kInt && bm[i].is_contiguous(),
-                  "fastattn::cuda: block-mask list ", i, " must be contiguous int32");
+    using namespace fastattn;  // named hand-off: common/block_mask_fields.h
+    TORCH_CHECK(bm.size() == kBlockMaskFieldCount, "fastattn::cuda: block_mask must be the ",
+                int(kBlockMaskFieldCount), " tensors of BlockMask.kernel_mask().lists, got ", bm.size());
+    for (int f = 0; f < kBlockMaskFieldCount; ++f) {
+      CHECK_DEVICE(bm[f], q);
+      const auto want = f == kPartialMasks ? at::kByte : at::kInt;
+      TORCH_CHECK(bm[f].scalar_type() == want && bm[f].is_contiguous() && bm[f].dim() == block_mask_field_rank(f),
+                  "fastattn::cuda: block_mask.", kBlockMaskFieldNames[f], " must be a contiguous ",
+                  block_mask_field_rank(f), "-D ", want, " tensor");
     }
-    CHECK_DEVICE(bm[10], q);
-    TORCH_CHECK(bm[10].scalar_type() == at::kByte && bm[10].is_contiguous() && bm[10].dim() == 3,
-                "fastattn::cuda: partial_masks must be contiguous uint8 (P, BLOCK_M, BLOCK_N)");
     p.block_sparse = 1;
-    p.kv_num_blocks = bm[0].data_ptr<int32_t>();
-    p.kv_indices = bm[1].data_ptr<int32_t>();
-    p.full_kv_num_blocks = bm[2].data_ptr<int32_t>();
-    p.full_kv_indices = bm[3].data_ptr<int32_t>();
-    p.kv_mask_ids = bm[4].data_ptr<int32_t>();
-    p.q_num_blocks = bm[5].data_ptr<int32_t>();
-    p.q_indices = bm[6].data_ptr<int32_t>();
-    p.full_q_num_blocks = bm[7].data_ptr<int32_t>();
-    p.full_q_indices = bm[8].data_ptr<int32_t>();
-    p.q_mask_ids = bm[9].data_ptr<int32_t>();
-    p.partial_masks = bm[10].numel() ? bm[10].data_ptr<uint8_t>() : nullptr;
-    p.mask_b = bm[0].size(0);
-    p.mask_h = bm[0].size(1);
-    p.nqb = bm[0].size(2);
-    p.nkb = bm[5].size(2);
-    p.kmax = bm[1].size(3);
-    p.kmax_full = bm[3].size(3);
-    p.qmax = bm[6].size(3);
-    p.qmax_full = bm[8].size(3);
-    p.mask_block_m = bm[10].size(1);
-    p.mask_block_n = bm[10].size(2);
+    p.kv_num_blocks = bm[kKvNumBlocks].data_ptr<int32_t>();
+    p.kv_indices = bm[kKvIndices].data_ptr<int32_t>();
+    p.full_kv_num_blocks = bm[kFullKvNumBlocks].data_ptr<int32_t>();
+    p.full_kv_indices = bm[kFullKvIndices].data_ptr<int32_t>();
+    p.kv_mask_ids = bm[kKvMaskIds].data_ptr<int32_t>();
+    p.q_num_blocks = bm[kQNumBlocks].data_ptr<int32_t>();
+    p.q_indices = bm[kQIndices].data_ptr<int32_t>();
+    p.full_q_num_blocks = bm[kFullQNumBlocks].data_ptr<int32_t>();
+    p.full_q_indices = bm[kFullQIndices].data_ptr<int32_t>();
+    p.q_mask_ids = bm[kQMaskIds].data_ptr<int32_t>();
+    p.partial_masks = bm[kPartialMasks].numel() ? bm[kPartialMasks].data_ptr<uint8_t>() : nullptr;
+    p.mask_b = bm[kKvNumBlocks].size(0);
+    p.mask_h = bm[kKvNumBlocks].size(1);
+    p.nqb = bm[kKvNumBlocks].size(2);
+    p.nkb = bm[kQNumBlocks].size(2);
+    p.kmax = bm[kKvIndices].size(3);
+    p.kmax_full = bm[kFullKvIndices].size(3);
+    p.qmax = bm[kQIndices].size(3);
+    p.qmax_full = bm[kFullQIndices].size(3);
+    p.mask_block_m = bm[kPartialMasks].size(1);
+    p.mask_block_n = bm[kPartialMasks].size(2);
   }
   return p;
 }

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..kernel_mask import KernelMask, int64_seed
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -40,6 +42,22 @@ class Problem:
     alibi_slopes: Any = None  # float32 tensor (B, Hq), contiguous, on the inputs' device
     dropout_p: float = 0.0
     dropout_seed: int = 0  # 64-bit seed of the counter-based dropout hash
+
+    @property
+    def mask(self) -> KernelMask:
+        """The mask as the kernels take it (fastattn.kernel_mask): the window for dense calls,
+        the block lists and their token window for block-sparse ones."""
+        if self.block_mask is None:
+            return KernelMask(window=tuple(self.window))
+        if self.window != (-1, -1):
+            raise ValueError("a window together with a block mask must be folded into the mask "
+                             "(BlockMask.with_window) before it reaches a backend")
+        return self.block_mask.kernel_mask()
+
+    @property
+    def seed_int64(self) -> int:
+        """dropout_seed as the signed int64 the op schemas carry."""
+        return int64_seed(self.dropout_seed)
 
     @property
     def is_masked(self) -> bool:

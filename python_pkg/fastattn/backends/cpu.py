@@ -104,20 +104,12 @@ class CPUBackend(Backend):
         return True, "ok"
 
     def forward(self, q, k, v, p: Problem):
-        if p.block_mask is None:
-            bm, (wl, wr) = [], p.window
-        else:  # the mask carries its own token rule for partial blocks
-            bm, (wl, wr) = p.block_mask.kernel_tensors(), p.block_mask.window
+        mask = p.mask  # named hand-off (fastattn.kernel_mask); its window is the token rule
+        wl, wr = mask.window
         if p.has_score_mods:
             out, lse = torch.ops.fastattn.cpu_fwd(
-                q, k, v, p.scale, wl, wr, bm, p.softcap, p.alibi_slopes, p.dropout_p,
-                _int64_seed(p.dropout_seed))
+                q, k, v, p.scale, wl, wr, mask.tensors, p.softcap, p.alibi_slopes, p.dropout_p,
+                p.seed_int64)
         else:  # the plain schema call (what compiled graphs of unmodified models hold)
-            out, lse = torch.ops.fastattn.cpu_fwd(q, k, v, p.scale, wl, wr, bm)
+            out, lse = torch.ops.fastattn.cpu_fwd(q, k, v, p.scale, wl, wr, mask.tensors)
         return out, lse
-
-
-def _int64_seed(seed: int) -> int:
-    """The 64-bit seed as the signed int64 the op schema carries (the kernel reads its bits)."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed - (1 << 64) if seed >= 1 << 63 else seed

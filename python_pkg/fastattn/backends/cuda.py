@@ -38,13 +38,6 @@ except ImportError as e:  # extension not built (CPU-only torch, no nvcc, or FAS
 MASK_BLOCK_MULTIPLE = 64  # csrc/cuda/flash.h kMaskBlockMultiple
 
 
-def _int64_seed(seed: int) -> int:
-    """The 64 bits of a dropout seed (any int, taken modulo 2^64, as score_mods.split_seed does)
-    as the signed int64 a torch op `int` argument carries; the kernel reads them back unsigned."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
-
-
 def _register():
     @torch.library.register_fake("fastattn::cuda_fwd")
     def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask, softcap=0.0,
@@ -148,11 +141,8 @@ class CUDABackend(Backend):
         return reasons
 
     def forward(self, q, k, v, p: Problem):
-        if p.block_mask is None:
-            bm, (wl, wr) = [], p.window
-        else:  # the window is already folded into the mask; its token rule rides along
-            bm, (wl, wr) = p.block_mask.kernel_tensors(), p.block_mask.window
+        mask = p.mask  # named hand-off (fastattn.kernel_mask); its window is the token rule
+        (wl, wr), bm = mask.window, mask.tensors
         out, lse = torch.ops.fastattn.cuda_fwd(q, k, v, p.scale, wl, wr, bm, float(p.softcap),
-                                               p.alibi_slopes, float(p.dropout_p),
-                                               _int64_seed(p.dropout_seed))
+                                               p.alibi_slopes, float(p.dropout_p), p.seed_int64)
         return out, lse

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernel_mask import BlockLists, KernelMask
 from ._builder import (
     EVAL,
     RULE,
@@ -197,7 +198,7 @@ class BlockMask:
         self.q_mask_ids = q_mask_ids
         self.partial_masks = partial_masks
         self._coo = None  # CPU Coo, computed on demand
-        self._kernel_tensors = None
+        self._kernel_mask = None
         self._device_cache = {}
         self._window_cache = {}
         self._density = None
@@ -624,13 +625,20 @@ class BlockMask:
             self._coo = fwd
 
     # ------------------------------------------------------------------ kernels, devices
+    def kernel_mask(self) -> KernelMask:
+        """The named record the kernels take (fastattn.kernel_mask): the 11 block lists in
+        the order of csrc/common/block_mask_fields.h, this mask's token window and block size.
+        Built once and cached."""
+        if self._kernel_mask is None:
+            lists = BlockLists(*(getattr(self, n).contiguous() for n in _LIST_NAMES),
+                               partial_masks=self.partial_masks.to(torch.uint8).contiguous())
+            self._kernel_mask = KernelMask(window=tuple(self.window), lists=lists,
+                                           block_size=tuple(self.block_size))
+        return self._kernel_mask
+
     def kernel_tensors(self) -> list[torch.Tensor]:
-        """The 11 tensors the compiled kernels take, in order (see the module docstring)."""
-        if self._kernel_tensors is None:
-            ts = [getattr(self, n).contiguous() for n in _LIST_NAMES]
-            ts.append(self.partial_masks.to(torch.uint8).contiguous())
-            self._kernel_tensors = ts
-        return self._kernel_tensors
+        """The 11 tensors of kernel_mask(), as the ops' `Tensor[] block_mask` list."""
+        return self.kernel_mask().tensors
 
     def to(self, device) -> BlockMask:
         """This mask on `device` (self when already there; copies are cached)."""

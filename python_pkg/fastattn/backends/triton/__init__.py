@@ -42,12 +42,6 @@ def mask_tiles(block_mask) -> tuple[int, int]:
     return int(bm), int(bn)
 
 
-def mask_window(block_mask) -> tuple[int, int]:
-    """The token rule (left, right) a BlockMask applies inside its partial blocks."""
-    w = getattr(block_mask, "window", None)
-    return (-1, -1) if w is None else (int(w[0]), int(w[1]))
-
-
 class TritonBackend(Backend):
     name = "triton"
     priority = 30
@@ -120,18 +114,10 @@ class TritonBackend(Backend):
     def forward(self, q, k, v, p: Problem):
         from . import ops  # noqa: F401  (registers torch.ops.fastattn.triton_*)
 
-        if p.block_mask is None:
-            tensors, (bm, bn) = [], (0, 0)
-            left, right = p.window
-        else:
-            tensors = list(p.block_mask.kernel_tensors())
-            bm, bn = mask_tiles(p.block_mask)
-            left, right = mask_window(p.block_mask)
-            if p.window != (-1, -1):  # the dispatcher folds it in; intersect if it did not
-                raise ValueError("triton backend: a window together with a block mask must be "
-                                 "folded into the mask (BlockMask.with_window)")
-        seed = int(p.dropout_seed) & 0xFFFFFFFFFFFFFFFF  # the schema's int is signed 64-bit
-        seed = seed - (1 << 64) if seed >= (1 << 63) else seed
+        mask = p.mask  # named hand-off (fastattn.kernel_mask); its window is the token rule
+        tensors, (left, right) = mask.tensors, mask.window
+        bm, bn = mask.block_size or (0, 0)
+        seed = p.seed_int64
         out, lse = torch.ops.fastattn.triton_fwd(q, k, v, float(p.scale), int(left), int(right),
                                                  tensors, bm, bn, float(p.softcap),
                                                  p.alibi_slopes, float(p.dropout_p), seed)

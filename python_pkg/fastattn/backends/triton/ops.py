@@ -7,7 +7,7 @@
                          block_mask[], mask_block_m, mask_block_n, softcap, alibi_slopes?,
                          dropout_p, dropout_seed) -> (dq, dk, dv)
 
-block_mask[] is empty for dense/window calls, else BlockMask.kernel_tensors() (11 tensors,
+block_mask[] is empty for dense/window calls, else BlockMask.kernel_mask().lists (11 named tensors,
 see fastattn/sparse/block_mask.py); then (window_left, window_right) is the mask's token
 rule for partial blocks, and the kernels walk the mask's (mask_block_m, mask_block_n) blocks
 in tiles that divide them.
@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 import triton
+
+from ...kernel_mask import BlockLists
 
 _KERNELS: dict[bool, object] = {}
 _LOCK = threading.Lock()
@@ -78,8 +80,14 @@ def _layout_args(bm, forward: bool, B: int, H: int, device):
     dummy = torch.zeros(1, dtype=torch.int32, device=device)
     if not bm:
         return [dummy] * 5 + [dummy.to(torch.uint8)], [0] * 9
-    num, idx, fnum, fidx, mid = bm[0:5] if forward else bm[5:10]
-    pm = bm[10]
+    L = BlockLists(*bm)  # the named hand-off (fastattn.kernel_mask)
+    if forward:
+        num, idx, fnum, fidx, mid = (L.kv_num_blocks, L.kv_indices, L.full_kv_num_blocks,
+                                     L.full_kv_indices, L.kv_mask_ids)
+    else:
+        num, idx, fnum, fidx, mid = (L.q_num_blocks, L.q_indices, L.full_q_num_blocks,
+                                     L.full_q_indices, L.q_mask_ids)
+    pm = L.partial_masks
 
     def strides3(t):
         return list(t.expand(B, H, *t.shape[2:]).stride()[:3])
@@ -124,7 +132,7 @@ def _constexprs(q, k, v, wl, wr, bm, mbn, interpret):
     return dict(
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=pad(D), BLOCK_DV=pad(Dv),
         WINDOW_LEFT=wl != -1, WINDOW_RIGHT=wr != -1, SPARSE=bool(bm),
-        BITMASK=bool(bm) and bm[10].shape[0] > 0,
+        BITMASK=bool(bm) and BlockLists(*bm).partial_masks.shape[0] > 0,
         EVEN_N=bool(bm) and Nk % mbn == 0,
         DOT_UPCAST=interpret,
         DOT_PRECISION=load_kernels(interpret).dot_precision(q.element_size(), max(pad(D), pad(Dv)),
