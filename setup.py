@@ -8,7 +8,10 @@
 Environment knobs:
   FASTATTN_BUILD_CUDA   0/1 (default: auto)
   FASTATTN_CUDA_ARCHS   e.g. "80;90" (default "80;90")
-  FASTATTN_NATIVE       1 (default) compiles the CPU kernels with -march=native; 0 for portable x86-64-v3
+  FASTATTN_NATIVE       1 compiles everything with -march=native (opt-in: the extension then runs
+                        only on CPUs like the build host). Default 0: a portable baseline
+                        (x86-64-v2 on x86-64) plus the AVX2 and AVX-512 kernel variants
+                        (csrc/cpu/isa), chosen at run time from the CPU's features
   MAX_JOBS              parallel compile jobs (default: from cores and free memory)
   FASTATTN_SKIP_EXT     1 installs the Python package only (the Makefile then builds the
                         extension in place with `setup.py build_ext --inplace`, incrementally)
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -54,15 +58,24 @@ def _cxx_std() -> str:
     return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
+def _cpu_arch_flags() -> list[str]:
+    """Baseline code generation. The per-ISA kernels add their own target() on top."""
+    if os.environ.get("FASTATTN_NATIVE", "0") == "1":
+        return ["-march=native"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["-march=x86-64-v2", "-mtune=generic"]
+    return []
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     std = _cxx_std()
 
-    native = os.environ.get("FASTATTN_NATIVE", "1") != "0"
     cxx = ["-O3", std, "-fopenmp", "-ffp-contract=fast"]
-    cxx += ["-march=native"] if native else ["-march=x86-64-v3"]
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/bindings/cpu_*.cpp"))
+    cxx += _cpu_arch_flags()
+    cpu_sources = (sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/cpu/isa/*.cpp"))
+                   + sorted(glob.glob("csrc/bindings/cpu_*.cpp")))
     exts = [
         CppExtension(
             "fastattn._C",

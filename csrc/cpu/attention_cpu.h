@@ -2,7 +2,7 @@
 //
 // Shapes: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hq % Hkv == 0.
 // window = (left, right), bottom-right aligned, -1 = unbounded (causal = (-1, 0)).
-// block_mask: empty (dense/window) or the 11 tensors of BlockMask.kernel_tensors().
+// block_mask: empty (dense/window) or the named lists of common/block_mask_fields.h.
 // mods: softcap / ALiBi / dropout (score_mods.h); default = none.
 #pragma once
 
@@ -11,7 +11,8 @@
 #include <tuple>
 #include <vector>
 
-#include "score_mods.h"
+#include "cpu/kernel_args.h"
+#include "cpu/tiles.h"
 
 namespace fastattn::cpu {
 

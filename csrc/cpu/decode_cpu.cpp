@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernel_math.h"
+#include "score_mods.h"
 
 namespace fastattn::cpu {
 
@@ -85,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q_in, const at::
   if (B == 0 || Hq == 0 || Nq == 0) return {out, lse};
 
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
-  const float cap_log2 = mods.cap_log2(), inv_cap = cap_log2 > 0.f ? 1.f / cap_log2 : 0.f;
+  const float cap_l2 = fastattn::cpu::cap_log2(mods), inv_cap = cap_l2 > 0.f ? 1.f / cap_l2 : 0.f;
   const int64_t sq_b = q.stride(0), sq_h = q.stride(1), sq_n = q.stride(2);
   const int64_t sk_b = k.stride(0), sk_h = k.stride(1), sk_n = k.stride(2);
   const int64_t sv_b = v.stride(0), sv_h = v.stride(1), sv_n = v.stride(2);
@@ -149,10 +150,10 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q_in, const at::
               const float* qr = qs.data() + r * D;
               for (int64_t j = a; j < e; ++j) s[j - a] = dot(qr, kt.data() + (j - j0) * D, D);
               const int64_t cnt = e - a;
-              if (cap_log2 > 0.f)
-                for (int64_t j = 0; j < cnt; ++j) s[j] = cap_log2 * tanh_fast(s[j] * inv_cap);
+              if (cap_l2 > 0.f)
+                for (int64_t j = 0; j < cnt; ++j) s[j] = cap_l2 * tanh_fast(s[j] * inv_cap);
               if (mods.slopes != nullptr) {  // -slope |p - j|, p = L - Nq + i
-                const float sl2 = mods.slope_log2(b, hk * G + r / Nq);
+                const float sl2 = slope_log2(mods, b, hk * G + r / Nq);
                 const int64_t diag = L - Nq + r % Nq;
                 for (int64_t j = a; j < e; ++j) {
                   const float d = static_cast<float>(diag - j);

@@ -7,7 +7,10 @@
 #include <cstring>
 #include <limits>
 
+#include "isa_namespace.h"
+
 namespace fastattn::cpu {
+inline namespace FASTATTN_ISA {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -66,4 +69,5 @@ inline void scale_inplace(float* x, int64_t n, float a) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
 
+}  // inline namespace FASTATTN_ISA
 }  // namespace fastattn::cpu

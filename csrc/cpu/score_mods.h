@@ -12,23 +12,19 @@
 #include <cmath>
 #include <cstdint>
 
+#include "isa_namespace.h"
+#include "kernel_args.h"
 #include "kernel_math.h"
 
 namespace fastattn::cpu {
+inline namespace FASTATTN_ISA {
 
-struct ScoreMods {
-  float softcap = 0.f;            // natural units; 0 = off
-  const float* slopes = nullptr;  // (B, Hq) float32, or nullptr
-  float dropout_p = 0.f;
-  uint32_t seed_lo = 0, seed_hi = 0, threshold = 0;
-  int64_t Hq = 1;
-
-  bool any() const { return softcap > 0.f || slopes != nullptr || dropout_p > 0.f; }
-  bool dropout() const { return dropout_p > 0.f; }
-  float cap_log2() const { return softcap * kLog2e; }
-  float slope_log2(int64_t b, int64_t h) const { return slopes ? slopes[b * Hq + h] * kLog2e : 0.f; }
-  float keep_scale() const { return 1.f / (1.f - dropout_p); }
-};
+inline bool has_dropout(const ScoreMods& m) { return m.dropout_p > 0.f; }
+inline float cap_log2(const ScoreMods& m) { return m.softcap * kLog2e; }
+inline float slope_log2(const ScoreMods& m, int64_t b, int64_t h) {
+  return m.slopes ? m.slopes[b * m.Hq + h] * kLog2e : 0.f;
+}
+inline float keep_scale(const ScoreMods& m) { return 1.f / (1.f - m.dropout_p); }
 
 inline uint32_t fmix32(uint32_t x) {
   x ^= x >> 16;
@@ -63,8 +59,8 @@ inline float tanh_fast(float y) {
 // values for the backward's chain rule.
 inline void apply_score_mods_rows(float* x, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
                                   int64_t off, const ScoreMods& mods, int64_t b, int64_t h) {
-  const float C = mods.cap_log2(), invC = C > 0.f ? 1.f / C : 0.f;
-  const float sl = mods.slope_log2(b, h);
+  const float C = cap_log2(mods), invC = C > 0.f ? 1.f / C : 0.f;
+  const float sl = slope_log2(mods, b, h);
   for (int64_t r = 0; r < m; ++r) {
     float* row = x + r * ld;
     if (C > 0.f)
@@ -82,7 +78,7 @@ inline void apply_score_mods_rows(float* x, int64_t ld, int64_t i0, int64_t m, i
 // Multiplies probabilities p (rows i0.., cols j0..) by keep / (1 - p_drop), in place.
 inline void apply_dropout_rows(float* p, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
                                const ScoreMods& mods, int64_t bh, int64_t Nq) {
-  const float ks = mods.keep_scale();
+  const float ks = keep_scale(mods);
   for (int64_t r = 0; r < m; ++r) {
     float* row = p + r * ld;
     const uint32_t rh = dropout_row_hash(mods, static_cast<uint64_t>(bh * Nq + i0 + r));
@@ -90,4 +86,5 @@ inline void apply_dropout_rows(float* p, int64_t ld, int64_t i0, int64_t m, int6
   }
 }
 
+}  // inline namespace FASTATTN_ISA
 }  // namespace fastattn::cpu

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "common/block_mask_fields.h"
-#include "tiles.h"
+#include "cpu/kernel_args.h"
 
 namespace fastattn::cpu {
 

@@ -8,13 +8,15 @@
 // A visited tile is FULL (no token mask) or PARTIAL (window rule, then the optional bitmask).
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 
+#include "isa_namespace.h"
+#include "kernel_args.h"
+
 namespace fastattn::cpu {
+inline namespace FASTATTN_ISA {
 
 struct WindowRule {
   int64_t Nq, Nk, off, left, right;  // -1 = unbounded
@@ -73,16 +75,10 @@ inline int64_t narrow_keys(const WindowRule& w, int64_t i0, int64_t i1, int64_t&
   return skip;
 }
 
-// Block-sparse lists of a BlockMask, as raw pointers (see BlockMask.kernel_tensors()).
-struct SparseLists {
-  bool active = false;
-  int64_t Bm = 1, Hm = 1, NQB = 0, NKB = 0;
-  int64_t kmax = 0, kmaxf = 0, qmax = 0, qmaxf = 0;  // widths of the index tensors
-  const int32_t *kv_num = nullptr, *kv_idx = nullptr, *fkv_num = nullptr, *fkv_idx = nullptr, *kv_mid = nullptr;
-  const int32_t *q_num = nullptr, *q_idx = nullptr, *fq_num = nullptr, *fq_idx = nullptr, *q_mid = nullptr;
-  const uint8_t* masks = nullptr;  // (P, BLOCK_M, BLOCK_N)
-  int64_t layout(int64_t b, int64_t h) const { return (Bm > 1 ? b : 0) * Hm + (Hm > 1 ? h : 0); }
-};
+// Layout (b, h) of the block lists: they broadcast over batch and heads.
+inline int64_t mask_layout(const SparseLists& s, int64_t b, int64_t h) {
+  return (s.Bm > 1 ? b : 0) * s.Hm + (s.Hm > 1 ? h : 0);
+}
 
 // One visited tile: key tile (forward) or query tile (backward), full or partial, bitmask id.
 struct Visit {
@@ -97,7 +93,7 @@ inline void for_each_kv_tile(const WindowRule& w, const SparseLists& s, int64_t 
                              int64_t BM, int64_t BN, F&& f) {
   const int64_t i0 = qt * BM, i1 = std::min(i0 + BM, w.Nq);
   if (s.active) {
-    const int64_t L = s.layout(b, h);
+    const int64_t L = mask_layout(s, b, h);
     const int64_t row = L * s.NQB + qt;
     const int32_t nf = s.fkv_num[row], np = s.kv_num[row];
     const int32_t* fi = s.fkv_idx + row * s.kmaxf;
@@ -126,7 +122,7 @@ inline void for_each_q_tile(const WindowRule& w, const SparseLists& s, int64_t b
                             int64_t BM, int64_t BN, F&& f) {
   const int64_t j0 = kt * BN, j1 = std::min(j0 + BN, w.Nk);
   if (s.active) {
-    const int64_t L = s.layout(b, h);
+    const int64_t L = mask_layout(s, b, h);
     const int64_t row = L * s.NKB + kt;
     const int32_t nf = s.fq_num[row], np = s.q_num[row];
     const int32_t* fi = s.fq_idx + row * s.qmaxf;
@@ -149,4 +145,5 @@ inline void for_each_q_tile(const WindowRule& w, const SparseLists& s, int64_t b
   }
 }
 
+}  // inline namespace FASTATTN_ISA
 }  // namespace fastattn::cpu

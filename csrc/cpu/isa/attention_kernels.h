@@ -1,0 +1,312 @@
+// The fused attention task bodies, forward and backward: one source of truth for the math,
+// compiled once per ISA (isa/kernels_*.cpp). The drivers (attention_fwd_cpu.cpp,
+// attention_bwd_cpu.cpp) lay out the float32 operands (kernel_args.h), split the tasks
+// over threads with at::parallel_for and call these through the ISA's KernelTable.
+//
+// Forward, per task = (batch, query head, TM-row query slice), FlashAttention-2 schedule:
+//   m = -inf, l = 0, acc = 0                                  // (TM), (TM), (TM, Dv) float32
+//   for each visited key tile (tiles.h; partial tiles narrowed to the keys the slice sees):
+//     S = (Q * scale*log2e) K^T        (TM, n)   gemm on the tile's K^T panel
+//     softcap / ALiBi (score_mods.h), token mask on partial tiles
+//     m' = max(m, rowmax S); P = exp2(S - m'); l = l*2^(m-m') + rowsum P; acc *= 2^(m-m')
+//     acc += P V                       (TM, Dv)  (P * keep / (1 - p) under dropout)
+//   out = acc / l, lse = (m + log2 l) * ln2   (rows with l == 0: out 0, lse -inf)
+//
+// Backward, per task = (batch, kv head, split), key tiles kt = split, split + S, ...; for
+// every query head of the GQA group and every query slice that visits the tile:
+//   S = Qs K^T, P = exp2(S - lse2)      (m, n)  recomputed, exactly the forward's S
+//   dV += P^T dO                        (n, Dv)
+//   dP = dO V^T                         (m, n)
+//   dS = P * (dP - delta) * scale       (softcap: * (1 - tanh^2); dropout: keep/(1-p))
+//   dK += dS^T Q                        (n, D)
+//   dQ += dS K                          into the split's own dQ buffer (no atomics)
+// Every product sums in a fixed order, and no result depends on which thread ran a task:
+// outputs are bitwise identical across runs and thread counts for a given ISA variant.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/isa/gemm.h"
+#include "cpu/isa/vec.h"
+#include "cpu/kernel_args.h"
+#include "cpu/kernel_math.h"
+#include "cpu/score_mods.h"
+#include "cpu/tiles.h"
+
+namespace fastattn::cpu {
+inline namespace FASTATTN_ISA {
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Zigzag order of query tiles so contiguous task ranges mix light and heavy causal tiles.
+inline int64_t zigzag(int64_t k, int64_t n) { return (k & 1) ? n - 1 - (k >> 1) : (k >> 1); }
+
+// Applies the token rule of a partial tile to row-major tile x (rows [i0, i0+m), cols
+// [j0, j0+n)): entries outside a row's window/causal range or cleared in the bitmask become
+// `fill` (-inf for scores, 0 for probabilities).
+inline void mask_partial_rows(float* x, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                              const WindowRule& w, const uint8_t* bits, int64_t bits_ld, float fill) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = x + r * ld;
+    int64_t a, b;
+    w.row_range(i0 + r, j0, j0 + n, a, b);
+    a = std::min<int64_t>(a - j0, n);  // row_range clips to [j0, j0 + n): a >= 0, b <= n
+    b = std::max<int64_t>(b - j0, a);
+    for (int64_t c = 0; c < a; ++c) row[c] = fill;
+    for (int64_t c = b; c < n; ++c) row[c] = fill;
+    if (bits != nullptr) {
+      const uint8_t* br = bits + r * bits_ld;
+      for (int64_t c = a; c < b; ++c) row[c] = br[c] ? row[c] : fill;
+    }
+  }
+}
+
+// Columns [n, nW) of a row-major (m, ld) tile set to `fill` (the tail of the last vector).
+inline void fill_tail(float* x, int64_t ld, int64_t m, int64_t n, int64_t nW, float fill) {
+  if (n == nW) return;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = n; c < nW; ++c) x[r * ld + c] = fill;
+}
+
+// Maximum of x[0:n] (n a multiple of kW); NaN if any element is NaN.
+inline float vrow_max(const float* x, int64_t n) {
+  vf m = vsplat(kNegInf);
+  vi nan = vi{};
+  for (int64_t c = 0; c < n; c += kW) {
+    const vf v = vload(x + c);
+    m = vsel(v > m, v, m);
+    nan |= v != v;
+  }
+  for (int i = 0; i < kW; ++i)
+    if (nan[i]) return std::numeric_limits<float>::quiet_NaN();
+  return hmax(m);
+}
+
+// x[c] = exp2(x[c] - b) for c < n (a multiple of kW); returns the sum.
+inline float vexp2_sub_sum(float* x, int64_t n, float b) {
+  vf s = vf{};
+  const vf bv = vsplat(b);
+  for (int64_t c = 0; c < n; c += kW) {
+    const vf e = vexp2(vload(x + c) - bv);
+    vstore(x + c, e);
+    s += e;
+  }
+  return hsum(s);
+}
+
+inline void vscale(float* x, int64_t n, float a) {
+  const vf av = vsplat(a);
+  for (int64_t c = 0; c < n; c += kW) vstore(x + c, vload(x + c) * av);
+}
+
+inline void vzero(float* x, int64_t n) {
+  for (int64_t c = 0; c < n; c += kW) vstore(x + c, vf{});
+}
+
+// ----------------------------------------------------------------------------- forward
+
+inline int64_t fwd_scratch_floats(const FwdArgs& a) {
+  return a.TM * a.s.BNp + a.TM * a.s.Dvp + 2 * round_up(a.TM, kPad);
+}
+
+inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scratch) {
+  const Shape& s = a.s;
+  const int64_t TM = a.TM, BNp = s.BNp, Dp = s.Dp, Dvp = s.Dvp, D = s.D;
+  const int64_t group = s.Hq / s.Hkv;
+  float* st = scratch;             // (TM, BNp) scores, then probabilities
+  float* acc = st + TM * BNp;      // (TM, Dvp)
+  float* m_i = acc + TM * Dvp;     // (TM) running max, log2 units
+  float* l_i = m_i + round_up(TM, kPad);
+  const WindowRule w(s.Nq, s.Nk, s.left, s.right);
+  const ScoreMods& mods = a.mods;
+  const bool has_mods = mods.softcap > 0.f || mods.slopes != nullptr;  // score changes
+  const bool dropout = has_dropout(mods);
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t bh = task / a.NQT, i0 = zigzag(task % a.NQT, a.NQT) * TM;
+    const int64_t qt = i0 / s.BM, sub = i0 - qt * s.BM;  // query tile of the lists, row offset in it
+    const int64_t b = bh / s.Hq, h = bh % s.Hq, hk = h / group;
+    const int64_t m = std::min(TM, s.Nq - i0);
+    const float* qp = a.q + (bh * s.Nq + i0) * Dp;
+    const float* kt_h = a.kt + (b * s.Hkv + hk) * s.NKB * D * BNp;
+    const float* v_h = a.v + (b * s.Hkv + hk) * s.NKB * s.BN * Dvp;
+    for (int64_t r = 0; r < m; ++r) {
+      m_i[r] = kNegInf;
+      l_i[r] = 0.f;
+    }
+    vzero(acc, m * Dvp);
+
+    for_each_kv_tile(w, a.lists, b, h, qt, s.BM, s.BN, [&](const Visit& vis) {
+      int64_t j0 = vis.t * s.BN, n = std::min(s.BN, s.Nk - j0);
+      // partial tile: only the keys some row of this slice sees
+      const int64_t skip = vis.full ? 0 : narrow_keys(w, i0, i0 + m, j0, n);
+      if (skip < 0) return;
+      const int64_t nW = round_up(n, kW);
+      // S = Q K^T: (m, D) x (D, n), already in log2 units
+      gemm<false, false>(m, n, D, qp, Dp, kt_h + vis.t * D * BNp + skip, BNp, st, BNp);
+      if (has_mods) apply_score_mods_rows(st, BNp, i0, m, j0, n, s.Nk - s.Nq, mods, b, h);
+      if (!vis.full) {
+        const uint8_t* bits = vis.mask_id >= 0
+            ? a.lists.masks + (static_cast<int64_t>(vis.mask_id) * s.BM + sub) * s.BN + skip : nullptr;
+        mask_partial_rows(st, BNp, i0, m, j0, n, w, bits, s.BN, kNegInf);
+      }
+      fill_tail(st, BNp, m, n, nW, kNegInf);
+      for (int64_t r = 0; r < m; ++r) {
+        float* row = st + r * BNp;
+        const float mx = vrow_max(row, nW);
+        const float m_new = mx != mx ? mx : std::max(m_i[r], mx);  // NaN propagates
+        if (m_new == kNegInf) {  // nothing visible yet in this row: P = 0
+          vzero(row, nW);
+          continue;
+        }
+        const float alpha = exp2_fast(m_i[r] - m_new);
+        l_i[r] = l_i[r] * alpha + vexp2_sub_sum(row, nW, m_new);
+        m_i[r] = m_new;
+        if (alpha != 1.f) vscale(acc + r * Dvp, Dvp, alpha);
+      }
+      if (dropout) apply_dropout_rows(st, BNp, i0, m, j0, n, mods, bh, s.Nq);
+      // acc += P V: (m, n) x (n, Dv)
+      gemm<true, false>(m, Dvp, n, st, BNp, v_h + j0 * Dvp, Dvp, acc, Dvp);
+    });
+
+    float* op = a.out + (bh * s.Nq + i0) * Dvp;
+    float* lp = a.lse + bh * s.Nq + i0;
+    for (int64_t r = 0; r < m; ++r) {
+      const float l = l_i[r];  // 0: no visible key; NaN: NaN inputs (propagate)
+      const float inv = l == 0.f ? 0.f : 1.f / l;
+      const vf iv = vsplat(inv);
+      for (int64_t d = 0; d < Dvp; d += kW) vstore(op + r * Dvp + d, vload(acc + r * Dvp + d) * iv);
+      lp[r] = l == 0.f ? kNegInf : (m_i[r] + std::log2(l)) * kLn2;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- backward
+
+inline int64_t bwd_scratch_floats(const BwdArgs& a) {
+  const Shape& s = a.s;
+  const bool softcap = a.mods.softcap > 0.f, dropout = has_dropout(a.mods);
+  return a.TM * s.BNp * (2 + softcap + dropout) + s.BN * (s.Dp + s.Dvp) + round_up(a.TM, kPad);
+}
+
+inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scratch) {
+  const Shape& s = a.s;
+  const int64_t TM = a.TM, BNp = s.BNp, Dp = s.Dp, Dvp = s.Dvp, D = s.D, Dv = s.Dv, BN = s.BN;
+  const int64_t group = s.Hq / s.Hkv, off = s.Nk - s.Nq;
+  const ScoreMods& mods = a.mods;
+  const bool softcap = mods.softcap > 0.f, dropout = has_dropout(mods);
+  const float capC = cap_log2(mods), capInv = softcap ? 1.f / capC : 0.f, keep_s = keep_scale(mods);
+  const WindowRule w(s.Nq, s.Nk, s.left, s.right);
+
+  float* st = scratch;                           // (TM, BNp): S, then P
+  float* dp = st + TM * BNp;                     // (TM, BNp): dP, then dS
+  float* th = dp + TM * BNp;                     // (TM, BNp): tanh (softcap)
+  float* pdrop = th + (softcap ? TM * BNp : 0);  // (TM, BNp): P * keep / (1 - p) (dropout)
+  float* dk_acc = pdrop + (dropout ? TM * BNp : 0);  // (BN, Dp)
+  float* dv_acc = dk_acc + BN * Dp;              // (BN, Dvp)
+  uint32_t* rowh = reinterpret_cast<uint32_t*>(dv_acc + BN * Dvp);  // (TM) dropout row hashes
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t split = task % a.S, bhk = task / a.S;
+    const int64_t b = bhk / s.Hkv, hk = bhk % s.Hkv;
+    const float* kt_h = a.kt + bhk * s.NKB * D * BNp;
+    const float* vt_h = a.vt + bhk * s.NKB * Dv * BNp;
+    const float* k_h = a.k + bhk * s.NKB * BN * Dp;
+    float* dq_split = a.dq + split * s.B * s.Hq * s.Nq * Dp;
+    for (int64_t kt = split; kt < s.NKB; kt += a.S) {
+      const int64_t j0 = kt * BN, n = std::min(BN, s.Nk - j0);
+      vzero(dk_acc, n * Dp);
+      vzero(dv_acc, n * Dvp);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g, bh = b * s.Hq + h;
+        for_each_q_tile(w, a.lists, b, h, kt, s.BM, BN, [&](const Visit& vis) {
+          for (int64_t sub = 0; sub < s.BM; sub += TM) {  // TM-row slices of the visited tile
+            const int64_t i0 = vis.t * s.BM + sub, m = std::min({TM, s.BM - sub, s.Nq - i0});
+            if (m <= 0) break;
+            // partial tile: only the keys some row of this slice sees (j0s, ns); dK/dV rows
+            // of the tile shift by skip
+            int64_t j0s = j0, ns = n;
+            const int64_t skip = vis.full ? 0 : narrow_keys(w, i0, i0 + m, j0s, ns);
+            if (skip < 0) continue;
+            const int64_t nW = round_up(ns, kW);
+            const int64_t row0 = bh * s.Nq + i0;
+            // S = Qs K^T: (m, D) x (D, ns), log2 units
+            gemm<false, false>(m, ns, D, a.qs + row0 * Dp, Dp, kt_h + kt * D * BNp + skip, BNp, st, BNp);
+            if (softcap) {  // S <- C tanh(S / C), keeping tanh for the chain rule
+              for (int64_t r = 0; r < m; ++r)
+                for (int64_t c = 0; c < ns; ++c) {
+                  const float t = tanh_fast(st[r * BNp + c] * capInv);
+                  th[r * BNp + c] = t;
+                  st[r * BNp + c] = capC * t;
+                }
+            }
+            if (mods.slopes != nullptr) {  // S -= slope |i + off - j|
+              const float sl2 = slope_log2(mods, b, h);
+              for (int64_t r = 0; r < m; ++r) {
+                const int64_t d0 = i0 + r + off - j0s;
+                for (int64_t c = 0; c < ns; ++c) {
+                  const float d = static_cast<float>(d0 - c);
+                  st[r * BNp + c] -= sl2 * (d < 0.f ? -d : d);
+                }
+              }
+            }
+            const float* l2 = a.lse2 + row0;
+            for (int64_t r = 0; r < m; ++r) {  // P = exp2(S - lse2)
+              float* row = st + r * BNp;
+              const vf lv = vsplat(l2[r]);
+              for (int64_t c = 0; c < nW; c += kW) vstore(row + c, vexp2(vload(row + c) - lv));
+            }
+            fill_tail(st, BNp, m, ns, nW, 0.f);
+            if (!vis.full) {
+              const uint8_t* bits = vis.mask_id >= 0
+                  ? a.lists.masks + (static_cast<int64_t>(vis.mask_id) * s.BM + sub) * BN + skip : nullptr;
+              mask_partial_rows(st, BNp, i0, m, j0s, ns, w, bits, BN, 0.f);
+            }
+            const float* pv = st;  // the P that multiplies dO: dropped when dropout
+            if (dropout) {
+              for (int64_t r = 0; r < m; ++r) {
+                rowh[r] = dropout_row_hash(mods, static_cast<uint64_t>(row0 + r));
+                for (int64_t c = 0; c < nW; ++c)
+                  pdrop[r * BNp + c] =
+                      c < ns && dropout_keep(mods, rowh[r], j0s + c) ? st[r * BNp + c] * keep_s : 0.f;
+              }
+              pv = pdrop;
+            }
+            // dV += P^T dO: (ns, m) x (m, Dv)
+            gemm<true, true>(ns, Dvp, m, pv, BNp, a.dout + row0 * Dvp, Dvp, dv_acc + skip * Dvp, Dvp);
+            // dP = dO V^T: (m, Dv) x (Dv, ns)
+            gemm<false, false>(m, ns, Dv, a.dout + row0 * Dvp, Dvp, vt_h + kt * Dv * BNp + skip, BNp, dp, BNp);
+            const float* dl = a.delta + row0;
+            const vf sc = vsplat(a.scale);
+            for (int64_t r = 0; r < m; ++r) {  // dS = P * (dP - delta) * scale
+              float* dr = dp + r * BNp;
+              const float* pr = st + r * BNp;
+              const vf dlv = vsplat(dl[r]);
+              if (dropout) {  // dP = dP_dropped * keep / (1 - p); keep read off pdrop
+                const float* pd = pdrop + r * BNp;
+                for (int64_t c = 0; c < nW; ++c) dr[c] = pd[c] != 0.f ? dr[c] * keep_s : 0.f;
+              }
+              for (int64_t c = 0; c < nW; c += kW)
+                vstore(dr + c, vload(pr + c) * (vload(dr + c) - dlv) * sc);
+              if (softcap) {  // d(C tanh(x / C)) / dx = 1 - tanh^2
+                const float* t = th + r * BNp;
+                for (int64_t c = 0; c < ns; ++c) dr[c] *= 1.f - t[c] * t[c];
+              }
+            }
+            // dK += dS^T Q: (ns, m) x (m, D)
+            gemm<true, true>(ns, Dp, m, dp, BNp, a.q + row0 * Dp, Dp, dk_acc + skip * Dp, Dp);
+            // dQ += dS K: (m, ns) x (ns, D)
+            gemm<true, false>(m, Dp, ns, dp, BNp, k_h + j0s * Dp, Dp, dq_split + row0 * Dp, Dp);
+          }
+        });
+      }
+      std::copy(dk_acc, dk_acc + n * Dp, a.dk + (bhk * s.NKB * BN + j0) * Dp);
+      std::copy(dv_acc, dv_acc + n * Dvp, a.dv + (bhk * s.NKB * BN + j0) * Dvp);
+    }
+  }
+}
+
+}  // inline namespace FASTATTN_ISA
+}  // namespace fastattn::cpu

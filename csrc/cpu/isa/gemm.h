@@ -1,0 +1,91 @@
+// Register-blocked float32 tile products for the attention kernels (one source, every ISA).
+//
+//   gemm<ACC, AT>(M, N, K, A, lda, B, ldb, C, ldc):   C (+)= op(A) B
+//     C (M x N) row-major (ldc), B (K x N) row-major (ldb), op(A) (M x K) with
+//     A[i * lda + k] (AT = false: A row-major) or A[k * lda + i] (AT = true: A^T stored,
+//     so P^T dO and dS^T Q need no transpose).
+//   N is rounded up to whole vectors: B's and C's rows must be readable/writable up to
+//   ceil(N / kW) * kW (the drivers pad to kPad = 16 floats).
+//
+// Micro-kernel: MR rows x NV vectors of C stay in registers while k runs over K; each step
+// loads NV vectors of B and broadcasts MR values of A (AVX2: 6 x 2 ymm = 12 accumulators of
+// 16; AVX-512: 6 x 4 zmm = 24 of 32). Each C element sums over k in order 0..K-1, whatever
+// the blocking: results do not depend on M, N or the tile position.
+#pragma once
+
+#include "cpu/isa/vec.h"
+
+namespace fastattn::cpu {
+inline namespace FASTATTN_ISA {
+
+constexpr int kMR = 6;
+constexpr int kNV = kW >= 16 ? 4 : 2;
+
+template <int MR, int NV, bool ACC, bool AT>
+inline void micro(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
+                  float* __restrict C, int64_t ldc) {
+  const int64_t a_rs = AT ? 1 : lda, a_ks = AT ? lda : 1;
+  vf c[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) c[i][j] = ACC ? vload(C + i * ldc + j * kW) : vf{};
+  for (int64_t k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = vload(B + k * ldb + j * kW);
+    const float* a = A + k * a_ks;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const vf ai = vsplat(a[i * a_rs]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) c[i][j] += ai * b[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) vstore(C + i * ldc + j * kW, c[i][j]);
+}
+
+template <int NV, bool ACC, bool AT>
+inline void micro_rows(int mr, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                       int64_t ldc) {
+  switch (mr) {
+    case 6: micro<6, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
+    case 5: micro<5, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
+    case 4: micro<4, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
+    case 3: micro<3, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
+    case 2: micro<2, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
+    default: micro<1, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
+  }
+}
+
+template <bool ACC, bool AT>
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                 float* C, int64_t ldc) {
+  static_assert(kMR == 6, "micro_rows dispatches 1..6 rows");
+  const int64_t nvec = (N + kW - 1) / kW;
+  const int64_t a_rs = AT ? 1 : lda;
+  for (int64_t j = 0; j < nvec; j += kNV) {  // a column panel of B stays in L1 over all rows
+    const int64_t nv = nvec - j < kNV ? nvec - j : kNV;
+    for (int64_t i = 0; i < M; i += kMR) {
+      const int mr = static_cast<int>(M - i < kMR ? M - i : kMR);
+      const float* a = A + i * a_rs;
+      const float* b = B + j * kW;
+      float* c = C + i * ldc + j * kW;
+      if (nv == kNV) {
+        micro_rows<kNV, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
+      } else if constexpr (kNV == 4) {
+        if (nv == 3) micro_rows<3, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
+        else if (nv == 2) micro_rows<2, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
+        else micro_rows<1, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
+      } else {
+        micro_rows<1, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
+      }
+    }
+  }
+}
+
+}  // inline namespace FASTATTN_ISA
+}  // namespace fastattn::cpu

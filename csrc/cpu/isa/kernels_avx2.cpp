@@ -1,0 +1,44 @@
+// The avx2 variant of the CPU attention kernels: the one source (attention_kernels.h)
+// compiled under target("avx2,fma,f16c") with 32-byte vectors. Only
+// isa_dispatch.cpp calls it, and only after checking that the running CPU has avx2.
+// Standard headers come first, outside the target region, so nothing they define is
+// compiled for avx2; the kernels' own helpers sit in namespace fastattn::cpu::avx2.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "cpu/isa/kernel_tables.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTATTN_ISA avx2
+#define FASTATTN_VEC_BYTES 32
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+#include "cpu/isa/attention_kernels.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace fastattn::cpu {
+namespace {
+const KernelTable kTable = {"avx2", avx2::kW, &avx2::fwd_tasks, &avx2::fwd_scratch_floats,
+                            &avx2::bwd_tasks, &avx2::bwd_scratch_floats};
+}  // namespace
+const KernelTable* kernels_avx2() { return &kTable; }
+}  // namespace fastattn::cpu
+
+#else  // not x86-64: this variant does not exist
+namespace fastattn::cpu {
+const KernelTable* kernels_avx2() { return nullptr; }
+}  // namespace fastattn::cpu
+#endif

@@ -1,0 +1,18 @@
+// The generic variant of the CPU attention kernels: compiled with the build's baseline
+// flags (x86-64-v2 on x86, the default elsewhere), 16-byte vectors. Runs on every CPU.
+#define FASTATTN_ISA generic
+#define FASTATTN_VEC_BYTES 16
+
+#include "cpu/isa/attention_kernels.h"
+#include "cpu/isa/kernel_tables.h"
+
+namespace fastattn::cpu {
+
+namespace {
+const KernelTable kTable = {"generic", kW, &generic::fwd_tasks, &generic::fwd_scratch_floats,
+                            &generic::bwd_tasks, &generic::bwd_scratch_floats};
+}  // namespace
+
+const KernelTable* kernels_generic() { return &kTable; }
+
+}  // namespace fastattn::cpu

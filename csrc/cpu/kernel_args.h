@@ -1,0 +1,86 @@
+// Plain data handed from the CPU drivers (attention_fwd_cpu.cpp, attention_bwd_cpu.cpp:
+// tensor prep, threading) to the per-ISA kernels (isa/kernels_*.cpp), and the table of
+// kernel entry points one ISA variant exports.
+//
+// Everything here is POD with no functions: this header is included by code compiled for
+// different ISAs, so nothing in it may be emitted as a shared (COMDAT) symbol.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattn::cpu {
+
+// Score modifiers (score_mods.h has the formulas): softcap, ALiBi, counter-based dropout.
+struct ScoreMods {
+  float softcap = 0.f;            // natural units; 0 = off
+  const float* slopes = nullptr;  // (B, Hq) float32, or nullptr
+  float dropout_p = 0.f;
+  uint32_t seed_lo = 0, seed_hi = 0, threshold = 0;  // threshold = round(p * 2^24)
+  int64_t Hq = 1;
+};
+
+// Raw view of the block lists (common/block_mask_fields.h; sparse_lists.h fills it).
+struct SparseLists {
+  bool active = false;
+  int64_t Bm = 1, Hm = 1, NQB = 0, NKB = 0;
+  int64_t kmax = 0, kmaxf = 0, qmax = 0, qmaxf = 0;  // widths of the index tensors
+  const int32_t *kv_num = nullptr, *kv_idx = nullptr, *fkv_num = nullptr, *fkv_idx = nullptr, *kv_mid = nullptr;
+  const int32_t *q_num = nullptr, *q_idx = nullptr, *fq_num = nullptr, *fq_idx = nullptr, *q_mid = nullptr;
+  const uint8_t* masks = nullptr;  // (P, BLOCK_M, BLOCK_N)
+};
+
+// Operand layouts prepared by the drivers (float32, zero-padded; Dp, Dvp, BNp multiples of
+// kPad so every vector load of every ISA variant stays inside its buffer):
+//   q   (B, Hq, Nq, Dp)          rows of Q (the forward scales it by scale*log2e first)
+//   kt  (B, Hkv, NKB, D, BNp)    K^T, one (D x BNp) panel per key tile: S = Q K^T
+//   k   (B, Hkv, NKB*BN, Dp)     rows of K (backward: dQ += dS K)
+//   v   (B, Hkv, NKB*BN, Dvp)    rows of V: O += P V
+//   vt  (B, Hkv, NKB, Dv, BNp)   V^T panels (backward: dP = dO V^T)
+constexpr int64_t kPad = 16;
+
+struct Shape {
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv, Dp, Dvp;
+  int64_t BM, BN, BNp, NKB;  // tile rows / keys (block-mask blocks when sparse), padded keys
+  int64_t left, right;       // token window, bottom-right aligned, -1 = unbounded
+};
+
+struct FwdArgs {
+  Shape s;
+  int64_t TM, NQT;       // rows per task slice, tasks per (b, h)
+  const float* q;        // (B, Hq, Nq, Dp), pre-scaled by scale * log2e
+  const float* kt;       // K^T panels
+  const float* v;        // V rows
+  float* out;            // (B, Hq, Nq, Dvp) float32
+  float* lse;            // (B, Hq, Nq) natural log
+  SparseLists lists;
+  ScoreMods mods;
+};
+
+struct BwdArgs {
+  Shape s;
+  int64_t TM, S;          // query rows per slice; dQ split count
+  float scale;            // softmax scale (natural)
+  const float *q, *qs;    // Q rows (B, Hq, Nq, Dp), unscaled and scaled by scale*log2e
+  const float *kt, *k;    // K^T panels, K rows
+  const float *vt;        // V^T panels
+  const float* dout;      // (B, Hq, Nq, Dvp)
+  const float* delta;     // (B, Hq, Nq): rowsum(dO * O) - dlse
+  const float* lse2;      // (B, Hq, Nq): lse * log2e, +inf for rows that saw no key
+  float *dq, *dk, *dv;    // (S, B, Hq, Nq, Dp), (B, Hkv, NKB*BN, Dp), (B, Hkv, NKB*BN, Dvp)
+  SparseLists lists;
+  ScoreMods mods;
+};
+
+// Per-thread scratch the drivers allocate: scratch_floats(...) floats, 64-byte aligned.
+struct KernelTable {
+  const char* name;      // "generic", "avx2", "avx512"
+  int vec_floats;        // lanes of one float vector
+  // forward: tasks [begin, end) of B * Hq * NQT
+  void (*fwd_tasks)(const FwdArgs&, int64_t begin, int64_t end, float* scratch);
+  int64_t (*fwd_scratch_floats)(const FwdArgs&);
+  // backward: tasks [begin, end) of B * Hkv * S
+  void (*bwd_tasks)(const BwdArgs&, int64_t begin, int64_t end, float* scratch);
+  int64_t (*bwd_scratch_floats)(const BwdArgs&);
+};
+
+}  // namespace fastattn::cpu

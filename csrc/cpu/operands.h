@@ -1,0 +1,63 @@
+// Float32 operand layouts the CPU drivers build for the kernels (kernel_args.h lists them).
+// Baseline code only: uses ATen's own (runtime-dispatched) copies and conversions.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "cpu/kernel_args.h"
+
+namespace fastattn::cpu {
+
+inline int64_t pad_to(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// x (B, H, N, C) any float dtype/strides -> float32 (B, H, rows, cols), zero-padded.
+inline at::Tensor padded_f32(const at::Tensor& x, int64_t rows, int64_t cols, double mul = 1.0) {
+  at::Tensor out = at::zeros({x.size(0), x.size(1), rows, cols}, x.options().dtype(at::kFloat));
+  auto dst = out.narrow(2, 0, x.size(2)).narrow(3, 0, x.size(3));
+  if (mul == 1.0) dst.copy_(x);
+  else dst.copy_(x.to(at::kFloat).mul(mul));
+  return out;
+}
+
+// x (B, H, N, C) -> per key tile transposed panels (B, H, NKB, C, BNp), zero-padded:
+// panel t holds x[t*BN : (t+1)*BN]^T, so S = Q K^T reads unit-stride rows of keys.
+inline at::Tensor key_panels(const at::Tensor& x, int64_t NKB, int64_t BN, int64_t BNp) {
+  const int64_t B = x.size(0), H = x.size(1), C = x.size(3);
+  at::Tensor rows = padded_f32(x, NKB * BN, C);  // (B, H, NKB*BN, C)
+  at::Tensor out = at::zeros({B, H, NKB, C, BNp}, x.options().dtype(at::kFloat));
+  out.narrow(4, 0, BN).copy_(rows.view({B, H, NKB, BN, C}).transpose(3, 4));
+  return out;
+}
+
+inline Shape make_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t BM, int64_t BN,
+                        int64_t left, int64_t right) {
+  Shape s;
+  s.B = q.size(0);
+  s.Hq = q.size(1);
+  s.Nq = q.size(2);
+  s.D = q.size(3);
+  s.Hkv = k.size(1);
+  s.Nk = k.size(2);
+  s.Dv = v.size(3);
+  s.Dp = pad_to(s.D, kPad);
+  s.Dvp = pad_to(s.Dv, kPad);
+  s.BM = BM;
+  s.BN = BN;
+  s.BNp = pad_to(BN, kPad);
+  s.NKB = (s.Nk + BN - 1) / BN;
+  s.left = left;
+  s.right = right;
+  return s;
+}
+
+// 64-byte aligned per-thread scratch.
+struct Scratch {
+  std::vector<float> buf;
+  float* ptr;
+  explicit Scratch(int64_t floats) : buf(floats + 16) {
+    auto p = reinterpret_cast<uintptr_t>(buf.data());
+    ptr = reinterpret_cast<float*>((p + 63) & ~uintptr_t(63));
+  }
+};
+
+}  // namespace fastattn::cpu
