@@ -15,6 +15,7 @@
 
 #include "common/block_mask_fields.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/isa/kernel_tables.h"
 
 namespace {
 
@@ -177,12 +178,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #elif defined(__GNUC__)
     s += "gcc " __VERSION__;
 #endif
+    // the baseline the whole extension was compiled for; kernels add their own variants
 #if defined(__AVX512F__)
-    s += ", AVX-512";
+    s += ", baseline AVX-512 (-march=native build: runs only on CPUs like the build host)";
 #elif defined(__AVX2__)
-    s += ", AVX2";
+    s += ", baseline AVX2 (-march=native build: runs only on CPUs like the build host)";
+#elif defined(__x86_64__)
+    s += ", baseline x86-64-v2";
+#else
+    s += ", baseline generic";
 #endif
-    s += ", threads: " + std::to_string(at::get_num_threads());
+    s += ", kernel variants built: generic";
+    if (fastattn::cpu::kernels_avx2()) s += ", avx2";
+    if (fastattn::cpu::kernels_avx512()) s += ", avx512";
     return s;
   });
+  m.def("native_build", []() {
+#if defined(__AVX2__)
+    return true;
+#else
+    return false;
+#endif
+  }, "True when the extension was built with -march=native (FASTATTN_NATIVE=1)");
+  m.def("cpu_isa", []() { return std::string(fastattn::cpu::active_kernels().name); },
+        "The kernel variant a call would run now (honours FASTATTN_CPU_ISA)");
+  m.def("cpu_isas", &fastattn::cpu::runnable_isas, "Kernel variants this CPU can run, best last");
+  m.def("cpu_features", &fastattn::cpu::isa_report, "CPU features the dispatcher sees");
 }

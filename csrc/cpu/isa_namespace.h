@@ -9,3 +9,11 @@
 #ifndef FASTATTN_ISA
 #define FASTATTN_ISA base
 #endif
+
+// The per-ISA helpers are internal to the extension: hidden symbols are called directly
+// (no PLT) and can never be interposed by another library's copy.
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTATTN_ISA_VISIBILITY __attribute__((visibility("hidden")))
+#else
+#define FASTATTN_ISA_VISIBILITY
+#endif

@@ -43,7 +43,9 @@ inline Shape make_shape(const at::Tensor& q, const at::Tensor& k, const at::Tens
   s.Dvp = pad_to(s.Dv, kPad);
   s.BM = BM;
   s.BN = BN;
-  s.BNp = pad_to(BN, kPad);
+  // +kPad: a row stride that is not a multiple of 1 KiB, so the D rows of a K^T panel that
+  // one micro-kernel walks do not all fall into the same few L1 sets (4K aliasing)
+  s.BNp = pad_to(BN, kPad) + kPad;
   s.NKB = (s.Nk + BN - 1) / BN;
   s.left = left;
   s.right = right;

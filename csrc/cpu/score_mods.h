@@ -17,7 +17,7 @@
 #include "kernel_math.h"
 
 namespace fastattn::cpu {
-inline namespace FASTATTN_ISA {
+inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 
 inline bool has_dropout(const ScoreMods& m) { return m.dropout_p > 0.f; }
 inline float cap_log2(const ScoreMods& m) { return m.softcap * kLog2e; }

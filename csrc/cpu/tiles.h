@@ -16,7 +16,7 @@
 #include "kernel_args.h"
 
 namespace fastattn::cpu {
-inline namespace FASTATTN_ISA {
+inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 
 struct WindowRule {
   int64_t Nq, Nk, off, left, right;  // -1 = unbounded

@@ -8,6 +8,7 @@ from .patching import patch_sdpa, unpatch_sdpa
 from .decode import decode_attention  # noqa: I001
 from .varlen import attention_varlen
 from . import flash_attn_compat  # (imports the API, varlen and decode)
+from .backends.cpu import kernel_info as cpu_info
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "decode_attention",
     "flash_attn_compat",
     "available_backends",
+    "cpu_info",
     "BackendUnavailableError",
     "sparse",
     "distributed",

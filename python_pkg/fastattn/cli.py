@@ -27,12 +27,12 @@ def _info(args) -> int:
     print(f"fastattn {fastattn.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, machine {platform.machine()}")
-    try:
-        from fastattn import _C
-
-        print(f"cpu extension: {_C.build_info()}")
-    except ImportError as e:
-        print(f"cpu extension: not built ({e})")
+    ci = fastattn.cpu_info()
+    print(f"cpu: {ci['cpu']}")
+    print(f"cpu extension: {ci['build']}")
+    if ci["variant"] is not None:
+        print(f"cpu kernels: running the {ci['variant']} variant ({ci['features']}; "
+              f"FASTATTN_CPU_ISA=generic|avx2|avx512 forces a lower one)")
     try:
         import triton
 

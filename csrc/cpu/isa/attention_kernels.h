@@ -36,7 +36,7 @@
 #include "cpu/tiles.h"
 
 namespace fastattn::cpu {
-inline namespace FASTATTN_ISA {
+inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

@@ -16,10 +16,16 @@
 #include "cpu/isa/vec.h"
 
 namespace fastattn::cpu {
-inline namespace FASTATTN_ISA {
+inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 
-constexpr int kMR = 6;
-constexpr int kNV = kW >= 16 ? 4 : 2;
+#ifndef FASTATTN_GEMM_MR
+#define FASTATTN_GEMM_MR 6
+#endif
+#ifndef FASTATTN_GEMM_NV
+#define FASTATTN_GEMM_NV (kW >= 16 ? 4 : 2)
+#endif
+constexpr int kMR = FASTATTN_GEMM_MR;
+constexpr int kNV = FASTATTN_GEMM_NV;
 
 template <int MR, int NV, bool ACC, bool AT>
 inline void micro(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
@@ -52,6 +58,8 @@ template <int NV, bool ACC, bool AT>
 inline void micro_rows(int mr, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                        int64_t ldc) {
   switch (mr) {
+    case 8: if constexpr (kMR >= 8) micro<8, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
+    case 7: if constexpr (kMR >= 7) micro<7, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
     case 6: micro<6, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
     case 5: micro<5, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
     case 4: micro<4, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
@@ -64,7 +72,7 @@ inline void micro_rows(int mr, int64_t K, const float* A, int64_t lda, const flo
 template <bool ACC, bool AT>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                  float* C, int64_t ldc) {
-  static_assert(kMR == 6, "micro_rows dispatches 1..6 rows");
+  static_assert(kMR >= 1 && kMR <= 8 && kNV >= 1 && kNV <= 4, "micro_rows dispatches 1..8 rows, 1..4 vectors");
   const int64_t nvec = (N + kW - 1) / kW;
   const int64_t a_rs = AT ? 1 : lda;
   for (int64_t j = 0; j < nvec; j += kNV) {  // a column panel of B stays in L1 over all rows
@@ -74,14 +82,11 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
       const float* a = A + i * a_rs;
       const float* b = B + j * kW;
       float* c = C + i * ldc + j * kW;
-      if (nv == kNV) {
-        micro_rows<kNV, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
-      } else if constexpr (kNV == 4) {
-        if (nv == 3) micro_rows<3, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
-        else if (nv == 2) micro_rows<2, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
-        else micro_rows<1, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
-      } else {
-        micro_rows<1, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc);
+      switch (nv) {
+        case 4: if constexpr (kNV >= 4) micro_rows<4, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc); break;
+        case 3: if constexpr (kNV >= 3) micro_rows<3, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc); break;
+        case 2: if constexpr (kNV >= 2) micro_rows<2, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc); break;
+        default: micro_rows<1, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc); break;
       }
     }
   }

@@ -19,7 +19,7 @@
 #endif
 
 namespace fastattn::cpu {
-inline namespace FASTATTN_ISA {
+inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 
 constexpr int kW = FASTATTN_VEC_BYTES / 4;  // float lanes
 

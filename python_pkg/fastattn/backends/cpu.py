@@ -113,3 +113,41 @@ class CPUBackend(Backend):
         else:  # the plain schema call (what compiled graphs of unmodified models hold)
             out, lse = torch.ops.fastattn.cpu_fwd(q, k, v, p.scale, wl, wr, mask.tensors)
         return out, lse
+
+
+def cpu_model() -> str:
+    """The CPU's name as the OS reports it, with its family/model numbers on x86 (a VM may
+    hide the marketing name: 'AMD EPYC (family 25, model 17)')."""
+    import platform
+
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, val = line.partition(":")
+                fields[key.strip().lower()] = val.strip()
+    except OSError:
+        pass
+    name = (fields.get("model name") or fields.get("hardware") or fields.get("cpu model")
+            or platform.processor() or platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def kernel_info() -> dict:
+    """What the cpu backend runs on this machine: the CPU model, the kernel variant a call
+    takes now (generic / avx2 / avx512; FASTATTN_CPU_ISA forces a lower one), the variants
+    the CPU can run, the features the dispatcher saw and the build flags."""
+    info = {"cpu": cpu_model(), "variant": None, "runnable": [], "features": "", "build": ""}
+    if _C is None:
+        info["build"] = f"not built ({_LOAD_ERROR})"
+        return info
+    info.update(runnable=list(_C.cpu_isas()), features=_C.cpu_features(), build=_C.build_info())
+    try:
+        info["variant"] = _C.cpu_isa()
+    except ValueError as e:  # a bad FASTATTN_CPU_ISA: say so instead of failing
+        info["variant"] = f"error: {e}"
+    return info
