@@ -3,8 +3,10 @@ beat torch SDPA and FlexAttention on long sequences).
 
 Sections, each timed as medians of interleaved repetitions (providers alternate within
 every repetition, after one warm-up call each):
-  dense     fastattn cpu vs torch SDPA (its CPU flash kernel): B=1, H=8, D in {64, 128},
-            N in {4096, 16384}, float32/bfloat16, causal or not, fwd and fwd+bwd
+  peak      this host's float32 FMA peak (benchmarks/cpu_peak.py: cores x FMA units x lanes
+            x 2 x the clock measured under load)
+  dense     fastattn cpu vs torch SDPA (its CPU flash kernel): B=1, H=8, D=64 (--head-dims),
+            N in {4096, 8192, 16384}, float32/bfloat16, causal or not, fwd and fwd+bwd
   sparse    N=16384, D=64, float32: sliding window (left=511, causal) and BigBird, fastattn
             cpu vs torch.compile(flex_attention) with the equivalent block mask (fwd; flex
             has no CPU backward), and against density x fastattn's own dense time
@@ -13,9 +15,13 @@ every repetition, after one warm-up call each):
             dense forward reaches (FLOPs 4*B*H*N^2*D, x0.5 causal)
   memory    N=65536 causal forward: peak bytes beyond inputs and outputs (child process)
 
-    python benchmarks/cpu_suite.py --out benchmarks/results/cpu_suite   [--quick]
+    python benchmarks/cpu_suite.py --out benchmarks/results/cpu_suite_avx512   [--quick]
+    FASTATTN_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 \
+        python benchmarks/cpu_suite.py --out benchmarks/results/cpu_suite_avx2
 
-Writes OUT.md (command, date, machine, tables) and OUT.png (ratio chart).
+The second form times fastattn's AVX2 kernels on an AVX-512 host, with torch's own kernels
+(SDPA, flex, torch.mm) held to AVX2 as well, so both sides run the ISA of an AVX2-only CPU.
+Writes OUT.md (command, date, CPU model, kernel variant, tables) and OUT.png (ratio chart).
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ import fastattn
 from fastattn import sparse
 from fastattn.bench.patterns import layout_mask_mod
 from fastattn.bench.providers import ModeRunner, compiled_flex, make_inputs, naive_attention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpu_peak  # noqa: E402  (benchmarks/cpu_peak.py)
 
 
 def interleaved(runners: dict, reps: int) -> dict:
@@ -60,28 +69,27 @@ def flops(N, D, causal, H=8, mode="fwd", density=None):
     return f * {"fwd": 1.0, "fwd+bwd": 3.5}[mode]
 
 
+def dense_cases(args):
+    return [(N, D, dtype, causal, mode) for N in args.lengths for D in args.head_dims
+            for dtype in (torch.float32, torch.bfloat16) for causal in (False, True)
+            for mode in ("fwd", "fwd+bwd")]
+
+
 def dense_section(args, rows, pbar):
-    for N in args.lengths:
-        for D in (64, 128):
-            for dtype in (torch.float32, torch.bfloat16):
-                for causal in (False, True):
-                    for mode in ("fwd", "fwd+bwd"):
-                        # at the longest length, fwd+bwd only for D=64 causal (time budget)
-                        if N > 4096 and mode == "fwd+bwd" and not (D == 64 and causal):
-                            continue
-                        q, k, v, dout = make_inputs(1, 8, N, D, dtype, "cpu", mode)
-                        runners = {
-                            "fastattn": ModeRunner(lambda a, b, c: fastattn.attention(
-                                a, b, c, causal=causal, backend="cpu"), q, k, v, dout, mode),
-                            "sdpa": ModeRunner(lambda a, b, c: F.scaled_dot_product_attention(
-                                a, b, c, is_causal=causal), q, k, v, dout, mode),
-                        }
-                        t = interleaved(runners, args.reps)
-                        rows.append(dict(section="dense", N=N, D=D, dtype=str(dtype)[6:],
-                                         causal=causal, mode=mode, fastattn=t["fastattn"],
-                                         peer="sdpa", peer_t=t["sdpa"],
-                                         gflops=flops(N, D, causal, mode=mode) / t["fastattn"] / 1e9))
-                        pbar.update(1)
+    for N, D, dtype, causal, mode in dense_cases(args):
+        q, k, v, dout = make_inputs(1, 8, N, D, dtype, "cpu", mode)
+        runners = {
+            "fastattn": ModeRunner(lambda a, b, c: fastattn.attention(
+                a, b, c, causal=causal, backend="cpu"), q, k, v, dout, mode),
+            "sdpa": ModeRunner(lambda a, b, c: F.scaled_dot_product_attention(
+                a, b, c, is_causal=causal), q, k, v, dout, mode),
+        }
+        t = interleaved(runners, args.reps)
+        rows.append(dict(section="dense", N=N, D=D, dtype=str(dtype)[6:], causal=causal,
+                         mode=mode, fastattn=t["fastattn"], peer="sdpa", peer_t=t["sdpa"],
+                         gflops=flops(N, D, causal, mode=mode) / t["fastattn"] / 1e9,
+                         sdpa_gflops=flops(N, D, causal, mode=mode) / t["sdpa"] / 1e9))
+        pbar.update(1)
 
 
 def sparse_section(args, rows, pbar, dense_t):
@@ -136,7 +144,7 @@ def gemm_rate(dtype, n=4096, reps=3):
         t0 = time.perf_counter()
         torch.mm(a, b)
         ts.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(ts)
+    return 2 * n**3 / min(ts)
 
 
 def memory_section(args, rows, pbar):
@@ -151,27 +159,50 @@ def memory_section(args, rows, pbar):
     pbar.update(1)
 
 
-def write_report(args, rows, gemm, out):
+def machine_lines(peak):
+    info = fastattn.cpu_info()
+    env = {k: os.environ[k] for k in ("FASTATTN_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                      "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    lines = [f"- CPU: {info['cpu']}; {platform.machine()}, {os.cpu_count()} logical cores, "
+             f"{torch.get_num_threads()} threads",
+             f"- fastattn kernel variant run: **{info['variant']}** ({info['features']})",
+             f"- torch {torch.__version__}, its CPU capability: {torch.backends.cpu.get_cpu_capability()}; "
+             f"environment: {env or 'none set'}",
+             f"- build: {info['build']}"]
+    if peak:
+        isa = "; ".join(f"{n}: {v['fma_units']:g} FMA units x {v['lanes']} lanes (measured "
+                        f"{v['fma_per_cycle_measured']:.2f} FMA/cycle/core) = {v['peak_gflops']:.0f} GFLOP/s"
+                        for n, v in peak["isa"].items())
+        lines.append(f"- float32 FMA peak: {peak['cores']} cores x FMA units x lanes x 2 x "
+                     f"{peak['clock_ghz']:.2f} GHz (clock measured under load, all cores): {isa} "
+                     f"(benchmarks/cpu_peak.py)")
+    return lines
+
+
+def write_report(args, rows, gemm, out, peak=None):
     def f(x, nd=3):
         return "" if x is None else f"{x:.{nd}f}"
 
     lines = ["# fastattn cpu backend vs peers (one run)", "",
              f"- command: `python {' '.join(sys.argv)}`",
              f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-             f"- machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, {fastattn._C.build_info()}",
+             *machine_lines(peak),
              "- timing: medians of interleaved repetitions after a warm-up call per provider "
              f"(reps={args.reps}); seconds per call; B=1, H=8", "",
              "## Dense: fastattn cpu vs torch SDPA", "",
-             "| N | D | dtype | causal | mode | fastattn s | sdpa s | fastattn / sdpa | GFLOP/s | "
-             "fraction of torch.mm |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "FLOPs: 4*B*H*N^2*D (x0.5 causal, x3.5 fwd+bwd). Fractions: of the float32 FMA peak "
+             "above and of torch.mm's best float32 rate in this run.", "",
+             "| N | D | dtype | causal | mode | fastattn s | sdpa s | fastattn / sdpa | GFLOP/s "
+             "(sdpa) | of peak | of torch.mm |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pk = (peak or {}).get("peak_gflops")
     for r in rows:
         if r["section"] == "dense":
-            frac = r["gflops"] * 1e9 / gemm[r["dtype"]] if r["mode"] == "fwd" else None
+            frac = r["gflops"] * 1e9 / gemm["float32"]
+            ofp = "" if not pk else f"{r['gflops'] / pk:.2f}"
             lines.append(f"| {r['N']} | {r['D']} | {r['dtype']} | {r['causal']} | {r['mode']} | "
                          f"{f(r['fastattn'])} | {f(r['peer_t'])} | **{r['fastattn'] / r['peer_t']:.2f}** | "
-                         f"{r['gflops']:.1f} | {f(frac, 2)} |")
-    lines += ["", f"torch.mm 4096^2 in this run: float32 {gemm['float32'] / 1e9:.1f} GFLOP/s, "
+                         f"{r['gflops']:.0f} ({r['sdpa_gflops']:.0f}) | {ofp} | {frac:.2f} |")
+    lines += ["", f"torch.mm 4096^2 in this run (best of 3): float32 {gemm['float32'] / 1e9:.1f} GFLOP/s, "
               f"bfloat16 {gemm['bfloat16'] / 1e9:.1f} GFLOP/s.", "",
               "## Sparse: fastattn cpu vs torch.compile(flex_attention)", "",
               "ideal = density x fastattn's own dense (non-causal) time at the same N, D, mode.", "",
@@ -235,7 +266,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/cpu_suite")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["naive", "memory"],
+                    help="sections to leave out")
     ap.add_argument("--sparse-n", type=int, default=16384)
     ap.add_argument("--memory-n", type=int, default=65536)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -243,9 +277,9 @@ def main():
     if args.quick:
         args.lengths, args.sparse_n, args.memory_n, args.reps = [1024], 2048, 4096, 2
     rows: list[dict] = []
-    n_dense = sum(1 for N in args.lengths for D in (64, 128) for _ in range(2) for c in (0, 1)
-                  for m in ("fwd", "fwd+bwd") if not (N > 4096 and m == "fwd+bwd" and not (D == 64 and c)))
+    n_dense = len(dense_cases(args))
     with tqdm(total=n_dense + 4 + 2 + 1, desc="cpu suite") as pbar:
+        peak = cpu_peak.measure()
         gemm = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16)}
         dense_section(args, rows, pbar)
         # own dense non-causal float32 D=64 time per (N, mode), for the sparse ideal
@@ -262,9 +296,11 @@ def main():
                                q, k, v, dout, mode)
                 dense_t[(N, D, mode)] = interleaved({"x": r}, args.reps)["x"]
         sparse_section(args, rows, pbar, dense_t)
-        naive_section(args, rows, pbar)
-        memory_section(args, rows, pbar)
-    write_report(args, rows, gemm, args.out)
+        if "naive" not in args.skip:
+            naive_section(args, rows, pbar)
+        if "memory" not in args.skip:
+            memory_section(args, rows, pbar)
+    write_report(args, rows, gemm, args.out, peak)
     plot(rows, args.out)
 
 
