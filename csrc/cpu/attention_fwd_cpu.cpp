@@ -4,8 +4,6 @@
 // supports (isa/attention_kernels.h has the algorithm; isa_dispatch.cpp the choice).
 #include <ATen/Parallel.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
 
 #include "cpu/attention_cpu.h"
@@ -27,7 +25,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  const std::vector<at::Tensor>& block_mask, const ScoreMods& mods) {
   const KernelTable& kern = active_kernels();
   int64_t BM = kDenseBM, BN = kDenseBN;
-  if (const char* t = std::getenv("FA_TILES_EXPERIMENT")) sscanf(t, "%ld,%ld", &BM, &BN);
   FwdArgs a;
   a.lists = sparse_lists_from(block_mask, BM, BN);
   a.s = make_shape(q, k, v, BM, BN, window_left, window_right);

@@ -84,14 +84,24 @@ inline float vrow_max(const float* x, int64_t n) {
   return hmax(m);
 }
 
-// x[c] = exp2(x[c] - b) for c < n (a multiple of kW); returns the sum.
+// x[c] = exp2(x[c] - b) for c < n (a multiple of kW); returns the sum. b is the row's
+// maximum: when it is finite (no NaN in the row) every exponent is <= 0 or -inf, and the
+// short vexp2_nonpos does; otherwise the general vexp2 propagates the NaN.
 inline float vexp2_sub_sum(float* x, int64_t n, float b) {
   vf s = vf{};
   const vf bv = vsplat(b);
-  for (int64_t c = 0; c < n; c += kW) {
-    const vf e = vexp2(vload(x + c) - bv);
-    vstore(x + c, e);
-    s += e;
+  if (b == b) {
+    for (int64_t c = 0; c < n; c += kW) {
+      const vf e = vexp2_nonpos(vload(x + c) - bv);
+      vstore(x + c, e);
+      s += e;
+    }
+  } else {
+    for (int64_t c = 0; c < n; c += kW) {
+      const vf e = vexp2(vload(x + c) - bv);
+      vstore(x + c, e);
+      s += e;
+    }
   }
   return hsum(s);
 }
@@ -108,7 +118,15 @@ inline void vzero(float* x, int64_t n) {
 // ----------------------------------------------------------------------------- forward
 
 inline int64_t fwd_scratch_floats(const FwdArgs& a) {
-  return a.TM * a.s.BNp + a.TM * a.s.Dvp + 2 * round_up(a.TM, kPad);
+  return a.TM * a.s.BNp + a.TM * a.s.Dvp + 2 * round_up(a.TM, kPad) + a.TM * kW;
+}
+
+// Row maximum from the per-lane maxima the S product folded in (NaN if any lane saw one).
+inline float lanes_max(const float* rm) {
+  const vf v = vload(rm);
+  for (int i = 0; i < kW; ++i)
+    if (v[i] != v[i]) return v[i];
+  return hmax(v);
 }
 
 inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scratch) {
@@ -119,6 +137,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
   float* acc = st + TM * BNp;      // (TM, Dvp)
   float* m_i = acc + TM * Dvp;     // (TM) running max, log2 units
   float* l_i = m_i + round_up(TM, kPad);
+  float* rmax = l_i + round_up(TM, kPad);  // (TM, kW) per-lane maxima of S
   const WindowRule w(s.Nq, s.Nk, s.left, s.right);
   const ScoreMods& mods = a.mods;
   const bool has_mods = mods.softcap > 0.f || mods.slopes != nullptr;  // score changes
@@ -144,8 +163,15 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
       const int64_t skip = vis.full ? 0 : narrow_keys(w, i0, i0 + m, j0, n);
       if (skip < 0) return;
       const int64_t nW = round_up(n, kW);
-      // S = Q K^T: (m, D) x (D, n), already in log2 units
-      gemm<false, false>(m, n, D, qp, Dp, kt_h + vis.t * D * BNp + skip, BNp, st, BNp);
+      // S = Q K^T: (m, D) x (D, n), already in log2 units. On full tiles without score
+      // modifiers S is final here, and the product also folds in the row maxima.
+      const bool fused_max = vis.full && !has_mods && n == nW;
+      if (fused_max) {
+        for (int64_t r = 0; r < m; ++r) vstore(rmax + r * kW, vsplat(kNegInf));
+        gemm<false, false, true>(m, n, D, qp, Dp, kt_h + vis.t * D * BNp + skip, BNp, st, BNp, rmax);
+      } else {
+        gemm<false, false>(m, n, D, qp, Dp, kt_h + vis.t * D * BNp + skip, BNp, st, BNp);
+      }
       if (has_mods) apply_score_mods_rows(st, BNp, i0, m, j0, n, s.Nk - s.Nq, mods, b, h);
       if (!vis.full) {
         const uint8_t* bits = vis.mask_id >= 0
@@ -155,7 +181,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
       fill_tail(st, BNp, m, n, nW, kNegInf);
       for (int64_t r = 0; r < m; ++r) {
         float* row = st + r * BNp;
-        const float mx = vrow_max(row, nW);
+        const float mx = fused_max ? lanes_max(rmax + r * kW) : vrow_max(row, nW);
         const float m_new = mx != mx ? mx : std::max(m_i[r], mx);  // NaN propagates
         if (m_new == kNegInf) {  // nothing visible yet in this row: P = 0
           vzero(row, nW);
@@ -256,7 +282,11 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
             for (int64_t r = 0; r < m; ++r) {  // P = exp2(S - lse2)
               float* row = st + r * BNp;
               const vf lv = vsplat(l2[r]);
-              for (int64_t c = 0; c < nW; c += kW) vstore(row + c, vexp2(vload(row + c) - lv));
+              if (l2[r] == l2[r]) {  // S <= lse2 up to rounding: exponents <= ~0
+                for (int64_t c = 0; c < nW; c += kW) vstore(row + c, vexp2_nonpos(vload(row + c) - lv));
+              } else {  // a NaN row (NaN inputs) propagates through the general exp2
+                for (int64_t c = 0; c < nW; c += kW) vstore(row + c, vexp2(vload(row + c) - lv));
+              }
             }
             fill_tail(st, BNp, m, ns, nW, 0.f);
             if (!vis.full) {

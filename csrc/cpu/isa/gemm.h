@@ -27,9 +27,11 @@ inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 constexpr int kMR = FASTATTN_GEMM_MR;
 constexpr int kNV = FASTATTN_GEMM_NV;
 
-template <int MR, int NV, bool ACC, bool AT>
+// MAX: also folds the new C rows into rmax (MR x kW per-lane running maxima, NaN sticks),
+// so the softmax needs no separate pass for its row maxima.
+template <int MR, int NV, bool ACC, bool AT, bool MAX = false>
 inline void micro(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
-                  float* __restrict C, int64_t ldc) {
+                  float* __restrict C, int64_t ldc, float* __restrict rmax = nullptr) {
   const int64_t a_rs = AT ? 1 : lda, a_ks = AT ? lda : 1;
   vf c[MR][NV];
 #pragma GCC unroll 8
@@ -52,26 +54,37 @@ inline void micro(int64_t K, const float* __restrict A, int64_t lda, const float
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) vstore(C + i * ldc + j * kW, c[i][j]);
-}
-
-template <int NV, bool ACC, bool AT>
-inline void micro_rows(int mr, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                       int64_t ldc) {
-  switch (mr) {
-    case 8: if constexpr (kMR >= 8) micro<8, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
-    case 7: if constexpr (kMR >= 7) micro<7, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
-    case 6: micro<6, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
-    case 5: micro<5, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
-    case 4: micro<4, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
-    case 3: micro<3, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
-    case 2: micro<2, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
-    default: micro<1, NV, ACC, AT>(K, A, lda, B, ldb, C, ldc); break;
+  if constexpr (MAX) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      vf mx = vload(rmax + i * kW);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) mx = (c[i][j] > mx) | (c[i][j] != c[i][j]) ? c[i][j] : mx;
+      vstore(rmax + i * kW, mx);
+    }
   }
 }
 
-template <bool ACC, bool AT>
+template <int NV, bool ACC, bool AT, bool MAX>
+inline void micro_rows(int mr, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, float* rmax) {
+  switch (mr) {
+    case 8: if constexpr (kMR >= 8) micro<8, NV, ACC, AT, MAX>(K, A, lda, B, ldb, C, ldc, rmax); break;
+    case 7: if constexpr (kMR >= 7) micro<7, NV, ACC, AT, MAX>(K, A, lda, B, ldb, C, ldc, rmax); break;
+    case 6: micro<6, NV, ACC, AT, MAX>(K, A, lda, B, ldb, C, ldc, rmax); break;
+    case 5: micro<5, NV, ACC, AT, MAX>(K, A, lda, B, ldb, C, ldc, rmax); break;
+    case 4: micro<4, NV, ACC, AT, MAX>(K, A, lda, B, ldb, C, ldc, rmax); break;
+    case 3: micro<3, NV, ACC, AT, MAX>(K, A, lda, B, ldb, C, ldc, rmax); break;
+    case 2: micro<2, NV, ACC, AT, MAX>(K, A, lda, B, ldb, C, ldc, rmax); break;
+    default: micro<1, NV, ACC, AT, MAX>(K, A, lda, B, ldb, C, ldc, rmax); break;
+  }
+}
+
+// MAX: rmax (M x kW) accumulates per-lane row maxima of C (see micro); then N must be a
+// whole number of vectors (no padded columns in the maxima).
+template <bool ACC, bool AT, bool MAX = false>
 inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                 float* C, int64_t ldc) {
+                 float* C, int64_t ldc, float* rmax = nullptr) {
   static_assert(kMR >= 1 && kMR <= 8 && kNV >= 1 && kNV <= 4, "micro_rows dispatches 1..8 rows, 1..4 vectors");
   const int64_t nvec = (N + kW - 1) / kW;
   const int64_t a_rs = AT ? 1 : lda;
@@ -83,10 +96,10 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, c
       const float* b = B + j * kW;
       float* c = C + i * ldc + j * kW;
       switch (nv) {
-        case 4: if constexpr (kNV >= 4) micro_rows<4, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc); break;
-        case 3: if constexpr (kNV >= 3) micro_rows<3, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc); break;
-        case 2: if constexpr (kNV >= 2) micro_rows<2, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc); break;
-        default: micro_rows<1, ACC, AT>(mr, K, a, lda, b, ldb, c, ldc); break;
+        case 4: if constexpr (kNV >= 4) micro_rows<4, ACC, AT, MAX>(mr, K, a, lda, b, ldb, c, ldc, MAX ? rmax + i * kW : nullptr); break;
+        case 3: if constexpr (kNV >= 3) micro_rows<3, ACC, AT, MAX>(mr, K, a, lda, b, ldb, c, ldc, MAX ? rmax + i * kW : nullptr); break;
+        case 2: if constexpr (kNV >= 2) micro_rows<2, ACC, AT, MAX>(mr, K, a, lda, b, ldb, c, ldc, MAX ? rmax + i * kW : nullptr); break;
+        default: micro_rows<1, ACC, AT, MAX>(mr, K, a, lda, b, ldb, c, ldc, MAX ? rmax + i * kW : nullptr); break;
       }
     }
   }

@@ -70,5 +70,24 @@ inline vf vexp2(vf x) {
   return vsel(x != x, x, r);
 }
 
+// 2^x for x <= 0 or -inf, never NaN (the softmax's exponents: scores minus the row
+// maximum). Same polynomial as vexp2 without the overflow and NaN selects: 0 below -127.
+inline vf vexp2_nonpos(vf x) {
+  const vf lo = vsplat(-127.f);
+  const vf xc = x > lo ? x : lo;  // one vmaxps; -inf -> -127
+  const vf magic = vsplat(12582912.f);
+  const vf n = (xc + magic) - magic;
+  const vf f = xc - n;
+  vf p = vsplat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const vi e = __builtin_convertvector(n, vi) + 127;  // 0 .. 127; 0 gives the factor 0
+  return p * (vf)(e << 23);
+}
+
 }  // inline namespace FASTATTN_ISA
 }  // namespace fastattn::cpu
