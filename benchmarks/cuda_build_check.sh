@@ -39,7 +39,7 @@ step "torch $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.ver
 rm -rf "$BUILD/pkg"
 mkdir -p "$BUILD/lib" "$BUILD/tmp" "$BUILD/pkg"
 step "building fastattn._C and fastattn._cuda (FASTATTN_BUILD_CUDA=1, MAX_JOBS=${MAX_JOBS:-auto})"
-if ! FASTATTN_BUILD_CUDA=1 FASTATTN_NATIVE=${FASTATTN_NATIVE:-1} PATH="$VENV/bin:$PATH" \
+if ! FASTATTN_BUILD_CUDA=1 FASTATTN_NATIVE=${FASTATTN_NATIVE:-0} PATH="$VENV/bin:$PATH" \
   "$PY" setup.py build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/tmp" \
   > "$BUILD/build.log" 2>&1; then
   grep -n -E "error|FAILED" "$BUILD/build.log" | head -40

@@ -14,6 +14,10 @@ import torch
 from conftest import requires_cpu_ext
 from oracle import check_against_oracle, make_qkv
 from test_cpu_score_mods import _check as check_mods
+from test_models_decode import CASES as DECODE_CASES
+from test_models_decode import _check as check_decode
+from test_models_decode import _inputs as decode_inputs
+from test_models_decode import test_cpu_decode_softcap_alibi_window as decode_mods_case
 
 import fastattn
 import fastattn.sparse as fs
@@ -83,6 +87,18 @@ def test_variant_score_mods_match_oracle(isa, mods):
     check_mods(q, k, v, torch.bfloat16, causal=True, **mods)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [DECODE_CASES[2], DECODE_CASES[3], DECODE_CASES[4]], ids=str)
+def test_variant_decode_matches_oracle(isa, case, dtype):
+    B, Hq, Hkv, Nq, N, D, sl, wl, ns = case
+    q, k, v = decode_inputs(B, Hq, Hkv, Nq, N, D, dtype)
+    check_decode("cpu", q, k, v, None if sl is None else torch.tensor(sl, dtype=torch.int32), wl, ns)
+
+
+def test_variant_decode_softcap_alibi_window(isa):
+    decode_mods_case((7, 3), dict(softcap=5.0, alibi=2), torch.bfloat16)
+
+
 def test_variants_agree_closely():
     """Different variants round differently (vector widths differ), but all compute the
     same math: their results are close to each other, not only to the oracle."""
@@ -100,6 +116,20 @@ def test_variants_agree_closely():
 
 
 # ---------------------------------------------------------------- reproducibility
+
+def test_decode_bitwise_identical_across_thread_counts(isa):
+    from fastattn.decode import decode_attention
+    q, k, v = decode_inputs(2, 8, 2, 1, 3000, 64, torch.float32)
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(decode_attention(q, k, v, backend="cpu", return_lse=True))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
 
 def _fwd_bwd(q, k, v, **kw):
     qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))

@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_decode(const at::Tensor& q, const at::Ten
 }
 
 int64_t cpu_decode_splits(int64_t batch, int64_t kv_heads, int64_t max_len) {
-  return fastattn::cpu::decode_default_splits(batch, kv_heads, max_len, at::get_num_threads());
+  return fastattn::cpu::decode_default_splits(batch, kv_heads, max_len);
 }
 
 }  // namespace

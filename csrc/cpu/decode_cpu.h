@@ -15,7 +15,7 @@
 
 #include <tuple>
 
-#include "score_mods.h"
+#include "cpu/kernel_args.h"
 
 namespace fastattn::cpu {
 
@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q, const at::Ten
                                               double scale, int64_t window_left, int64_t num_splits,
                                               int64_t window_right = 0, const ScoreMods& mods = ScoreMods());
 
-// The split count decode_fwd uses for num_splits <= 0.
-int64_t decode_default_splits(int64_t batch, int64_t kv_heads, int64_t max_len, int64_t threads);
+// The split count decode_fwd uses for num_splits <= 0 (independent of the thread count).
+int64_t decode_default_splits(int64_t batch, int64_t kv_heads, int64_t max_len);
 
 }  // namespace fastattn::cpu

@@ -71,6 +71,25 @@ struct BwdArgs {
   ScoreMods mods;
 };
 
+// Split-KV decode (decode_cpu.cpp drives, isa/decode_kernels.h computes phase 1): a task is
+// (batch, kv head, split s) and serves the R = G * Nq query rows of the kv head's group
+// against the cache keys of chunk s; q/k/v stay in their dtype and strides (the kernel
+// converts each key tile once, for all R rows).
+enum class Elem : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct DecodeArgs {
+  int64_t B, Hq, Hkv, Nq, D, Dv, Dp, Dvp, Ncache, S, chunk;
+  int64_t window_left, window_right;  // relative to each row's own position, -1 = unbounded
+  Elem elem;
+  const void *q, *k, *v;
+  int64_t sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n;  // element strides (dim 3 unit)
+  const int64_t* lens;  // (B) valid cache length per row
+  float scale_log2;
+  float* o_part;        // (B, Hkv, S, R, Dv) partial outputs
+  float* l_part;        // (B, Hkv, S, R) partial lse, log2 units (-inf: nothing seen)
+  ScoreMods mods;
+};
+
 // Per-thread scratch the drivers allocate: scratch_floats(...) floats, 64-byte aligned.
 struct KernelTable {
   const char* name;      // "generic", "avx2", "avx512"
@@ -81,6 +100,9 @@ struct KernelTable {
   // backward: tasks [begin, end) of B * Hkv * S
   void (*bwd_tasks)(const BwdArgs&, int64_t begin, int64_t end, float* scratch);
   int64_t (*bwd_scratch_floats)(const BwdArgs&);
+  // decode phase 1: tasks [begin, end) of B * Hkv * S
+  void (*decode_tasks)(const DecodeArgs&, int64_t begin, int64_t end, float* scratch);
+  int64_t (*decode_scratch_floats)(const DecodeArgs&);
 };
 
 }  // namespace fastattn::cpu

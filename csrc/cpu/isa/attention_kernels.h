@@ -85,12 +85,12 @@ inline float vrow_max(const float* x, int64_t n) {
 }
 
 // x[c] = exp2(x[c] - b) for c < n (a multiple of kW); returns the sum. b is the row's
-// maximum: when it is finite (no NaN in the row) every exponent is <= 0 or -inf, and the
-// short vexp2_nonpos does; otherwise the general vexp2 propagates the NaN.
+// maximum: when it is finite (no NaN or inf in the row) every exponent is <= 0 or -inf and
+// the short vexp2_nonpos does; otherwise the general vexp2 propagates NaN as torch does.
 inline float vexp2_sub_sum(float* x, int64_t n, float b) {
   vf s = vf{};
   const vf bv = vsplat(b);
-  if (b == b) {
+  if (b - b == 0.f) {  // finite
     for (int64_t c = 0; c < n; c += kW) {
       const vf e = vexp2_nonpos(vload(x + c) - bv);
       vstore(x + c, e);
@@ -282,9 +282,9 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
             for (int64_t r = 0; r < m; ++r) {  // P = exp2(S - lse2)
               float* row = st + r * BNp;
               const vf lv = vsplat(l2[r]);
-              if (l2[r] == l2[r]) {  // S <= lse2 up to rounding: exponents <= ~0
+              if (l2[r] - l2[r] == 0.f) {  // finite lse: S <= lse2 up to rounding, exponents <= ~0
                 for (int64_t c = 0; c < nW; c += kW) vstore(row + c, vexp2_nonpos(vload(row + c) - lv));
-              } else {  // a NaN row (NaN inputs) propagates through the general exp2
+              } else {  // no key (+inf) or NaN/inf inputs: the general exp2 (0, or NaN as torch)
                 for (int64_t c = 0; c < nW; c += kW) vstore(row + c, vexp2(vload(row + c) - lv));
               }
             }

@@ -22,6 +22,7 @@
 #endif
 
 #include "cpu/isa/attention_kernels.h"
+#include "cpu/isa/decode_kernels.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -32,7 +33,8 @@
 namespace fastattn::cpu {
 namespace {
 const KernelTable kTable = {"avx2", avx2::kW, &avx2::fwd_tasks, &avx2::fwd_scratch_floats,
-                            &avx2::bwd_tasks, &avx2::bwd_scratch_floats};
+                            &avx2::bwd_tasks, &avx2::bwd_scratch_floats,
+                            &avx2::decode_tasks, &avx2::decode_scratch_floats};
 }  // namespace
 const KernelTable* kernels_avx2() { return &kTable; }
 }  // namespace fastattn::cpu

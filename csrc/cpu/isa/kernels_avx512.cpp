@@ -22,6 +22,7 @@
 #endif
 
 #include "cpu/isa/attention_kernels.h"
+#include "cpu/isa/decode_kernels.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -32,7 +33,8 @@
 namespace fastattn::cpu {
 namespace {
 const KernelTable kTable = {"avx512", avx512::kW, &avx512::fwd_tasks, &avx512::fwd_scratch_floats,
-                            &avx512::bwd_tasks, &avx512::bwd_scratch_floats};
+                            &avx512::bwd_tasks, &avx512::bwd_scratch_floats,
+                            &avx512::decode_tasks, &avx512::decode_scratch_floats};
 }  // namespace
 const KernelTable* kernels_avx512() { return &kTable; }
 }  // namespace fastattn::cpu

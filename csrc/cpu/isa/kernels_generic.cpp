@@ -4,13 +4,15 @@
 #define FASTATTN_VEC_BYTES 16
 
 #include "cpu/isa/attention_kernels.h"
+#include "cpu/isa/decode_kernels.h"
 #include "cpu/isa/kernel_tables.h"
 
 namespace fastattn::cpu {
 
 namespace {
 const KernelTable kTable = {"generic", kW, &generic::fwd_tasks, &generic::fwd_scratch_floats,
-                            &generic::bwd_tasks, &generic::bwd_scratch_floats};
+                            &generic::bwd_tasks, &generic::bwd_scratch_floats,
+                            &generic::decode_tasks, &generic::decode_scratch_floats};
 }  // namespace
 
 const KernelTable* kernels_generic() { return &kTable; }

@@ -1,0 +1,159 @@
+// Split-KV decoding, phase 1 (see decode_cpu.cpp for the whole algorithm), one source for
+// every ISA variant. A task = (batch b, kv head hk, split s) runs the online softmax of the
+// R = G * Nq query rows of hk's group over the keys of chunk s, tile by tile:
+//   K tile (n keys) -> float32 K^T panel (D, kDecBNp), V tile -> float32 rows (n, Dvp): once
+//   S = Qs K^T                  (R, n)  gemm; rows outside their visible range -> -inf
+//   softcap / ALiBi per row; m, l, acc updated as in the forward kernel
+//   acc += P V                  (R, Dv) gemm
+// and writes o_s = acc / l and lse_s = m + log2 l (log2 units) for the merge.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/isa/attention_kernels.h"
+
+namespace fastattn::cpu {
+inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
+
+constexpr int64_t kDecBN = 64;              // keys per tile
+constexpr int64_t kDecBNp = kDecBN + kPad;  // panel row stride (not a multiple of 1 KiB)
+
+// float16 bits -> float32, exact (normals, subnormals, inf, NaN).
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (e == 0) {
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // man * 2^-24
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else if (e == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((e + 112) << 23) | (man << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// dst[0:n] = float(src[0:n]) for the element type of the call.
+inline void to_f32(float* dst, const void* src, int64_t off, int64_t n, Elem e) {
+  if (e == Elem::kF32) {
+    std::memcpy(dst, static_cast<const float*>(src) + off, n * sizeof(float));
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + off;
+    if (e == Elem::kBF16)
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(p[i]);
+    else
+      for (int64_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(p[i]);
+  }
+}
+
+inline int64_t decode_scratch_floats(const DecodeArgs& a) {
+  const int64_t R = a.Hq / a.Hkv * a.Nq, Rp = round_up(R, kPad);
+  return R * a.Dp + a.D * kDecBNp + kDecBN * a.Dvp + R * kDecBNp + R * a.Dvp + 2 * Rp + round_up(a.D, kPad) +
+         4 * Rp;
+}
+
+inline void decode_tasks(const DecodeArgs& a, int64_t begin, int64_t end, float* scratch) {
+  const int64_t G = a.Hq / a.Hkv, R = G * a.Nq, Rp = round_up(R, kPad);
+  const int64_t D = a.D, Dv = a.Dv, Dp = a.Dp, Dvp = a.Dvp;
+  float* qs = scratch;              // (R, Dp) scaled queries, log2 units
+  float* kt = qs + R * Dp;          // (D, kDecBNp) K^T panel of the tile
+  float* vt = kt + D * kDecBNp;     // (kDecBN, Dvp) V rows of the tile
+  float* st = vt + kDecBN * Dvp;    // (R, kDecBNp) scores, then probabilities
+  float* acc = st + R * kDecBNp;    // (R, Dvp)
+  float* m_i = acc + R * Dvp;       // (R)
+  float* l_i = m_i + Rp;            // (R)
+  float* row = l_i + Rp;            // (D) one converted key
+  int64_t* lo = reinterpret_cast<int64_t*>(row + round_up(D, kPad));  // (R) visible keys [lo, hi)
+  int64_t* hi = lo + Rp;
+  const float cap = cap_log2(a.mods), inv_cap = cap > 0.f ? 1.f / cap : 0.f;
+  std::fill(qs, qs + R * Dp, 0.f);
+  std::fill(vt, vt + kDecBN * Dvp, 0.f);
+
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t sp = task % a.S, bh = task / a.S, b = bh / a.Hkv, hk = bh % a.Hkv;
+    const int64_t L = std::min(a.lens[b], a.Ncache);
+    const int64_t c0 = sp * a.chunk, c1 = std::min(c0 + a.chunk, L);
+    float* o_s = a.o_part + (bh * a.S + sp) * R * Dv;
+    float* l_s = a.l_part + (bh * a.S + sp) * R;
+    int64_t tlo = c1, thi = c0;  // union of the rows' ranges within the chunk
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t diag = L - a.Nq + r % a.Nq;  // the query's own position
+      lo[r] = std::max(a.window_left >= 0 ? diag - a.window_left : 0, c0);
+      hi[r] = std::min(a.window_right >= 0 ? diag + a.window_right + 1 : L, c1);
+      if (lo[r] < hi[r]) {
+        tlo = std::min(tlo, lo[r]);
+        thi = std::max(thi, hi[r]);
+      }
+      m_i[r] = kNegInf;
+      l_i[r] = 0.f;
+    }
+    vzero(acc, R * Dvp);
+    if (tlo < thi) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t h = hk * G + r / a.Nq, i = r % a.Nq;
+        to_f32(qs + r * Dp, a.q, b * a.sq_b + h * a.sq_h + i * a.sq_n, D);
+        for (int64_t d = 0; d < D; ++d) qs[r * Dp + d] *= a.scale_log2;
+      }
+      // Tiles start on chunk-aligned multiples of kDecBN.
+      for (int64_t j0 = tlo - (tlo - c0) % kDecBN; j0 < thi; j0 += kDecBN) {
+        const int64_t n = std::min(kDecBN, thi - j0), nW = round_up(n, kW);
+        for (int64_t j = 0; j < n; ++j) {
+          to_f32(row, a.k, b * a.sk_b + hk * a.sk_h + (j0 + j) * a.sk_n, D);
+          for (int64_t d = 0; d < D; ++d) kt[d * kDecBNp + j] = row[d];
+          to_f32(vt + j * Dvp, a.v, b * a.sv_b + hk * a.sv_h + (j0 + j) * a.sv_n, Dv);
+        }
+        gemm<false, false>(R, n, D, qs, Dp, kt, kDecBNp, st, kDecBNp);  // S: (R, n)
+        for (int64_t r = 0; r < R; ++r) {
+          float* sr = st + r * kDecBNp;
+          const int64_t ra = std::clamp(lo[r] - j0, int64_t(0), n), rb = std::clamp(hi[r] - j0, ra, n);
+          if (cap > 0.f)
+            for (int64_t c = ra; c < rb; ++c) sr[c] = cap * tanh_fast(sr[c] * inv_cap);
+          if (a.mods.slopes != nullptr) {  // -slope |p - j|, p = L - Nq + i
+            const float sl2 = slope_log2(a.mods, b, hk * G + r / a.Nq);
+            const int64_t diag = L - a.Nq + r % a.Nq;
+            for (int64_t c = ra; c < rb; ++c) {
+              const float d = static_cast<float>(diag - (j0 + c));
+              sr[c] -= sl2 * (d < 0.f ? -d : d);
+            }
+          }
+          for (int64_t c = 0; c < ra; ++c) sr[c] = kNegInf;
+          for (int64_t c = rb; c < nW; ++c) sr[c] = kNegInf;
+          const float mx = vrow_max(sr, nW);
+          const float m_new = mx != mx ? mx : std::max(m_i[r], mx);  // NaN propagates
+          if (m_new == kNegInf) {  // nothing visible yet in this row
+            vzero(sr, nW);
+            continue;
+          }
+          const float alpha = exp2_fast(m_i[r] - m_new);
+          l_i[r] = l_i[r] * alpha + vexp2_sub_sum(sr, nW, m_new);
+          m_i[r] = m_new;
+          if (alpha != 1.f) vscale(acc + r * Dvp, Dvp, alpha);
+        }
+        gemm<true, false>(R, Dvp, n, st, kDecBNp, vt, Dvp, acc, Dvp);  // acc += P V
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const float l = l_i[r];
+      const float inv = l == 0.f ? 0.f : 1.f / l;
+      for (int64_t d = 0; d < Dv; ++d) o_s[r * Dv + d] = acc[r * Dvp + d] * inv;
+      l_s[r] = l == 0.f ? kNegInf : m_i[r] + std::log2(l);
+    }
+  }
+}
+
+}  // inline namespace FASTATTN_ISA
+}  // namespace fastattn::cpu
