@@ -105,16 +105,16 @@ inline void decode_tasks(const DecodeArgs& a, int64_t begin, int64_t end, float*
     if (tlo < thi) {
       for (int64_t r = 0; r < R; ++r) {
         const int64_t h = hk * G + r / a.Nq, i = r % a.Nq;
-        to_f32(qs + r * Dp, a.q, b * a.sq_b + h * a.sq_h + i * a.sq_n, D);
+        to_f32(qs + r * Dp, a.q, b * a.sq_b + h * a.sq_h + i * a.sq_n, D, a.elem);
         for (int64_t d = 0; d < D; ++d) qs[r * Dp + d] *= a.scale_log2;
       }
       // Tiles start on chunk-aligned multiples of kDecBN.
       for (int64_t j0 = tlo - (tlo - c0) % kDecBN; j0 < thi; j0 += kDecBN) {
         const int64_t n = std::min(kDecBN, thi - j0), nW = round_up(n, kW);
         for (int64_t j = 0; j < n; ++j) {
-          to_f32(row, a.k, b * a.sk_b + hk * a.sk_h + (j0 + j) * a.sk_n, D);
+          to_f32(row, a.k, b * a.sk_b + hk * a.sk_h + (j0 + j) * a.sk_n, D, a.elem);
           for (int64_t d = 0; d < D; ++d) kt[d * kDecBNp + j] = row[d];
-          to_f32(vt + j * Dvp, a.v, b * a.sv_b + hk * a.sv_h + (j0 + j) * a.sv_n, Dv);
+          to_f32(vt + j * Dvp, a.v, b * a.sv_b + hk * a.sv_h + (j0 + j) * a.sv_n, Dv, a.elem);
         }
         gemm<false, false>(R, n, D, qs, Dp, kt, kDecBNp, st, kDecBNp);  // S: (R, n)
         for (int64_t r = 0; r < R; ++r) {
