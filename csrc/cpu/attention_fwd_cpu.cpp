@@ -37,16 +37,25 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   a.TM = (rule && BM > kSliceM && BM % kSliceM == 0) ? kSliceM : BM;
   a.NQT = (s.Nq + a.TM - 1) / a.TM;
 
-  const float scale_log2 = static_cast<float>(scale) * 1.4426950408889634f;
-  at::Tensor q32 = padded_f32(q, s.Nq, s.Dp, scale_log2);  // (B, Hq, Nq, Dp), log2 units
-  at::Tensor kt = key_panels(k, s.NKB, BN, s.BNp);          // (B, Hkv, NKB, D, BNp)
-  at::Tensor v32 = padded_f32(v, s.NKB * BN, s.Dvp);        // (B, Hkv, NKB*BN, Dvp)
-  at::Tensor out32 = at::empty({s.B, s.Hq, s.Nq, s.Dvp}, q.options().dtype(at::kFloat));
+  // Operands (kernel_args.h). q stays as given: each task converts and scales its rows.
+  // float32 V and the float32 output are used in place when their rows are whole vectors
+  // (Dv a multiple of 16); otherwise they go through padded float32 copies.
+  at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
+  a.q_elem = elem_of(qc);
+  a.q = qc.data_ptr();
+  a.sq_b = qc.stride(0), a.sq_h = qc.stride(1), a.sq_n = qc.stride(2);
+  a.scale_log2 = static_cast<float>(scale) * 1.4426950408889634f;
+  at::Tensor kt = key_panels(k, s.NKB, BN, s.BNp);  // (B, Hkv, NKB, D, BNp)
+  const bool f32 = q.scalar_type() == at::kFloat, whole = s.Dv == s.Dvp;
+  at::Tensor v32 = f32 && whole && v.stride(3) == 1 ? v : padded_f32(v, s.Nk, s.Dvp);
+  at::Tensor out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
+  at::Tensor out32 = f32 && whole ? out : at::empty({s.B, s.Hq, s.Nq, s.Dvp}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options().dtype(at::kFloat));
-  a.q = q32.data_ptr<float>();
   a.kt = kt.data_ptr<float>();
   a.v = v32.data_ptr<float>();
+  a.ldv = v32.stride(2), a.sv_b = v32.stride(0), a.sv_h = v32.stride(1);
   a.out = out32.data_ptr<float>();
+  a.ldo = out32.stride(2), a.so_b = out32.stride(0), a.so_h = out32.stride(1);
   a.lse = lse.data_ptr<float>();
 
   const int64_t scratch = kern.fwd_scratch_floats(a);
@@ -54,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     Scratch buf(scratch);
     kern.fwd_tasks(a, begin, end, buf.ptr);
   });
-  at::Tensor out = out32.narrow(3, 0, s.Dv).to(q.scalar_type()).contiguous();
+  if (!out32.is_same(out)) out.copy_(out32.narrow(3, 0, s.Dv));
   return {out, lse};
 }
 

@@ -10,6 +10,9 @@
 
 namespace fastattn::cpu {
 
+// Element type of an input left in its own dtype (the kernels convert it to float32).
+enum class Elem : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
 // Score modifiers (score_mods.h has the formulas): softcap, ALiBi, counter-based dropout.
 struct ScoreMods {
   float softcap = 0.f;            // natural units; 0 = off
@@ -47,10 +50,15 @@ struct Shape {
 struct FwdArgs {
   Shape s;
   int64_t TM, NQT;       // rows per task slice, tasks per (b, h)
-  const float* q;        // (B, Hq, Nq, Dp), pre-scaled by scale * log2e
+  Elem q_elem;           // q in its own dtype and strides; each task converts and scales
+  const void* q;         // its TM rows into scratch (times scale * log2e)
+  int64_t sq_b, sq_h, sq_n;
+  float scale_log2;
   const float* kt;       // K^T panels
-  const float* v;        // V rows
-  float* out;            // (B, Hq, Nq, Dvp) float32
+  const float* v;        // V rows (B, Hkv, >= Nk, ...), row stride ldv, batch/head strides
+  int64_t ldv, sv_b, sv_h;
+  float* out;            // float32 rows, row stride ldo, batch/head strides so_b, so_h
+  int64_t ldo, so_b, so_h;
   float* lse;            // (B, Hq, Nq) natural log
   SparseLists lists;
   ScoreMods mods;
@@ -75,8 +83,6 @@ struct BwdArgs {
 // (batch, kv head, split s) and serves the R = G * Nq query rows of the kv head's group
 // against the cache keys of chunk s; q/k/v stay in their dtype and strides (the kernel
 // converts each key tile once, for all R rows).
-enum class Elem : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
 struct DecodeArgs {
   int64_t B, Hq, Hkv, Nq, D, Dv, Dp, Dvp, Ncache, S, chunk;
   int64_t window_left, window_right;  // relative to each row's own position, -1 = unbounded

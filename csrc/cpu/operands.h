@@ -21,12 +21,24 @@ inline at::Tensor padded_f32(const at::Tensor& x, int64_t rows, int64_t cols, do
 
 // x (B, H, N, C) -> per key tile transposed panels (B, H, NKB, C, BNp), zero-padded:
 // panel t holds x[t*BN : (t+1)*BN]^T, so S = Q K^T reads unit-stride rows of keys.
+// One pass over x (converting to float32 on the way); only padding is zeroed.
 inline at::Tensor key_panels(const at::Tensor& x, int64_t NKB, int64_t BN, int64_t BNp) {
-  const int64_t B = x.size(0), H = x.size(1), C = x.size(3);
-  at::Tensor rows = padded_f32(x, NKB * BN, C);  // (B, H, NKB*BN, C)
-  at::Tensor out = at::zeros({B, H, NKB, C, BNp}, x.options().dtype(at::kFloat));
-  out.narrow(4, 0, BN).copy_(rows.view({B, H, NKB, BN, C}).transpose(3, 4));
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), C = x.size(3);
+  at::Tensor out = at::empty({B, H, NKB, C, BNp}, x.options().dtype(at::kFloat));
+  const int64_t full = N / BN, rem = N - full * BN;
+  if (full > 0)
+    out.narrow(2, 0, full).narrow(4, 0, BN).copy_(x.narrow(2, 0, full * BN).reshape({B, H, full, BN, C}).transpose(3, 4));
+  if (BNp > BN) out.narrow(4, BN, BNp - BN).zero_();
+  if (rem > 0) {
+    at::Tensor last = out.select(2, NKB - 1);  // (B, H, C, BNp)
+    last.zero_();
+    last.narrow(3, 0, rem).copy_(x.narrow(2, full * BN, rem).transpose(2, 3));
+  }
   return out;
+}
+
+inline Elem elem_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? Elem::kF32 : (t.scalar_type() == at::kBFloat16 ? Elem::kBF16 : Elem::kF16);
 }
 
 inline Shape make_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t BM, int64_t BN,
@@ -43,9 +55,7 @@ inline Shape make_shape(const at::Tensor& q, const at::Tensor& k, const at::Tens
   s.Dvp = pad_to(s.Dv, kPad);
   s.BM = BM;
   s.BN = BN;
-  // +kPad: a row stride that is not a multiple of 1 KiB, so the D rows of a K^T panel that
-  // one micro-kernel walks do not all fall into the same few L1 sets (4K aliasing)
-  s.BNp = pad_to(BN, kPad) + kPad;
+  s.BNp = pad_to(BN, kPad);
   s.NKB = (s.Nk + BN - 1) / BN;
   s.left = left;
   s.right = right;

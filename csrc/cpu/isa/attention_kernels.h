@@ -115,10 +115,56 @@ inline void vzero(float* x, int64_t n) {
   for (int64_t c = 0; c < n; c += kW) vstore(x + c, vf{});
 }
 
+// float16 bits -> float32, exact (normals, subnormals, inf, NaN).
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (e == 0) {
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // man * 2^-24
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else if (e == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((e + 112) << 23) | (man << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline float bf16_bits_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// dst[0:n] = float(src[0:n]) for the element type of the call.
+inline void to_f32(float* dst, const void* src, int64_t off, int64_t n, Elem e) {
+  if (e == Elem::kF32) {
+    std::memcpy(dst, static_cast<const float*>(src) + off, n * sizeof(float));
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + off;
+    if (e == Elem::kBF16)
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(p[i]);
+    else
+      for (int64_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(p[i]);
+  }
+}
+
 // ----------------------------------------------------------------------------- forward
 
+// Keys per forward span (a run of consecutive full tiles, see fwd_tasks): the S tile
+// (TM x span) stays in L2. Tiles merge only when their width is a whole number of vectors.
+constexpr int64_t kSpanKeys = 512;
+inline bool span_merge(const Shape& s) { return s.BN % kPad == 0 && s.BN < kSpanKeys; }
+inline int64_t span_ld(const Shape& s) { return span_merge(s) ? kSpanKeys : s.BNp; }
+
 inline int64_t fwd_scratch_floats(const FwdArgs& a) {
-  return a.TM * a.s.BNp + a.TM * a.s.Dvp + 2 * round_up(a.TM, kPad) + a.TM * kW;
+  return a.TM * span_ld(a.s) + a.TM * a.s.Dvp + 2 * round_up(a.TM, kPad) + a.TM * kW + a.TM * a.s.Dp +
+         4 * (a.s.NKB + 1);  // + the visit list (16 bytes a visit)
 }
 
 // Row maximum from the per-lane maxima the S product folded in (NaN if any lane saw one).
@@ -133,11 +179,16 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
   const Shape& s = a.s;
   const int64_t TM = a.TM, BNp = s.BNp, Dp = s.Dp, Dvp = s.Dvp, D = s.D;
   const int64_t group = s.Hq / s.Hkv;
-  float* st = scratch;             // (TM, BNp) scores, then probabilities
-  float* acc = st + TM * BNp;      // (TM, Dvp)
+  const bool merge = span_merge(s);
+  const int64_t LS = span_ld(s);   // row stride of the score tile
+  float* st = scratch;             // (TM, LS) scores, then probabilities
+  float* acc = st + TM * LS;       // (TM, Dvp)
   float* m_i = acc + TM * Dvp;     // (TM) running max, log2 units
   float* l_i = m_i + round_up(TM, kPad);
   float* rmax = l_i + round_up(TM, kPad);  // (TM, kW) per-lane maxima of S
+  float* qp = rmax + TM * kW;               // (TM, Dp) this task's scaled queries
+  std::fill(qp, qp + TM * Dp, 0.f);
+  Visit* visits = reinterpret_cast<Visit*>(qp + TM * Dp);  // (NKB) the slice's visits
   const WindowRule w(s.Nq, s.Nk, s.left, s.right);
   const ScoreMods& mods = a.mods;
   const bool has_mods = mods.softcap > 0.f || mods.slopes != nullptr;  // score changes
@@ -148,39 +199,58 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
     const int64_t qt = i0 / s.BM, sub = i0 - qt * s.BM;  // query tile of the lists, row offset in it
     const int64_t b = bh / s.Hq, h = bh % s.Hq, hk = h / group;
     const int64_t m = std::min(TM, s.Nq - i0);
-    const float* qp = a.q + (bh * s.Nq + i0) * Dp;
+    for (int64_t r = 0; r < m; ++r) {  // Q rows in log2 units: (Q * scale * log2e)
+      float* qr = qp + r * Dp;
+      to_f32(qr, a.q, b * a.sq_b + h * a.sq_h + (i0 + r) * a.sq_n, D, a.q_elem);
+      for (int64_t d = 0; d < D; ++d) qr[d] *= a.scale_log2;
+    }
     const float* kt_h = a.kt + (b * s.Hkv + hk) * s.NKB * D * BNp;
-    const float* v_h = a.v + (b * s.Hkv + hk) * s.NKB * s.BN * Dvp;
+    const float* v_h = a.v + b * a.sv_b + hk * a.sv_h;
     for (int64_t r = 0; r < m; ++r) {
       m_i[r] = kNegInf;
       l_i[r] = 0.f;
     }
     vzero(acc, m * Dvp);
 
-    for_each_kv_tile(w, a.lists, b, h, qt, s.BM, s.BN, [&](const Visit& vis) {
-      int64_t j0 = vis.t * s.BN, n = std::min(s.BN, s.Nk - j0);
+    // The slice's visits in key order. A run of consecutive full tiles is one span of up
+    // to LS keys: one softmax pass and one P V product for the whole span.
+    int64_t nvis = 0;
+    for_each_kv_tile(w, a.lists, b, h, qt, s.BM, s.BN, [&](const Visit& vis) { visits[nvis++] = vis; });
+    for (int64_t e = 0; e < nvis;) {
+      const Visit vis = visits[e];
+      int64_t last = e;
+      if (vis.full && merge)
+        while (last + 1 < nvis && visits[last + 1].full && visits[last + 1].t == visits[last].t + 1 &&
+               (last + 2 - e) * s.BN <= LS)
+          ++last;
+      const int64_t tiles = last - e + 1;
+      e = last + 1;
+      int64_t j0 = vis.t * s.BN, n = std::min((vis.t + tiles) * s.BN, s.Nk) - j0;
       // partial tile: only the keys some row of this slice sees
       const int64_t skip = vis.full ? 0 : narrow_keys(w, i0, i0 + m, j0, n);
-      if (skip < 0) return;
+      if (skip < 0) continue;
       const int64_t nW = round_up(n, kW);
-      // S = Q K^T: (m, D) x (D, n), already in log2 units. On full tiles without score
-      // modifiers S is final here, and the product also folds in the row maxima.
+      // S = Q K^T: (m, D) x (D, n), already in log2 units, one product per tile panel. On
+      // full tiles without score modifiers S is final here, and the products also fold in
+      // the row maxima.
       const bool fused_max = vis.full && !has_mods && n == nW;
-      if (fused_max) {
+      if (fused_max)
         for (int64_t r = 0; r < m; ++r) vstore(rmax + r * kW, vsplat(kNegInf));
-        gemm<false, false, true>(m, n, D, qp, Dp, kt_h + vis.t * D * BNp + skip, BNp, st, BNp, rmax);
-      } else {
-        gemm<false, false>(m, n, D, qp, Dp, kt_h + vis.t * D * BNp + skip, BNp, st, BNp);
+      for (int64_t u = 0; u < tiles; ++u) {
+        const int64_t nu = tiles == 1 ? n : std::min(s.BN, s.Nk - (vis.t + u) * s.BN);
+        const float* panel = kt_h + (vis.t + u) * D * BNp + skip;
+        if (fused_max) gemm<false, false, true>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS, rmax);
+        else gemm<false, false>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS);
       }
-      if (has_mods) apply_score_mods_rows(st, BNp, i0, m, j0, n, s.Nk - s.Nq, mods, b, h);
+      if (has_mods) apply_score_mods_rows(st, LS, i0, m, j0, n, s.Nk - s.Nq, mods, b, h);
       if (!vis.full) {
         const uint8_t* bits = vis.mask_id >= 0
             ? a.lists.masks + (static_cast<int64_t>(vis.mask_id) * s.BM + sub) * s.BN + skip : nullptr;
-        mask_partial_rows(st, BNp, i0, m, j0, n, w, bits, s.BN, kNegInf);
+        mask_partial_rows(st, LS, i0, m, j0, n, w, bits, s.BN, kNegInf);
       }
-      fill_tail(st, BNp, m, n, nW, kNegInf);
+      fill_tail(st, LS, m, n, nW, kNegInf);
       for (int64_t r = 0; r < m; ++r) {
-        float* row = st + r * BNp;
+        float* row = st + r * LS;
         const float mx = fused_max ? lanes_max(rmax + r * kW) : vrow_max(row, nW);
         const float m_new = mx != mx ? mx : std::max(m_i[r], mx);  // NaN propagates
         if (m_new == kNegInf) {  // nothing visible yet in this row: P = 0
@@ -192,18 +262,18 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         m_i[r] = m_new;
         if (alpha != 1.f) vscale(acc + r * Dvp, Dvp, alpha);
       }
-      if (dropout) apply_dropout_rows(st, BNp, i0, m, j0, n, mods, bh, s.Nq);
+      if (dropout) apply_dropout_rows(st, LS, i0, m, j0, n, mods, bh, s.Nq);
       // acc += P V: (m, n) x (n, Dv)
-      gemm<true, false>(m, Dvp, n, st, BNp, v_h + j0 * Dvp, Dvp, acc, Dvp);
-    });
+      gemm<true, false>(m, Dvp, n, st, LS, v_h + j0 * a.ldv, a.ldv, acc, Dvp);
+    }
 
-    float* op = a.out + (bh * s.Nq + i0) * Dvp;
+    float* op = a.out + b * a.so_b + h * a.so_h + i0 * a.ldo;
     float* lp = a.lse + bh * s.Nq + i0;
     for (int64_t r = 0; r < m; ++r) {
       const float l = l_i[r];  // 0: no visible key; NaN: NaN inputs (propagate)
       const float inv = l == 0.f ? 0.f : 1.f / l;
       const vf iv = vsplat(inv);
-      for (int64_t d = 0; d < Dvp; d += kW) vstore(op + r * Dvp + d, vload(acc + r * Dvp + d) * iv);
+      for (int64_t d = 0; d < Dvp; d += kW) vstore(op + r * a.ldo + d, vload(acc + r * Dvp + d) * iv);
       lp[r] = l == 0.f ? kNegInf : (m_i[r] + std::log2(l)) * kLn2;
     }
   }

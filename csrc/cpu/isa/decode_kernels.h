@@ -21,45 +21,6 @@ inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 constexpr int64_t kDecBN = 64;              // keys per tile
 constexpr int64_t kDecBNp = kDecBN + kPad;  // panel row stride (not a multiple of 1 KiB)
 
-// float16 bits -> float32, exact (normals, subnormals, inf, NaN).
-inline float half_bits_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  uint32_t bits;
-  if (e == 0) {
-    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // man * 2^-24
-    std::memcpy(&bits, &f, 4);
-    bits |= sign;
-  } else if (e == 31) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else {
-    bits = sign | ((e + 112) << 23) | (man << 13);
-  }
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
-
-inline float bf16_bits_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
-
-// dst[0:n] = float(src[0:n]) for the element type of the call.
-inline void to_f32(float* dst, const void* src, int64_t off, int64_t n, Elem e) {
-  if (e == Elem::kF32) {
-    std::memcpy(dst, static_cast<const float*>(src) + off, n * sizeof(float));
-  } else {
-    const uint16_t* p = static_cast<const uint16_t*>(src) + off;
-    if (e == Elem::kBF16)
-      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(p[i]);
-    else
-      for (int64_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(p[i]);
-  }
-}
-
 inline int64_t decode_scratch_floats(const DecodeArgs& a) {
   const int64_t R = a.Hq / a.Hkv * a.Nq, Rp = round_up(R, kPad);
   return R * a.Dp + a.D * kDecBNp + kDecBN * a.Dvp + R * kDecBNp + R * a.Dvp + 2 * Rp + round_up(a.D, kPad) +
