@@ -234,3 +234,45 @@ def test_avx_instructions_only_inside_the_per_isa_variants():
     assert not stray, f"AVX instructions outside the per-ISA variants: {stray[:10]}"
     # no AMX anywhere (no AMX variant is built)
     assert not re.search(r"\b(tdpbf16ps|tileloadd|tilestored|ldtilecfg)\b", text)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_inf_inputs_propagate_as_torch(isa, sign):
+    # +inf scores make a row NaN in torch (inf - inf in the softmax); -inf scores weigh 0
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 16, torch.float32, requires_grad=False)
+    k[0, 0, 5, 3] = sign * float("inf")
+    out = fastattn.attention(q, k, v, backend="cpu")
+    ref = fastattn.attention(q.double(), k.double(), v.double(), backend="reference")
+    assert torch.isnan(ref).any() and torch.equal(torch.isnan(out), torch.isnan(ref))
+    fin = ~torch.isnan(ref)
+    torch.testing.assert_close(out[fin].double(), ref[fin], atol=1e-5, rtol=1e-5)
+
+
+_CROSS = shutil.which("aarch64-linux-gnu-g++")
+
+
+@pytest.mark.skipif(_CROSS is None, reason="needs the aarch64 cross compiler g++-aarch64-linux-gnu "
+                                           "(.ci/run installs it)")
+def test_kernels_compile_for_aarch64_through_the_generic_variant(tmp_path):
+    """Non-x86 hosts build the generic variant (NEON here) and stub the x86 ones out."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import include_paths
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    inc = [f"-I{csrc}"] + [f"-I{p}" for p in include_paths()]
+    objs = {}
+    for name in ("isa/kernels_generic.cpp", "isa/kernels_avx2.cpp", "isa/kernels_avx512.cpp",
+                 "isa_dispatch.cpp"):
+        obj = tmp_path / (Path(name).stem + ".o")
+        r = subprocess.run([_CROSS, "-std=c++17", "-O2", "-ffp-contract=fast", *inc, "-c",
+                            str(csrc / "cpu" / name), "-o", str(obj)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{name} does not compile for aarch64:\n{r.stderr[-3000:]}"
+        objs[name] = obj
+    dis = subprocess.run(["aarch64-linux-gnu-objdump", "-d", "-C", str(objs["isa/kernels_generic.cpp"])],
+                         capture_output=True, text=True).stdout
+    assert "fastattn::cpu::generic::" in dis and re.search(r"\tfmla\t", dis)  # vectorized, NEON
+    for stub in ("isa/kernels_avx2.cpp", "isa/kernels_avx512.cpp"):
+        syms = subprocess.run(["aarch64-linux-gnu-nm", "-C", str(objs[stub])], capture_output=True,
+                              text=True).stdout
+        assert "fastattn::cpu::kernels_" in syms and "::avx" not in syms.replace("kernels_avx", "")
