@@ -46,6 +46,17 @@ inline float hmax(vf x) {
   return m;
 }
 
+// 2^f for |f| <= 0.5: the degree-6 polynomial of kernel_math.h's exp2_fast.
+inline vf vexp2_poly(vf f) {
+  vf p = vsplat(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  return p * f + 1.0f;
+}
+
 // 2^x per lane; the same method and constants as kernel_math.h's exp2_fast: ~2 ulp on
 // [-126, 128], exactly 0 below -126 (and for -inf), +inf above 128, NaN -> NaN.
 inline vf vexp2(vf x) {
@@ -55,13 +66,7 @@ inline vf vexp2(vf x) {
   const vf magic = vsplat(12582912.f);  // 1.5 * 2^23: adding and subtracting rounds to nearest
   const vf n = (xc + magic) - magic;
   const vf f = xc - n;
-  vf p = vsplat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  const vf p = vexp2_poly(f);
   vi e = __builtin_convertvector(n, vi) + 127;
   e = e > 254 ? vi{} + 254 : e;
   vf r = p * (vf)(e << 23);
@@ -78,13 +83,7 @@ inline vf vexp2_nonpos(vf x) {
   const vf magic = vsplat(12582912.f);
   const vf n = (xc + magic) - magic;
   const vf f = xc - n;
-  vf p = vsplat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
+  const vf p = vexp2_poly(f);
   const vi e = __builtin_convertvector(n, vi) + 127;  // 0 .. 127; 0 gives the factor 0
   return p * (vf)(e << 23);
 }
