@@ -42,12 +42,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   a.S = units >= kMinBwdTasks ? 1 : std::min<int64_t>(s.NKB, (kMinBwdTasks + units - 1) / units);
 
   const double log2e = 1.4426950408889634;
-  at::Tensor q32 = padded_f32(q, s.Nq, s.Dp);                 // (B, Hq, Nq, Dp)
+  // float32 inputs whose rows are whole vectors (D, Dv multiples of 16) are used in place
+  // (contiguous); others get zero-padded float32 copies. The kernels read only real rows.
+  auto rows_f32 = [](const at::Tensor& x, int64_t cols) {
+    return x.scalar_type() == at::kFloat && x.size(3) == cols ? x.contiguous() : padded_f32(x, x.size(2), cols);
+  };
+  at::Tensor q32 = rows_f32(q, s.Dp);                         // (B, Hq, Nq, Dp)
   at::Tensor qs = padded_f32(q, s.Nq, s.Dp, scale * log2e);   // scaled, log2 units
   at::Tensor kt = key_panels(k, s.NKB, BN, s.BNp);            // (B, Hkv, NKB, D, BNp)
-  at::Tensor k32 = padded_f32(k, s.NKB * BN, s.Dp);           // (B, Hkv, NKB*BN, Dp)
+  at::Tensor k32 = rows_f32(k, s.Dp);                         // (B, Hkv, Nk, Dp)
   at::Tensor vt = key_panels(v, s.NKB, BN, s.BNp);            // (B, Hkv, NKB, Dv, BNp)
-  at::Tensor do32 = padded_f32(dout, s.Nq, s.Dvp);            // (B, Hq, Nq, Dvp)
+  at::Tensor do32 = rows_f32(dout, s.Dvp);                    // (B, Hq, Nq, Dvp)
   at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);  // (B, Hq, Nq)
   if (dlse.has_value() && dlse->defined()) delta = delta - dlse->to(at::kFloat);
   delta = delta.contiguous();
@@ -56,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                         .to(at::kFloat)
                         .contiguous();
   at::Tensor dq_acc = at::zeros({a.S, s.B, s.Hq, s.Nq, s.Dp}, q.options().dtype(at::kFloat));
-  at::Tensor dk32 = at::empty({s.B, s.Hkv, s.NKB * BN, s.Dp}, q.options().dtype(at::kFloat));
-  at::Tensor dv32 = at::empty({s.B, s.Hkv, s.NKB * BN, s.Dvp}, q.options().dtype(at::kFloat));
+  at::Tensor dk32 = at::empty({s.B, s.Hkv, s.Nk, s.Dp}, q.options().dtype(at::kFloat));
+  at::Tensor dv32 = at::empty({s.B, s.Hkv, s.Nk, s.Dvp}, q.options().dtype(at::kFloat));
   a.q = q32.data_ptr<float>();
   a.qs = qs.data_ptr<float>();
   a.kt = kt.data_ptr<float>();

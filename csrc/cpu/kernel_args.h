@@ -36,7 +36,7 @@ struct SparseLists {
 // kPad so every vector load of every ISA variant stays inside its buffer):
 //   q   (B, Hq, Nq, Dp)          rows of Q (the forward scales it by scale*log2e first)
 //   kt  (B, Hkv, NKB, D, BNp)    K^T, one (D x BNp) panel per key tile: S = Q K^T
-//   k   (B, Hkv, NKB*BN, Dp)     rows of K (backward: dQ += dS K)
+//   k   (B, Hkv, Nk, Dp)         rows of K (backward: dQ += dS K)
 //   v   (B, Hkv, NKB*BN, Dvp)    rows of V: O += P V
 //   vt  (B, Hkv, NKB, Dv, BNp)   V^T panels (backward: dP = dO V^T)
 constexpr int64_t kPad = 16;
@@ -69,12 +69,12 @@ struct BwdArgs {
   int64_t TM, S;          // query rows per slice; dQ split count
   float scale;            // softmax scale (natural)
   const float *q, *qs;    // Q rows (B, Hq, Nq, Dp), unscaled and scaled by scale*log2e
-  const float *kt, *k;    // K^T panels, K rows
+  const float *kt, *k;    // K^T panels, K rows (B, Hkv, Nk, Dp)
   const float *vt;        // V^T panels
   const float* dout;      // (B, Hq, Nq, Dvp)
   const float* delta;     // (B, Hq, Nq): rowsum(dO * O) - dlse
   const float* lse2;      // (B, Hq, Nq): lse * log2e, +inf for rows that saw no key
-  float *dq, *dk, *dv;    // (S, B, Hq, Nq, Dp), (B, Hkv, NKB*BN, Dp), (B, Hkv, NKB*BN, Dvp)
+  float *dq, *dk, *dv;    // (S, B, Hq, Nq, Dp), (B, Hkv, Nk, Dp), (B, Hkv, Nk, Dvp)
   SparseLists lists;
   ScoreMods mods;
 };

@@ -309,7 +309,7 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
     const int64_t b = bhk / s.Hkv, hk = bhk % s.Hkv;
     const float* kt_h = a.kt + bhk * s.NKB * D * BNp;
     const float* vt_h = a.vt + bhk * s.NKB * Dv * BNp;
-    const float* k_h = a.k + bhk * s.NKB * BN * Dp;
+    const float* k_h = a.k + bhk * s.Nk * Dp;
     float* dq_split = a.dq + split * s.B * s.Hq * s.Nq * Dp;
     for (int64_t kt = split; kt < s.NKB; kt += a.S) {
       const int64_t j0 = kt * BN, n = std::min(BN, s.Nk - j0);
@@ -402,8 +402,8 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
           }
         });
       }
-      std::copy(dk_acc, dk_acc + n * Dp, a.dk + (bhk * s.NKB * BN + j0) * Dp);
-      std::copy(dv_acc, dv_acc + n * Dvp, a.dv + (bhk * s.NKB * BN + j0) * Dvp);
+      std::copy(dk_acc, dk_acc + n * Dp, a.dk + (bhk * s.Nk + j0) * Dp);
+      std::copy(dv_acc, dv_acc + n * Dvp, a.dv + (bhk * s.Nk + j0) * Dvp);
     }
   }
 }
