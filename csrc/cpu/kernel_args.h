@@ -99,7 +99,6 @@ struct DecodeArgs {
 // Per-thread scratch the drivers allocate: scratch_floats(...) floats, 64-byte aligned.
 struct KernelTable {
   const char* name;      // "generic", "avx2", "avx512"
-  int vec_floats;        // lanes of one float vector
   // forward: tasks [begin, end) of B * Hq * NQT
   void (*fwd_tasks)(const FwdArgs&, int64_t begin, int64_t end, float* scratch);
   int64_t (*fwd_scratch_floats)(const FwdArgs&);

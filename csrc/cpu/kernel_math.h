@@ -1,5 +1,5 @@
-// Small numeric helpers for the CPU kernels, written so GCC auto-vectorizes them
-// (-O3 -march=native): no calls, no branches in the hot loops besides selects.
+// Scalar numeric helpers shared by the CPU kernels (exp2, log2 constants); the vector
+// versions are in isa/vec.h.
 #pragma once
 
 #include <cmath>
@@ -41,32 +41,6 @@ inline float exp2_fast(float x) {
   r = (n >= 128.0f) ? std::numeric_limits<float>::infinity() : r;
   r = underflow ? 0.0f : r;
   return (x != x) ? x : r;  // NaN propagates
-}
-
-// Maximum of x[0:n]; NaN if any element is NaN (so NaN inputs propagate to the output).
-inline float row_max(const float* x, int64_t n) {
-  float m = kNegInf;
-  bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    m = x[i] > m ? x[i] : m;
-    nan |= x[i] != x[i];
-  }
-  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
-}
-
-// x[i] = exp2(x[i] * a - b); returns the sum.
-inline float exp2_affine_sum(float* x, int64_t n, float a, float b) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = exp2_fast(x[i] * a - b);
-    x[i] = e;
-    s += e;
-  }
-  return s;
-}
-
-inline void scale_inplace(float* x, int64_t n, float a) {
-  for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }
 
 }  // inline namespace FASTATTN_ISA

@@ -154,6 +154,21 @@ inline void to_f32(float* dst, const void* src, int64_t off, int64_t n, Elem e) 
   }
 }
 
+// One online-softmax step of a score row (log2 units, nW columns, mx = its maximum): the
+// running max m and sum l move on, the output row acc (dv floats) is rescaled, and the row
+// becomes its probabilities exp2(S - m') (all 0 while the row has seen nothing visible).
+inline void online_softmax_row(float* row, int64_t nW, float mx, float& m, float& l, float* acc, int64_t dv) {
+  const float m_new = mx != mx ? mx : std::max(m, mx);  // NaN propagates
+  if (m_new == kNegInf) {
+    vzero(row, nW);
+    return;
+  }
+  const float alpha = exp2_fast(m - m_new);
+  l = l * alpha + vexp2_sub_sum(row, nW, m_new);
+  m = m_new;
+  if (alpha != 1.f) vscale(acc, dv, alpha);
+}
+
 // ----------------------------------------------------------------------------- forward
 
 // Keys per forward span (a run of consecutive full tiles, see fwd_tasks): the S tile
@@ -252,15 +267,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
       for (int64_t r = 0; r < m; ++r) {
         float* row = st + r * LS;
         const float mx = fused_max ? lanes_max(rmax + r * kW) : vrow_max(row, nW);
-        const float m_new = mx != mx ? mx : std::max(m_i[r], mx);  // NaN propagates
-        if (m_new == kNegInf) {  // nothing visible yet in this row: P = 0
-          vzero(row, nW);
-          continue;
-        }
-        const float alpha = exp2_fast(m_i[r] - m_new);
-        l_i[r] = l_i[r] * alpha + vexp2_sub_sum(row, nW, m_new);
-        m_i[r] = m_new;
-        if (alpha != 1.f) vscale(acc + r * Dvp, Dvp, alpha);
+        online_softmax_row(row, nW, mx, m_i[r], l_i[r], acc + r * Dvp, Dvp);
       }
       if (dropout) apply_dropout_rows(st, LS, i0, m, j0, n, mods, bh, s.Nq);
       // acc += P V: (m, n) x (n, Dv)

@@ -94,15 +94,7 @@ inline void decode_tasks(const DecodeArgs& a, int64_t begin, int64_t end, float*
           for (int64_t c = 0; c < ra; ++c) sr[c] = kNegInf;
           for (int64_t c = rb; c < nW; ++c) sr[c] = kNegInf;
           const float mx = vrow_max(sr, nW);
-          const float m_new = mx != mx ? mx : std::max(m_i[r], mx);  // NaN propagates
-          if (m_new == kNegInf) {  // nothing visible yet in this row
-            vzero(sr, nW);
-            continue;
-          }
-          const float alpha = exp2_fast(m_i[r] - m_new);
-          l_i[r] = l_i[r] * alpha + vexp2_sub_sum(sr, nW, m_new);
-          m_i[r] = m_new;
-          if (alpha != 1.f) vscale(acc + r * Dvp, Dvp, alpha);
+          online_softmax_row(sr, nW, mx, m_i[r], l_i[r], acc + r * Dvp, Dvp);
         }
         gemm<true, false>(R, Dvp, n, st, kDecBNp, vt, Dvp, acc, Dvp);  // acc += P V
       }

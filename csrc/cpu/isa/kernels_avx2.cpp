@@ -32,7 +32,7 @@
 
 namespace fastattn::cpu {
 namespace {
-const KernelTable kTable = {"avx2", avx2::kW, &avx2::fwd_tasks, &avx2::fwd_scratch_floats,
+const KernelTable kTable = {"avx2", &avx2::fwd_tasks, &avx2::fwd_scratch_floats,
                             &avx2::bwd_tasks, &avx2::bwd_scratch_floats,
                             &avx2::decode_tasks, &avx2::decode_scratch_floats};
 }  // namespace

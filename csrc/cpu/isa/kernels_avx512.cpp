@@ -32,7 +32,7 @@
 
 namespace fastattn::cpu {
 namespace {
-const KernelTable kTable = {"avx512", avx512::kW, &avx512::fwd_tasks, &avx512::fwd_scratch_floats,
+const KernelTable kTable = {"avx512", &avx512::fwd_tasks, &avx512::fwd_scratch_floats,
                             &avx512::bwd_tasks, &avx512::bwd_scratch_floats,
                             &avx512::decode_tasks, &avx512::decode_scratch_floats};
 }  // namespace

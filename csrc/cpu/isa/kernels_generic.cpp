@@ -10,7 +10,7 @@
 namespace fastattn::cpu {
 
 namespace {
-const KernelTable kTable = {"generic", kW, &generic::fwd_tasks, &generic::fwd_scratch_floats,
+const KernelTable kTable = {"generic", &generic::fwd_tasks, &generic::fwd_scratch_floats,
                             &generic::bwd_tasks, &generic::bwd_scratch_floats,
                             &generic::decode_tasks, &generic::decode_scratch_floats};
 }  // namespace

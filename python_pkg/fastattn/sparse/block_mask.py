@@ -75,9 +75,7 @@ from ._builder import (
 
 _KEEP_COO = 1 << 22  # blocks; larger masks rebuild their flat block list on demand
 
-_LIST_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-               "kv_mask_ids", "q_num_blocks", "q_indices", "full_q_num_blocks",
-               "full_q_indices", "q_mask_ids")
+_LIST_NAMES = BlockLists._fields[:-1]  # the int32 lists; partial_masks is last
 
 
 def normalize_block_size(block_size) -> tuple[int, int]:
