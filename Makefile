@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: setup build bench test test-slow info compile-report cuda-build-check clean
+.PHONY: setup build bench test test-slow info compile-report cuda-build-check sdist wheel clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,5 +54,12 @@ compile-report: setup
 cuda-build-check:
 	bash benchmarks/cuda_build_check.sh
 
+# Source distribution (all of csrc, see MANIFEST.in) and a wheel built against .venv's torch
+sdist: $(VENV)/.deps
+	$(PY) setup.py -q sdist -d dist
+
+wheel: $(VENV)/.deps
+	$(PIP) wheel --no-build-isolation --no-deps . -w dist
+
 clean:
-	rm -rf build $(VENV) python_pkg/fastattn/*.so python_pkg/*.egg-info
+	rm -rf build dist $(VENV) python_pkg/fastattn/*.so python_pkg/fastattn/_build_info.json python_pkg/*.egg-info

@@ -19,10 +19,13 @@ Environment knobs:
 
 from __future__ import annotations
 
+import datetime
 import glob
+import json
 import os
 import platform
 import shutil
+import subprocess
 
 from setuptools import setup
 
@@ -103,10 +106,72 @@ def _extensions():
     return exts
 
 
+BUILD_INFO_FILE = "_build_info.json"  # read by python_pkg/fastattn/_extension.py
+
+
+def _compiler_version(cmd: str) -> str:
+    try:
+        out = subprocess.run([cmd, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else cmd
+    except (OSError, subprocess.SubprocessError):
+        return cmd
+
+
+def _build_record(exts, compiler_cmd: str) -> dict:
+    """What the extensions were built with and against; fastattn reads it at import, before
+    loading them, to refuse a torch they were not built for with a clear message."""
+    import torch
+
+    cxx = next((e.extra_compile_args.get("cxx", []) for e in exts if e.name == "fastattn._C"), [])
+    cuda = next((e for e in exts if e.name == "fastattn._cuda"), None)
+    return {
+        "fastattn": _version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cxx11_abi": bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "compiler": _compiler_version(compiler_cmd),
+        "cxx_flags": cxx,
+        "cpu_isa_variants": sorted(  # csrc/cpu/isa/kernels_<variant>.cpp
+            os.path.basename(p)[len("kernels_"):-len(".cpp")]
+            for p in glob.glob(os.path.join(ROOT, "csrc/cpu/isa/kernels_*.cpp"))),
+        "native": os.environ.get("FASTATTN_NATIVE", "0") == "1",
+        "extensions": sorted(e.name for e in exts),
+        "cuda_archs": (os.environ.get("FASTATTN_CUDA_ARCHS", "80;90") if cuda is not None else None),
+        "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _version() -> str:
+    scope: dict = {}
+    with open(os.path.join(ROOT, "python_pkg", "fastattn", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
 def _cmdclass():
+    import torch
     from torch.utils.cpp_extension import BuildExtension
 
-    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    if "pip-build-env" in (torch.__file__ or ""):
+        print(f"fastattn: WARNING: building in pip's isolated environment against torch "
+              f"{torch.__version__}; the extension will load only under that exact torch. Build "
+              f"with `pip install --no-build-isolation ...` to use the torch you run.")
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            # next to the built extension: python_pkg/fastattn for in-place builds, the build
+            # tree (and so the wheel) otherwise
+            target = os.path.dirname(self.get_ext_fullpath("fastattn._C"))
+            cmd = (getattr(self.compiler, "compiler_cxx", None) or ["c++"])[0]
+            os.makedirs(target, exist_ok=True)
+            with open(os.path.join(target, BUILD_INFO_FILE), "w") as f:
+                json.dump(_build_record(self.extensions, cmd), f, indent=1)
+                f.write("\n")
+
+    return {"build_ext": BuildExt}
 
 
 os.environ.setdefault("MAX_JOBS", _default_max_jobs())

@@ -10,7 +10,7 @@ from .varlen import attention_varlen
 from . import flash_attn_compat  # (imports the API, varlen and decode)
 from .backends.cpu import kernel_info as cpu_info
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "attention",

@@ -1,6 +1,7 @@
 """The `fastattn` command.
 
-    fastattn info                  version, build, backends and why any is unavailable
+    fastattn info [--check]        version, build, backends and why any is unavailable;
+                                   --check runs each CPU backend against the reference
     fastattn bench ...             benchmark sweeps (fastattn.bench)
     fastattn train / generate ...  reference transformer (fastattn.models)
 
@@ -30,6 +31,17 @@ def _info(args) -> int:
     ci = fastattn.cpu_info()
     print(f"cpu: {ci['cpu']}")
     print(f"cpu extension: {ci['build']}")
+    from fastattn._extension import BUILD_INFO_FILE, build_record
+
+    rec = build_record()
+    if rec is None:
+        print(f"build record: none ({BUILD_INFO_FILE} is written by setup.py when it builds)")
+    elif "torch" in rec:
+        print(f"build record: fastattn {rec.get('fastattn')} built {rec.get('built')} against "
+              f"torch {rec['torch']} (C++11 ABI {int(bool(rec.get('cxx11_abi')))}), "
+              f"{rec.get('compiler')}, extensions {', '.join(rec.get('extensions', []))}")
+    else:
+        print(f"build record: {rec.get('error')}")
     if ci["variant"] is not None:
         print(f"cpu kernels: running the {ci['variant']} variant ({ci['features']}; "
               f"FASTATTN_CPU_ISA=generic|avx2|avx512 forces a lower one)")
@@ -53,6 +65,16 @@ def _info(args) -> int:
                     f"backward={'y' if b.supports_backward else 'n'} "
                     f"lse={'y' if b.supports_lse else 'n'}]")
         print(f"  {name:10s} {'available' if ok else 'unavailable'}: {why}{caps}")
+    if getattr(args, "check", False):
+        from fastattn import selfcheck
+
+        results = selfcheck.run()
+        print("check (float32 causal GQA forward + backward against float64 naive attention):")
+        for name, passed, detail in results:
+            print(f"  {name:10s} {'PASS' if passed else 'FAIL'}: {detail}")
+        if not results:
+            print("  no CPU backend is available to check")
+        return 0 if results and all(p for _, p, _ in results) else 1
     return 0
 
 
@@ -60,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastattn", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, build and available backends")
+    p.add_argument("--check", action="store_true",
+                   help="also run a small forward + backward on each available CPU backend "
+                        "against float64 naive attention (exit 1 on a failure)")
     p.set_defaults(_run=_info)
     for mod_name in _SUBCOMMAND_MODULES:
         try:

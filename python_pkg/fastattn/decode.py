@@ -49,10 +49,10 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cpu_ops_ok() -> tuple[bool, str]:
-    try:
-        from . import _C  # noqa: F401
-    except ImportError as e:
-        return False, f"the compiled extension fastattn._C is not built ({e})"
+    from ._extension import load
+
+    if load("_C")[0] is None:
+        return False, f"the compiled extension fastattn._C is not usable: {load('_C')[1]}"
     if not hasattr(torch.ops.fastattn, "cpu_decode"):
         return False, "fastattn._C was built without the decode kernel; rebuild the extension"
     return True, "ok"

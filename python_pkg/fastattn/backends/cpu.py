@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from .._extension import load as load_extension
 from .base import Backend, Problem
 
-try:
-    from .. import _C  # noqa: F401  (loads the library that defines torch.ops.fastattn.cpu_*)
-
-    _LOAD_ERROR = None
-except ImportError as e:  # extension not built
-    _C = None
-    _LOAD_ERROR = str(e)
+# loads the library that defines torch.ops.fastattn.cpu_* (None + reason when not built or
+# built against another torch)
+_C, _LOAD_ERROR = load_extension("_C")
 
 
 def _register():
@@ -99,8 +96,7 @@ class CPUBackend(Backend):
 
     def available(self):
         if _C is None:
-            return False, (f"the compiled extension fastattn._C is not built ({_LOAD_ERROR}); "
-                           "run `pip install --no-build-isolation -e .`")
+            return False, f"the compiled extension fastattn._C is not usable: {_LOAD_ERROR}"
         return True, "ok"
 
     def forward(self, q, k, v, p: Problem):
@@ -143,7 +139,7 @@ def kernel_info() -> dict:
     the CPU can run, the features the dispatcher saw and the build flags."""
     info = {"cpu": cpu_model(), "variant": None, "runnable": [], "features": "", "build": ""}
     if _C is None:
-        info["build"] = f"not built ({_LOAD_ERROR})"
+        info["build"] = f"not usable: {_LOAD_ERROR}"
         return info
     info.update(runnable=list(_C.cpu_isas()), features=_C.cpu_features(), build=_C.build_info())
     try:

@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import torch
 
+from .._extension import load as load_extension
 from .base import Backend, Problem
 
-try:
-    from .. import _cuda  # noqa: F401  (loads the library that defines torch.ops.fastattn.cuda_*)
-
-    _LOAD_ERROR = None
-except ImportError as e:  # extension not built (CPU-only torch, no nvcc, or FASTATTN_BUILD_CUDA=0)
-    _cuda = None
-    _LOAD_ERROR = str(e) or type(e).__name__
+# loads the library that defines torch.ops.fastattn.cuda_* (None + reason when not built:
+# CPU-only torch, no nvcc, FASTATTN_BUILD_CUDA=0, or built against another torch)
+_cuda, _LOAD_ERROR = load_extension("_cuda")
 
 MASK_BLOCK_MULTIPLE = 64  # csrc/cuda/flash.h kMaskBlockMultiple
 
@@ -86,7 +83,9 @@ if _cuda is not None:
 
 def _availability_reasons() -> list[str]:
     reasons = []
-    if _cuda is None:
+    if _cuda is None and "was built against" in (_LOAD_ERROR or ""):  # a torch mismatch
+        reasons.append(f"the compiled extension fastattn._cuda is not usable: {_LOAD_ERROR}")
+    elif _cuda is None:
         why = ("torch has no CUDA" if torch.version.cuda is None
                else "nvcc was missing or FASTATTN_BUILD_CUDA=0 at build time")
         reasons.append(f"the compiled extension fastattn._cuda is not built ({why}; "
