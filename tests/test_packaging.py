@@ -75,6 +75,11 @@ def test_mismatched_build_record_names_both_torches_and_the_fix(monkeypatch):
     monkeypatch.setattr(_extension, "_loaded", {})
     module, reason = _extension.load("_C")
     assert module is None and "was built against torch 0.0.1+other" in reason
+    # an extension that build did not make is "not built", not "built against"
+    monkeypatch.setattr(_extension, "build_record", lambda: {**rec, "extensions": ["fastattn._C"]})
+    monkeypatch.setattr(_extension, "_loaded", {})
+    module, reason = _extension.load("_cuda")
+    assert module is None and "built against" not in reason
 
 
 def test_build_record_matches_the_running_torch():

@@ -66,7 +66,9 @@ def load(name: str):
     if name in _loaded:
         return _loaded[name]
     record = build_record()
-    why = torch_mismatch(record)
+    # the record speaks for the extensions that build made (a CPU-only build made no _cuda)
+    built = record.get("extensions", [f"fastattn.{name}"]) if record else []
+    why = torch_mismatch(record) if f"fastattn.{name}" in built else None
     module = None
     if why is None:
         try:
