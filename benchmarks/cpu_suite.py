@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import fastattn
+from fastattn.bench.spec import attention_flops
 from fastattn import sparse
 from fastattn.bench.patterns import layout_mask_mod
 from fastattn.bench.providers import ModeRunner, compiled_flex, make_inputs, naive_attention
@@ -65,8 +66,8 @@ def interleaved(runners: dict, reps: int) -> dict:
 
 
 def flops(N, D, causal, H=8, mode="fwd", density=None):
-    f = 4 * H * N * N * D * (density if density is not None else (0.5 if causal else 1.0))
-    return f * {"fwd": 1.0, "fwd+bwd": 3.5}[mode]
+    return attention_flops(1, H, N, N, D, mode, causal=causal,
+                           visible_pairs=None if density is None else density * N * N)
 
 
 def dense_cases(args):

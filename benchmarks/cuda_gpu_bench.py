@@ -18,14 +18,11 @@ import sys
 
 import torch
 
+from fastattn.bench.spec import attention_flops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "cuda_gpu_bench.md")
 PROVIDERS = ("cuda", "sdpa", "triton")
-
-
-def attention_flops(B, H, Nq, Nk, D, causal, mode):
-    f = 4.0 * B * H * Nq * Nk * D * (0.5 if causal else 1.0)
-    return f * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
 def _time_ms(fn, warmup=3, iters=10):
@@ -72,7 +69,7 @@ def bench_cuda_gpu(seq_lens=(1024, 2048, 4096, 8192), *, batch_tokens=16384, hea
                     except Exception as e:  # a provider that cannot serve this shape
                         rows.append((prov, mode, causal, N, None, f"n/a: {str(e).splitlines()[0]}"))
                         continue
-                    tf = attention_flops(B, heads, N, N, dim, causal, mode) / (ms * 1e-3) / 1e12
+                    tf = attention_flops(B, heads, N, N, dim, mode, causal=causal) / (ms * 1e-3) / 1e12
                     rows.append((prov, mode, causal, N, ms, tf))
     return rows
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python_pkg"))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said aloud
 
-from fastattn.backends.triton import aot  # noqa: E402
+from fastattn.bench import triton_compile as aot  # noqa: E402
 
 
 def _compile(v):

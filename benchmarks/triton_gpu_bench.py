@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "python_pkg"))
 
 import torch  # noqa: E402
 
-from fastattn.backends.triton.bench import gpu_benchmark  # noqa: E402
+from fastattn.bench.triton_gpu import gpu_benchmark  # noqa: E402
 
 
 def main(argv=None):

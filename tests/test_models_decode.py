@@ -113,7 +113,8 @@ def test_cpu_decode_nan_propagates():
     (dict(cache_seqlens=torch.tensor([5, 99])), r"lie in \[0, Ncache"),
     (dict(window_left=-3), "window_left"),
     (dict(num_splits=0), "num_splits"),
-    (dict(backend="cuda"), "backend must be one of"),
+    (dict(backend="cuda"), "backend .cuda. cannot serve this call:\n  - has no decode kernel"),
+    (dict(backend="gpu"), "backend must be .auto. or one of"),
 ])
 def test_decode_validation(bad, match):
     q, k, v = _inputs(2, 4, 2, 1, 64, 16, torch.float32)
@@ -151,9 +152,9 @@ TRITON_CASES = [
 def run_triton_cases():
     """Every TRITON_CASES x dtype through the triton kernel; run by the test below in a fresh
     interpreter, since TRITON_INTERPRET must be set before triton is first imported."""
-    from fastattn import decode_triton
+    from fastattn.backends.triton import _interpreter_on
 
-    assert decode_triton._interpreting(), "TRITON_INTERPRET=1 must be set before triton loads"
+    assert _interpreter_on(), "TRITON_INTERPRET=1 must be set before triton loads"
     for case in TRITON_CASES:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             B, Hq, Hkv, Nq, N, D, sl, wl, ns = case

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from fastattn.backends.triton import aot  # noqa: E402
+from fastattn.bench import triton_compile as aot  # noqa: E402
 from fastattn.backends.triton.ops import load_kernels  # noqa: E402
 
 needs_ptxas = pytest.mark.skipif(aot.ptxas_path() is None,

@@ -314,13 +314,14 @@ DECODE_CASES = [
 
 
 def run_decode_cases():
-    """fastattn.decode_triton with softcap / ALiBi against the float64 reference, row by row
+    """fastattn.backends.triton.decode with softcap / ALiBi against the float64 reference, row by row
     (row b attends to its first L = cache_seqlens[b] cache entries, queries at L - Nq + i).
-    Run in a fresh interpreter by the test below: decode_triton's kernels are built when it
+    Run in a fresh interpreter by the test below: the decode kernels are built when it
     is imported, so TRITON_INTERPRET must be set before that."""
-    from fastattn import decode_triton
+    from fastattn.backends.triton import _interpreter_on
+    from fastattn.backends.triton import decode as decode_triton
 
-    assert decode_triton._interpreting()
+    assert _interpreter_on()
     for case in DECODE_CASES:
         B, Hq, Hkv, Nq, Nc, D, sl, wl, ns, cap, alibi = case
         for dtype in (F32, BF16, F16):

@@ -21,10 +21,14 @@ position, window_right=None/-1 every key j < L: FlashAttention's non-causal KV c
 
 The kernels split the cache into chunks, attend to each chunk in parallel, and merge the
 partial outputs by their log-sum-exp (Dao et al., "Flash-Decoding for long-context
-inference", 2023), which keeps every core busy at batch 1. Backends: "cpu" (C++,
-csrc/cpu/decode_cpu.cpp), "triton" (fastattn.decode_triton; GPU, or TRITON_INTERPRET=1 on
-CPU tensors), "reference" (naive masked softmax: the oracle, also differentiable). "auto"
-picks cpu for CPU tensors and triton for CUDA tensors, else reference.
+inference", 2023), which keeps every core busy at batch 1. The backend is chosen by
+fastattn.dispatch exactly as for attention (Backend.why_not_decode / Backend.decode):
+"cpu" (csrc/cpu/decode_cpu.cpp), "triton" (backends/triton/decode.py; GPU, or
+TRITON_INTERPRET=1 on CPU tensors, by name), "reference" (naive masked softmax: the oracle,
+also differentiable). "auto" (FASTATTN_BACKEND overrides it when it names a backend with
+a decode kernel) picks triton for CUDA tensors,
+cpu for CPU tensors, the reference when an input requires grad; an explicit backend that
+cannot serve the call raises BackendUnavailableError with every backend's reasons.
 
 softcap and alibi_slopes ((Hq,) or (B, Hq)) act as in fastattn.score_mods, with the ALiBi
 distance measured from each row's own position p = L - Nq + i (-slope * |p - j|), as
@@ -40,22 +44,13 @@ from __future__ import annotations
 
 import torch
 
+from . import dispatch
 from ._validate import validate_alibi_slopes, validate_qkv, validate_scale, validate_softcap
+from .backends.base import DecodeProblem
+from .backends.reference import decode_reference
+from .masking import decode_mask
 
-__all__ = ["decode_attention", "decode_reference"]
-
-_BACKENDS = ("auto", "cpu", "triton", "reference")
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _cpu_ops_ok() -> tuple[bool, str]:
-    from ._extension import load
-
-    if load("_C")[0] is None:
-        return False, f"the compiled extension fastattn._C is not usable: {load('_C')[1]}"
-    if not hasattr(torch.ops.fastattn, "cpu_decode"):
-        return False, "fastattn._C was built without the decode kernel; rebuild the extension"
-    return True, "ok"
+__all__ = ["decode_attention", "decode_reference", "decode_mask"]
 
 
 def _validate_seqlens(cache_seqlens, B: int, Ncache: int, device) -> torch.Tensor | None:
@@ -97,103 +92,14 @@ def _validate_window_left(window_left) -> int:
     return int(window_left)
 
 
-def decode_mask(cache_seqlens, B: int, Nq: int, Ncache: int, window_left: int = -1,
-                device=None, window_right: int = 0) -> torch.Tensor:
-    """The (B, 1, Nq, Ncache) bool mask decode_attention applies (True = visible)."""
-    L = (torch.full((B,), Ncache, device=device) if cache_seqlens is None
-         else cache_seqlens.to(device=device, dtype=torch.long))
-    i = torch.arange(Nq, device=device).view(1, Nq, 1)
-    j = torch.arange(Ncache, device=device).view(1, 1, Ncache)
-    diag = L.view(B, 1, 1) - Nq + i  # each query's own position
-    ok = j < L.view(B, 1, 1)
-    if window_right != -1:
-        ok = ok & (j <= diag + window_right)
-    if window_left != -1:
-        ok = ok & (j >= diag - window_left)
-    return ok.unsqueeze(1)
-
-
-def decode_reference(q, k_cache, v_cache, *, cache_seqlens=None, window_left=-1, scale=None,
-                     window_right=0, softcap=0.0, alibi_slopes=None):
-    """Naive decode attention (materializes (Nq, Ncache) scores); returns (out, lse).
-    Differentiable; float64 inputs stay float64, others compute in float32."""
-    from .score_mods import apply_softcap
-
-    B, Hq, Nq, D = q.shape
-    Hkv, Ncache = k_cache.shape[1], k_cache.shape[2]
-    mask = decode_mask(cache_seqlens, B, Nq, Ncache, window_left, q.device, window_right)
-    scale = D ** -0.5 if scale is None else scale
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    k, v = k_cache.to(cdt), v_cache.to(cdt)
-    if Hkv != Hq:
-        k, v = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
-    s = apply_softcap(torch.matmul(q.to(cdt), k.transpose(-1, -2)) * scale, softcap or 0.0)
-    if alibi_slopes is not None:
-        L = (torch.full((B,), Ncache, device=q.device) if cache_seqlens is None
-             else cache_seqlens.to(device=q.device, dtype=torch.long))
-        pos = L.view(B, 1, 1) - Nq + torch.arange(Nq, device=q.device).view(1, Nq, 1)
-        dist = (pos - torch.arange(Ncache, device=q.device).view(1, 1, Ncache)).abs()
-        slopes = alibi_slopes.to(cdt).expand(B, Hq) if alibi_slopes.ndim == 2 \
-            else alibi_slopes.to(cdt).view(1, Hq).expand(B, Hq)
-        s = s - slopes.reshape(B, Hq, 1, 1) * dist.unsqueeze(1).to(cdt)
-    s = s.masked_fill(~mask, float("-inf"))
-    # rows that see no key: out 0, lse -inf, zero (not NaN) gradients
-    m = s.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
-    out = torch.matmul(p / torch.where(l == 0, torch.ones_like(l), l), v)
-    lse = (m + torch.log(l)).squeeze(-1)
-    return out.to(q.dtype), lse.float()
-
-
-def _pick_backend(backend: str, q: torch.Tensor, needs_grad: bool) -> str:
-    if backend == "auto":
-        if needs_grad or q.dtype not in _KERNEL_DTYPES:
-            return "reference"
-        if q.device.type == "cpu" and _cpu_ops_ok()[0]:
-            return "cpu"
-        if q.device.type == "cuda":
-            try:
-                from . import decode_triton  # noqa: F401
-                return "triton"
-            except ImportError:
-                pass
-        return "reference"
-    why = []
-    if backend in ("cpu", "triton"):
-        if needs_grad:
-            why.append("its kernel is inference-only (no backward); call it under "
-                       "torch.no_grad() or use backend='reference' / fastattn.attention")
-        if q.dtype not in _KERNEL_DTYPES:
-            why.append(f"it supports float32, bfloat16 and float16, got {q.dtype}")
-    if backend == "cpu":
-        if q.device.type != "cpu":
-            why.append(f"it runs on CPU tensors, got {q.device}")
-        ok, reason = _cpu_ops_ok()
-        if not ok:
-            why.append(reason)
-    if backend == "triton":
-        try:
-            from . import decode_triton
-            ok, reason = decode_triton.available(q.device)
-            if not ok:
-                why.append(reason)
-        except ImportError as e:
-            why.append(f"triton is not installed ({e})")
-    if why:
-        raise ValueError(f"decode_attention backend {backend!r} cannot serve this call: "
-                         + "; ".join(why))
-    return backend
-
-
 def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, window_left=None,
                      window_right=0, scale=None, softcap=None, alibi_slopes=None,
                      backend="auto", num_splits=None, return_lse=False):
     """Split-KV attention of q (B, Hq, Nq, D) against k_cache/v_cache (B, Hkv, Ncache, D|Dv);
     see the module docstring for the masking rule and the backends."""
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    name = dispatch.validate_backend_name(backend)
+    if name != backend and not getattr(dispatch.get(name), "supports_decode", False):
+        name = "auto"  # FASTATTN_BACKEND names a backend without a decode kernel: keep auto
     validate_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"))
     B, Hq, Nq, D = q.shape
     Ncache, Dv = k_cache.shape[2], v_cache.shape[3]
@@ -209,33 +115,16 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, window_left=Non
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-    impl = _pick_backend(backend, q, needs_grad)
-    if impl == "triton" and window_right != 0:
-        if backend == "triton":
-            raise ValueError("decode_attention backend 'triton' cannot serve this call: its "
-                             "kernel is causal (window_right=0); use backend='auto' or 'cpu'")
-        impl = "reference"
-
+    d = DecodeProblem(device=q.device, dtype=q.dtype, B=B, Hq=Hq, Hkv=k_cache.shape[1], Nq=Nq,
+                      Ncache=Ncache, D=D, Dv=Dv, window=(window_left, window_right), scale=scale,
+                      needs_grad=needs_grad, cache_seqlens=cache_seqlens, softcap=softcap,
+                      alibi_slopes=alibi_slopes, num_splits=num_splits or 0)
+    # the same dispatch as attention: "auto" = the highest-priority backend that can serve
+    # it (triton on a GPU, cpu on a CPU, the differentiable reference otherwise)
+    impl = dispatch.select(d, name)
     if B == 0 or Hq == 0 or Nq == 0 or Ncache == 0:
         out = q.new_zeros((B, Hq, Nq, Dv))
         lse = torch.full((B, Hq, Nq), float("-inf"), dtype=torch.float32, device=q.device)
-    elif impl == "cpu":
-        if softcap or alibi_slopes is not None or window_right != 0:
-            out, lse = torch.ops.fastattn.cpu_decode(q, k_cache, v_cache, cache_seqlens, scale,
-                                                     window_left, num_splits or 0, window_right,
-                                                     softcap, alibi_slopes)
-        else:
-            out, lse = torch.ops.fastattn.cpu_decode(q, k_cache, v_cache, cache_seqlens, scale,
-                                                     window_left, num_splits or 0)
-    elif impl == "triton":
-        from .decode_triton import triton_decode_attention
-        out, lse = triton_decode_attention(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
-                                           window_left=window_left, scale=scale,
-                                           num_splits=num_splits, softcap=softcap,
-                                           alibi_slopes=alibi_slopes)
     else:
-        out, lse = decode_reference(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
-                                    window_left=window_left, scale=scale,
-                                    window_right=window_right, softcap=softcap,
-                                    alibi_slopes=alibi_slopes)
+        out, lse = impl.decode(q, k_cache, v_cache, d)
     return (out, lse) if return_lse else out

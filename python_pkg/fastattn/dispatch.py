@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .backends.base import Backend, Problem
+from .backends.base import Backend, DecodeProblem, Problem
 
 # name -> "module:Class", imported lazily so a missing optional dependency (triton, the CUDA
 # extension) only makes that backend unavailable.
@@ -75,11 +75,12 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return {name: availability(name) for name in BACKEND_NAMES}
 
 
-def reasons(name: str, p: Problem) -> list[str]:
+def reasons(name: str, p: Problem | DecodeProblem) -> list[str]:
+    """Why backend `name` cannot serve p: an attention Problem or a DecodeProblem."""
     b = get(name)
     if b is None:
         return [_import_errors.get(name, "not installed")]
-    return b.why_not(p)
+    return b.why_not_decode(p) if isinstance(p, DecodeProblem) else b.why_not(p)
 
 
 def validate_backend_name(backend) -> str:
@@ -100,8 +101,9 @@ def validate_backend_name(backend) -> str:
     return backend
 
 
-def select(p: Problem, backend: str = "auto", *, candidates=None) -> Backend:
-    """The backend that serves problem p. `backend` must be validated already."""
+def select(p: Problem | DecodeProblem, backend: str = "auto", *, candidates=None) -> Backend:
+    """The backend that serves problem p (attention or decode). `backend` must be validated
+    already."""
     if backend != "auto":
         why = reasons(backend, p)
         if why:

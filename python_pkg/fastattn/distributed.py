@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import attention
+from .api import attention
 
 __all__ = ["ring_attention", "zigzag_shard", "zigzag_unshard", "merge_attention"]
 

@@ -98,13 +98,18 @@ def dropout_keep_mask(seed: int, p: float, B: int, Hq: int, Nq: int, Nk: int,
     return dropout_hash(seed, rows, cols) >= dropout_threshold(p)
 
 
-def alibi_bias(slopes: torch.Tensor, B: int, Hq: int, Nq: int, Nk: int) -> torch.Tensor:
-    """(B or 1, Hq, Nq, Nk) float32 bias -slope * |i + Nk - Nq - j|; slopes (Hq,) or (B, Hq)."""
+def alibi_bias(slopes: torch.Tensor, B: int, Hq: int, Nq: int, Nk: int,
+               query_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """(B or 1, Hq, Nq, Nk) float32 bias -slope * |i + offset - j|; slopes (Hq,) or (B, Hq).
+    offset is Nk - Nq (bottom-right), or per batch row query_offset (B,) (a KV cache whose
+    row b holds L_b tokens: offset L_b - Nq)."""
     s = slopes.to(torch.float32)
     s = s.view(1, Hq, 1, 1) if s.ndim == 1 else s.view(B, Hq, 1, 1)
-    i = torch.arange(Nq, device=slopes.device).view(Nq, 1)
-    j = torch.arange(Nk, device=slopes.device).view(1, Nk)
-    dist = (i + (Nk - Nq) - j).abs().to(torch.float32)
+    i = torch.arange(Nq, device=slopes.device).view(1, 1, Nq, 1)
+    j = torch.arange(Nk, device=slopes.device).view(1, 1, 1, Nk)
+    off = (torch.tensor(Nk - Nq, device=slopes.device) if query_offset is None
+           else query_offset.to(device=slopes.device, dtype=torch.long).view(B, 1, 1, 1))
+    dist = (i + off - j).abs().to(torch.float32)
     return -s * dist
 
 

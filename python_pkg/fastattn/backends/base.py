@@ -68,6 +68,31 @@ class Problem:
         return bool(self.softcap) or self.alibi_slopes is not None or self.dropout_p > 0
 
 
+@dataclass(frozen=True)
+class DecodeProblem:
+    """One decode call (fastattn.decode_attention): q (B, Hq, Nq, D) against k_cache
+    (B, Hkv, Ncache, D) / v_cache (B, Hkv, Ncache, Dv), row b holding cache_seqlens[b] valid
+    tokens; query i sits at position L_b - Nq + i and sees keys within window (left, right)
+    of it (right 0 = causal, -1 = unbounded). Validated by the public function."""
+
+    device: torch.device
+    dtype: torch.dtype
+    B: int
+    Hq: int
+    Hkv: int
+    Nq: int
+    Ncache: int
+    D: int
+    Dv: int
+    window: tuple[int, int]
+    scale: float
+    needs_grad: bool
+    cache_seqlens: Any = None  # int tensor (B,) on the inputs' device, or None (all Ncache)
+    softcap: float = 0.0
+    alibi_slopes: Any = None  # float tensor (Hq,) or (B, Hq), or None
+    num_splits: int = 0  # 0 = the kernel's choice
+
+
 class Backend(abc.ABC):
     """Interface of a backend.
 
@@ -94,6 +119,8 @@ class Backend(abc.ABC):
     supports_softcap: bool = False
     supports_alibi: bool = False
     supports_dropout: bool = False
+    supports_decode: bool = False  # has decode()
+    supports_decode_backward: bool = False  # decode() is differentiable (the reference only)
 
     def available(self) -> tuple[bool, str]:
         return True, "ok"
@@ -103,11 +130,9 @@ class Backend(abc.ABC):
         name (e.g. Triton's CPU interpreter: correct but far too slow to pick by default)."""
         return self.priority
 
-    def why_not(self, p: Problem) -> list[str]:
+    def _input_reasons(self, p) -> list[str]:
+        """Device, dtype and head dims: what forward and decode share."""
         reasons = []
-        ok, why = self.available()
-        if not ok:
-            return [why]
         if p.device.type not in self.devices:
             reasons.append(f"runs on {'/'.join(self.devices)}, inputs are on {p.device.type}")
         if p.dtype not in self.dtypes:
@@ -117,6 +142,13 @@ class Backend(abc.ABC):
             reasons.append(f"needs head dims >= {self.min_head_dim}, got D={p.D}, Dv={p.Dv}")
         if max(p.D, p.Dv) > self.max_head_dim:
             reasons.append(f"supports head dims up to {self.max_head_dim}, got {max(p.D, p.Dv)}")
+        return reasons
+
+    def why_not(self, p: Problem) -> list[str]:
+        ok, why = self.available()
+        if not ok:
+            return [why]
+        reasons = self._input_reasons(p)
         if p.window != (-1, -1) and not self.supports_window:
             reasons.append("does not support causal/window masks")
         if p.block_mask is not None and not self.supports_block_mask:
@@ -133,6 +165,29 @@ class Backend(abc.ABC):
             reasons.append("does not support dropout (dropout_p > 0)")
         return reasons
 
+    def why_not_decode(self, d: DecodeProblem) -> list[str]:
+        """Every reason this backend cannot serve decode call d (empty list = it can)."""
+        if not self.supports_decode:
+            return ["has no decode kernel"]
+        ok, why = self.available()
+        if not ok:
+            return [why]
+        reasons = self._input_reasons(d)
+        if d.needs_grad and not self.supports_decode_backward:
+            reasons.append("its decode kernel is inference-only (no backward) and an input "
+                           "requires grad; call it under torch.no_grad(), or use "
+                           "backend='reference' or fastattn.attention to train")
+        if d.softcap and not self.supports_softcap:
+            reasons.append("does not support softcap")
+        if d.alibi_slopes is not None and not self.supports_alibi:
+            reasons.append("does not support alibi_slopes")
+        return reasons
+
     @abc.abstractmethod
     def forward(self, q, k, v, p: Problem):
         """q, k, v as in Problem; returns (out, lse or None)."""
+
+    def decode(self, q, k_cache, v_cache, d: DecodeProblem):
+        """Split-KV decode attention; returns (out (B, Hq, Nq, Dv), lse (B, Hq, Nq) float32).
+        Backends with supports_decode implement it."""
+        raise NotImplementedError(f"backend {self.name!r} has no decode kernel")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import load as load_extension
-from .base import Backend, Problem
+from .base import Backend, DecodeProblem, Problem
 
 # loads the library that defines torch.ops.fastattn.cpu_* (None + reason when not built or
 # built against another torch)
@@ -93,11 +93,27 @@ class CPUBackend(Backend):
     supports_softcap = True
     supports_alibi = True
     supports_dropout = True
+    supports_decode = True  # csrc/cpu/decode_cpu.cpp, inference-only
 
     def available(self):
         if _C is None:
             return False, f"the compiled extension fastattn._C is not usable: {_LOAD_ERROR}"
         return True, "ok"
+
+    def why_not_decode(self, d: DecodeProblem) -> list[str]:
+        reasons = super().why_not_decode(d)
+        if not reasons and not hasattr(torch.ops.fastattn, "cpu_decode"):
+            reasons.append("fastattn._C was built without the decode kernel; rebuild it")
+        return reasons
+
+    def decode(self, q, k_cache, v_cache, d: DecodeProblem):
+        wl, wr = d.window
+        if d.softcap or d.alibi_slopes is not None or wr != 0:
+            return torch.ops.fastattn.cpu_decode(q, k_cache, v_cache, d.cache_seqlens, d.scale,
+                                                 wl, d.num_splits, wr, d.softcap, d.alibi_slopes)
+        # the plain schema call (what compiled graphs of unmodified models hold)
+        return torch.ops.fastattn.cpu_decode(q, k_cache, v_cache, d.cache_seqlens, d.scale, wl,
+                                             d.num_splits)
 
     def forward(self, q, k, v, p: Problem):
         mask = p.mask  # named hand-off (fastattn.kernel_mask); its window is the token rule

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import torch
 
-from ..masking import window_mask
+from ..masking import decode_mask, window_mask
 from ..score_mods import alibi_bias, apply_softcap, dropout_keep_mask
-from .base import Backend, Problem
+from .base import Backend, DecodeProblem, Problem
 
 
 def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None,
                         compute_dtype=None, softcap: float = 0.0, alibi_slopes=None,
-                        dropout_p: float = 0.0, dropout_seed: int = 0):
+                        dropout_p: float = 0.0, dropout_seed: int = 0, alibi_offset=None):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); mask: bool broadcastable to
     (B, Hq, Nq, Nk), True = visible. Returns out (B, Hq, Nq, Dv) in q's dtype and lse
     (B, Hq, Nq) float32. A row with no visible key gives out 0 and lse -inf.
     compute_dtype: the precision of the math (default float32, float64 for float64 inputs);
     tests pass the input dtype to measure torch's own low-precision error.
     softcap / alibi_slopes ((Hq,) or (B, Hq)) / dropout_p + dropout_seed: as defined in
-    fastattn.score_mods (the dropout keep mask is materialized here)."""
+    fastattn.score_mods (the dropout keep mask is materialized here); alibi_offset (B,):
+    per-row query offsets for ALiBi distances (a KV cache's L_b - Nq; default Nk - Nq).
+    The one naive oracle: attention, decode and the tests' float64 reference all use it."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     cdt = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -33,7 +35,7 @@ def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None,
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
     s = apply_softcap(s, softcap)
     if alibi_slopes is not None:
-        s = s + alibi_bias(alibi_slopes, B, Hq, Nq, Nk).to(cdt)
+        s = s + alibi_bias(alibi_slopes, B, Hq, Nq, Nk, alibi_offset).to(cdt)
     if window != (-1, -1):
         m = window_mask(Nq, Nk, *window, device=q.device)
         mask = m if mask is None else (mask & m)
@@ -52,6 +54,23 @@ def reference_attention(q, k, v, *, scale: float, window=(-1, -1), mask=None,
     return out.to(q.dtype), lse.float()
 
 
+def decode_reference(q, k_cache, v_cache, *, cache_seqlens=None, window_left=-1, scale=None,
+                     window_right=0, softcap=0.0, alibi_slopes=None):
+    """Naive decode attention (fastattn.decode's rule through reference_attention);
+    returns (out, lse). Differentiable; float64 inputs stay float64, others use float32."""
+    B, Nq, D = q.shape[0], q.shape[2], q.shape[3]
+    Ncache = k_cache.shape[2]
+    mask = decode_mask(cache_seqlens, B, Nq, Ncache, window_left, q.device, window_right)
+    offset = None
+    if alibi_slopes is not None:
+        L = (torch.full((B,), Ncache, device=q.device) if cache_seqlens is None
+             else cache_seqlens.to(device=q.device, dtype=torch.long))
+        offset = L - Nq
+    return reference_attention(q, k_cache, v_cache, scale=D ** -0.5 if scale is None else scale,
+                               mask=mask, softcap=softcap or 0.0, alibi_slopes=alibi_slopes,
+                               alibi_offset=offset)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     priority = 0
@@ -66,6 +85,13 @@ class ReferenceBackend(Backend):
     supports_softcap = True
     supports_alibi = True
     supports_dropout = True
+    supports_decode = True
+    supports_decode_backward = True
+
+    def decode(self, q, k_cache, v_cache, d: DecodeProblem):
+        return decode_reference(q, k_cache, v_cache, cache_seqlens=d.cache_seqlens,
+                                window_left=d.window[0], window_right=d.window[1],
+                                scale=d.scale, softcap=d.softcap, alibi_slopes=d.alibi_slopes)
 
     def forward(self, q, k, v, p: Problem):
         mask = None

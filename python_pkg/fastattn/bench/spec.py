@@ -28,15 +28,17 @@ GiB = 1 << 30
 
 
 def attention_flops(B: int, H: int, Nq: int, Nk: int, D: int, mode: str,
-                    visible_pairs: float | None = None) -> float:
-    """Standard attention FLOPs: 4 * B * H * Nq * Nk * D for the forward (2 for QK^T, 2 for
-    PV, per multiply-add), x2.5 for the backward, x3.5 for forward+backward. For masked
-    work `visible_pairs` (per batch element and head) replaces Nq * Nk: only the (query, key)
-    pairs the mask lets through count, so every backend is credited with the same useful
-    work whatever it actually computes (naive attention computes all Nq * Nk)."""
+                    visible_pairs: float | None = None, causal: bool = False) -> float:
+    """Standard attention FLOPs, the one formula every fastattn benchmark uses:
+    4 * B * H * Nq * Nk * D for the forward (2 for QK^T, 2 for PV, per multiply-add), x2.5
+    for the backward, x3.5 for forward+backward. For masked work `visible_pairs` (per batch
+    element and head) replaces Nq * Nk: only the (query, key) pairs the mask lets through
+    count, so every backend is credited with the same useful work whatever it actually
+    computes (naive attention computes all Nq * Nk). causal=True is the usual shorthand for
+    half the pairs (Nq * Nk / 2)."""
     if mode not in MODE_FLOP_FACTOR:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    pairs = Nq * Nk if visible_pairs is None else visible_pairs
+    pairs = Nq * Nk * (0.5 if causal else 1.0) if visible_pairs is None else visible_pairs
     return 4.0 * B * H * pairs * D * MODE_FLOP_FACTOR[mode]
 
 

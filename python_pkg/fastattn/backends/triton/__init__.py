@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from ..base import Backend, Problem
+from ..base import Backend, DecodeProblem, Problem
 
 try:
     import triton  # noqa: F401
@@ -55,6 +55,7 @@ class TritonBackend(Backend):
     supports_softcap = True
     supports_alibi = True
     supports_dropout = True
+    supports_decode = True  # decode.py: split-KV + combine kernels, inference-only
 
     def available(self):
         if _TRITON_ERROR is not None:
@@ -107,9 +108,31 @@ class TritonBackend(Backend):
                                f"(kernel tiles divide them), got ({bm}, {bn})")
         return reasons
 
-    def auto_priority(self, p: Problem):
+    def auto_priority(self, p: Problem | DecodeProblem):
         # The interpreter is a correctness tool: never picked by backend="auto".
         return None if p.device.type != "cuda" else self.priority
+
+    def why_not_decode(self, d: DecodeProblem) -> list[str]:
+        reasons = super().why_not_decode(d)
+        if reasons and not self.available()[0]:
+            return reasons
+        if d.device.type == "cuda" and not torch.cuda.is_available():
+            reasons.append("inputs are on cuda but no CUDA GPU is available")
+        elif d.device.type == "cpu" and not _interpreter_on():
+            reasons.append("CPU tensors run only in Triton's interpreter; set TRITON_INTERPRET=1 "
+                           "(slow; for testing)")
+        if d.window[1] != 0:
+            reasons.append("its decode kernel is causal (window_right=0); use backend='cpu' "
+                           "or 'reference' for other window_right")
+        return reasons
+
+    def decode(self, q, k_cache, v_cache, d: DecodeProblem):
+        from .decode import triton_decode_attention
+
+        return triton_decode_attention(q, k_cache, v_cache, cache_seqlens=d.cache_seqlens,
+                                       window_left=d.window[0], scale=d.scale,
+                                       num_splits=d.num_splits or None, softcap=d.softcap,
+                                       alibi_slopes=d.alibi_slopes)
 
     def forward(self, q, k, v, p: Problem):
         from . import ops  # noqa: F401  (registers torch.ops.fastattn.triton_*)

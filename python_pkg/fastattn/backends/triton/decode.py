@@ -17,46 +17,21 @@ L = cache_seqlens[b] as the key length (query i sits at L - Nq + i): softcap
 c * tanh(s / c), ALiBi -slope[b, h] * |L - Nq + i - j| (slopes (Hq,) or (B, Hq)); constexpr
 switches, so the plain path compiles as before. No dropout (inference). Verified on CPU tensors in Triton's interpreter
 (TRITON_INTERPRET=1), which cannot run bfloat16 tl.dot: DOT_F32 upcasts the dot operands.
-Use through fastattn.decode.decode_attention(..., backend="triton").
+Served by TritonBackend.decode (fastattn.decode_attention(..., backend="triton")).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_decode_attention", "available"]
+from . import _interpreter_on
+from .kernels import _tanh  # the one exp2-based tanh of the triton kernels
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def available(device) -> tuple[bool, str]:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True, "ok"
-    if device.type == "cpu" and _interpreting():
-        return True, "ok (Triton interpreter)"
-    return False, (f"Triton runs on CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
-                   "before importing fastattn to run it in the interpreter on CPU tensors")
-
-
-@triton.jit
-def _tanh(x):
-    # as fastattn/backends/triton/kernels.py: from exp2 (no libdevice in the interpreter),
-    # Taylor series below 0.25 where 1 - e would cancel; max relative error ~2e-7
-    ax = tl.abs(x)
-    e = tl.math.exp2(ax * -2.8853900817779268)  # exp(-2|x|)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
-        -0.05396825396825397 + x2 * 0.021869488536155203))))
-    return tl.where(ax < 0.25, small, tl.where(x < 0, -big, big))
+__all__ = ["triton_decode_attention"]
 
 
 @triton.jit
@@ -189,7 +164,7 @@ def triton_decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, window_l
     q = q if q.stride(3) == 1 else q.contiguous()
     k_cache = k_cache if k_cache.stride(3) == 1 else k_cache.contiguous()
     v_cache = v_cache if v_cache.stride(3) == 1 else v_cache.contiguous()
-    interp = _interpreting()
+    interp = _interpreter_on()
     BLOCK_N = 16 if interp else 64
     Lmax = int(cache_seqlens.max()) if cache_seqlens is not None else Ncache
     n_tiles = max(1, -(-Lmax // BLOCK_N))

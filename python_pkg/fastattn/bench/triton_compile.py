@@ -113,7 +113,7 @@ def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
     blocks (fastattn.sparse's default 128 x 128) with bitmasks. mods: the score-modifier sets
     each config is compiled with ("" = none; ALL_MODS = softcap, ALiBi and dropout together);
     bwd_preprocess has none."""
-    from .ops import load_kernels
+    from ..backends.triton.ops import load_kernels
 
     kern = load_kernels(interpret=False)
     out = []
@@ -155,7 +155,7 @@ def system_ptx_version() -> int | None:
 
 def _signature(fn, v: Variant):
     """signature, constexprs and attrs for triton.compile, as a launch would specialize."""
-    from .ops import load_kernels
+    from ..backends.triton.ops import load_kernels
 
     kern = load_kernels(interpret=False)
     tdt = _TRITON_DTYPE[v.dtype]
@@ -223,7 +223,7 @@ def compile_variant(v: Variant, workdir: str | None = None) -> Result:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .ops import load_kernels
+    from ..backends.triton.ops import load_kernels
 
     kern = load_kernels(interpret=False)
     fn = getattr(kern, _FN_NAME[v.kernel])

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .spec import attention_flops
+
 
 @dataclass
 class BenchResult:
@@ -33,13 +35,6 @@ class BenchResult:
             f"{r['D']} | {r['causal']} | {r['dtype']} | {r['ms']:.3f} | {r['tflops']:.1f} |\n"
             for r in self.rows)
         return f"Device: {self.device}\n\n" + head + body
-
-
-def attention_flops(B, Hq, Nq, Nk, D, causal, mode):
-    f = 4.0 * B * Hq * Nq * Nk * D
-    if causal:
-        f *= 0.5
-    return f * (2.5 if mode == "bwd" else 1.0)
 
 
 def gpu_available() -> tuple[bool, str]:
@@ -93,7 +88,7 @@ def gpu_benchmark(seq_lens=(1024, 2048, 4096, 8192), head_dims=(64, 128), batch=
                             do = torch.randn_like(out)
                             bench = lambda: out.backward(do, retain_graph=True)
                         ms = triton.testing.do_bench(bench, warmup=warmup, rep=rep)
-                        flops = attention_flops(B, heads, N, N, D, is_causal, mode)
+                        flops = attention_flops(B, heads, N, N, D, mode, causal=is_causal)
                         res.rows.append(dict(provider=provider, mode=mode, B=B, Hq=heads,
                                              Hkv=kv_heads, N=N, D=D, causal=is_causal,
                                              dtype=str(dtype).replace("torch.", ""), ms=ms,
@@ -101,4 +96,4 @@ def gpu_benchmark(seq_lens=(1024, 2048, 4096, 8192), head_dims=(64, 128), batch=
     return res
 
 
-__all__ = ["BenchResult", "attention_flops", "gpu_available", "gpu_benchmark"]
+__all__ = ["BenchResult", "gpu_available", "gpu_benchmark"]
