@@ -68,27 +68,25 @@ def validate_qkv(q, k, v, *, names=("q", "k", "v")) -> None:
         )
 
 
+def check_window(window, name: str = "window") -> tuple[int, int]:
+    """A window as the user gives it -> (left, right) ints, each >= 0 or -1 (unbounded);
+    None is (-1, -1). The one parser of the window vocabulary (masking.py has the rule)."""
+    if window is None:
+        return -1, -1
+    if (not isinstance(window, Sequence) or isinstance(window, str) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1
+                       for w in window)):
+        raise ValueError(f"{name} must be a pair of ints (left, right), each >= 0 or -1 for "
+                         f"unbounded, got {window!r}")
+    return int(window[0]), int(window[1])
+
+
 def normalize_window(window, causal: bool) -> tuple[int, int]:
-    """Returns (left, right), -1 meaning unbounded, with causal folded in as right <= 0."""
+    """The window of an attention call: check_window(window) with causal folded in as
+    right <= 0 (bottom-right aligned)."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if window is None:
-        left, right = -1, -1
-    else:
-        if (
-            not isinstance(window, Sequence)
-            or isinstance(window, str)
-            or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)
-        ):
-            raise ValueError(
-                f"window must be a pair of ints (left, right) with -1 for unbounded, got {window!r}"
-            )
-        left, right = int(window[0]), int(window[1])
-        if left < -1 or right < -1:
-            raise ValueError(
-                f"window entries must be >= 0, or -1 for unbounded, got window={window!r}"
-            )
+    left, right = check_window(window)
     if causal:
         right = 0 if right == -1 else min(right, 0)
     return left, right

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import check_window
 from ..kernel_mask import BlockLists, KernelMask
 from ._builder import (
     EVAL,
@@ -90,19 +91,6 @@ def normalize_block_size(block_size) -> tuple[int, int]:
             f"block_size must be a positive int or a pair (BLOCK_M, BLOCK_N) of positive ints, "
             f"got {block_size!r}")
     return bm, bn
-
-
-def normalize_window(window, name="window") -> tuple[int, int]:
-    """(left, right) ints, each >= 0 or -1 for unbounded."""
-    if window is None:
-        return (-1, -1)
-    ok = (isinstance(window, (tuple, list)) and len(window) == 2
-          and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window))
-    if not ok:
-        raise ValueError(
-            f"{name} must be a pair of ints (left, right), each >= 0 or -1 for unbounded, "
-            f"got {window!r}")
-    return int(window[0]), int(window[1])
 
 
 def intersect_windows(a, b) -> tuple[int, int]:
@@ -187,7 +175,7 @@ class BlockMask:
                  validate=True):
         self.seq_lengths = tuple(int(n) for n in seq_lengths)
         self.BLOCK_M, self.BLOCK_N = normalize_block_size(block_size)
-        self.window = normalize_window(window)
+        self.window = check_window(window)
         self.kv_num_blocks, self.kv_indices = kv_num_blocks, kv_indices
         self.full_kv_num_blocks, self.full_kv_indices = full_kv_num_blocks, full_kv_indices
         self.kv_mask_ids = kv_mask_ids
@@ -220,7 +208,7 @@ class BlockMask:
     def _build(cls, Nq, Nk, block_size, window=(-1, -1), Bm=1, Hm=1, device=None, **kw):
         """The general builder every pattern uses (see fastattn.sparse._builder.build)."""
         BM, BN = normalize_block_size(block_size)
-        window = normalize_window(window)
+        window = check_window(window)
         coo, masks = build(Nq, Nk, BM, BN, window, Bm, Hm, **kw)
         return cls._from_coo(coo, masks, Nq=Nq, Nk=Nk, block_size=(BM, BN), window=window,
                              Bm=Bm, Hm=Hm, device=device)
@@ -230,7 +218,7 @@ class BlockMask:
         """The pure window rule: lists in closed form (no per-block enumeration), so that
         e.g. causal over 1M tokens costs little more than its output."""
         BM, BN = normalize_block_size(block_size)
-        window = normalize_window(window)
+        window = check_window(window)
         if Nq == 0 or Nk == 0:
             bm = cls._build(Nq, Nk, (BM, BN), window)
         else:
@@ -273,7 +261,7 @@ class BlockMask:
                 else lead(kv_mask_ids, "kv_mask_ids", 4))
         if partial_masks is None:
             partial_masks = torch.zeros((0, BM, BN), dtype=torch.bool)
-        window = normalize_window(window)
+        window = check_window(window)
         # Check the forward half first so that transposing cannot fail on garbage.
         probe = cls(seq_lengths=(Nq, Nk), block_size=(BM, BN), partial_masks=partial_masks,
                     window=window, validate=False, kv_num_blocks=num, kv_indices=idx,
@@ -659,7 +647,7 @@ class BlockMask:
     def with_window(self, left: int, right: int) -> BlockMask:
         """This mask AND the window rule (left, right) (bottom-right aligned, -1 unbounded).
         Cached per (left, right): the public API calls it on every forward."""
-        win = normalize_window((left, right), "window")
+        win = check_window((left, right), "window")
         if intersect_windows(self.window, win) == self.window:
             return self  # the rule already holds on every visible token
         if win not in self._window_cache:

@@ -31,7 +31,8 @@ from ._builder import (
     tile_bounds,
     unique_blocks,
 )
-from .block_mask import BlockMask, normalize_block_size, normalize_window
+from .._validate import check_window
+from .block_mask import BlockMask, normalize_block_size
 
 __all__ = [
     "causal",
@@ -600,7 +601,7 @@ def from_mask_fn(mask_fn, Nq, Nk, B=None, H=None, *, block_size=DEFAULT_BLOCK, w
     Bm = 1 if B is None else _int("B", B, lo=1)
     Hm = 1 if H is None else _int("H", H, lo=1)
     BM, BN = normalize_block_size(block_size)
-    win = normalize_window(window)
+    win = check_window(window)
     cand = None
     if win != (-1, -1):
         cand = lambda q0, q1: band_candidates(q0, q1, Bm * Hm, Nq, Nk, BM, BN, *win)
