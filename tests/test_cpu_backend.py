@@ -7,6 +7,7 @@ import torch
 from oracle import check_against_oracle, make_qkv
 
 import fastattn
+from fastattn import sparse
 
 pytestmark = requires_cpu_ext
 
@@ -84,12 +85,27 @@ def test_cpu_fully_masked_rows_give_zero_and_zero_grads():
 
 
 def test_cpu_window_that_sees_nothing():
-    # window right of the diagonal only, beyond Nk: every row is empty
-    q, k, v = make_qkv(1, 1, 1, 8, 8, 16, torch.float32)
-    out, lse = fastattn.attention(q, k, v, window=(-1, 0), backend="cpu", return_lse=True)
-    assert torch.isfinite(out).all()
+    """Rows that see no key: out 0, lse -inf and zero gradients (never NaN), next to rows
+    that do. Causal with Nq = 24 > Nk = 8 (bottom-right): rows 0..15 sit before key 0."""
+    q, k, v = make_qkv(1, 2, 1, 24, 8, 16, torch.float32)
+    out, lse = fastattn.attention(q, k, v, causal=True, backend="cpu", return_lse=True)
+    empty = torch.arange(24) < 16
+    assert (out[:, :, empty] == 0).all() and torch.isneginf(lse[:, :, empty]).all()
+    assert torch.isfinite(lse[:, :, ~empty]).all()
+    check_against_oracle(_call("cpu", causal=True), q, k, v, window=(-1, 0))
+    q.grad = None
+    out.square().sum().backward()
+    assert (q.grad[:, :, empty] == 0).all() and torch.isfinite(q.grad).all()
+    # a block mask that lists nothing: every row is empty, nothing is computed
+    from fastattn.backends.cpu import kernel_stats
+
+    none = sparse.from_mask_fn(lambda b, h, i, j: i < 0, 24, 8, block_size=(8, 8))
+    kernel_stats(reset=True)
+    out, lse = fastattn.attention(q, k, v, block_mask=none, backend="cpu", return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    assert kernel_stats()["fwd_visits"] == 0
     out2, lse2 = fastattn.attention(q[:, :, :0], k, v, backend="cpu", return_lse=True)
-    assert out2.shape == (1, 1, 0, 16) and lse2.shape == (1, 1, 0)
+    assert out2.shape == (1, 2, 0, 16) and lse2.shape == (1, 2, 0)
 
 
 def test_cpu_noncontiguous_inputs():
@@ -141,15 +157,26 @@ def test_cpu_deterministic_backward():
 
 
 def test_cpu_respects_thread_count():
-    q, k, v = make_qkv(1, 4, 4, 200, 200, 32, torch.float32, requires_grad=False)
-    ref = fastattn.attention(q, k, v, backend="cpu")
+    """The kernels run on torch's intra-op threads: with 1 thread only thread 0 runs tasks,
+    with 2 both do (the kernel counters record which threads ran the last call), and the
+    result is bitwise the same."""
+    from fastattn.backends.cpu import kernel_stats
+
+    q, k, v = make_qkv(1, 4, 4, 200, 200, 32, torch.float32)
     n = torch.get_num_threads()
+    runs = {}
     try:
-        torch.set_num_threads(1)
-        one = fastattn.attention(q, k, v, backend="cpu")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out = fastattn.attention(*xs, causal=True, backend="cpu")
+            out.sum().backward()
+            stats = kernel_stats(reset=True)
+            runs[threads] = [out.detach()] + [t.grad for t in xs]
+            assert stats["fwd_threads"] == stats["bwd_threads"] == list(range(threads)), stats
     finally:
         torch.set_num_threads(n)
-    torch.testing.assert_close(one, ref, atol=1e-6, rtol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(runs[1], runs[2]))
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -122,17 +122,30 @@ def test_cpu_sparse_malformed_layout_rejected_by_kernel():
         torch.ops.fastattn.cpu_fwd(q, q, q, 0.25, -1, 0, t)
 
 
-def test_cpu_sparse_skips_empty_blocks():
-    """Work scales with visited blocks: a mask visiting only the diagonal blocks gives the same
-    result as attention restricted per block (block-diagonal), computed independently."""
+@pytest.mark.parametrize("H", [1, 3])
+def test_cpu_sparse_skips_empty_blocks(H):
+    """The kernels compute only the listed blocks: the kernel counters (kernel_stats) see
+    exactly B * H * (blocks listed per head) in the forward and in the backward, and the
+    result is attention restricted per block (block-diagonal), computed independently."""
+    from fastattn.backends.cpu import kernel_stats
+
     N, bs = 128, 32
     bm = sparse.document([bs] * (N // bs), block_size=(bs, bs))
     assert bm.num_visited_blocks == N // bs
-    q, k, v = make_qkv(1, 1, 1, N, N, 16, torch.float32, requires_grad=False)
+    q, k, v = make_qkv(2, H, H, N, N, 16, torch.float32)
+    kernel_stats(reset=True)
     out = fastattn.attention(q, k, v, block_mask=bm, backend="cpu")
+    out.sum().backward()
+    stats = kernel_stats(reset=True)
+    assert stats["fwd_visits"] == stats["bwd_visits"] == 2 * H * (N // bs), stats
     parts = [fastattn.attention(q[:, :, i:i + bs], k[:, :, i:i + bs], v[:, :, i:i + bs],
                                 backend="reference") for i in range(0, N, bs)]
     torch.testing.assert_close(out, torch.cat(parts, dim=2), atol=2e-6, rtol=1e-5)
+    # the counters count what is listed: a causal mask of the same blocks lists 10 per head
+    causal = sparse.causal(N, block_size=(bs, bs))
+    fastattn.attention(q, k, v, block_mask=causal, backend="cpu").sum().backward()
+    stats = kernel_stats(reset=True)
+    assert stats["fwd_visits"] == stats["bwd_visits"] == 2 * H * 10, stats
 
 
 @pytest.mark.parametrize("block_size", [(128, 128), (256, 64), (128, 32), (96, 32)])

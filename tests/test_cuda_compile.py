@@ -5,7 +5,6 @@ self-test kernels are valid CUDA too. Needs nvcc (no GPU); skipped with a messag
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -45,10 +44,3 @@ def test_emulator_selftest_kernels_are_valid_cuda(tmp_path):
                         "-I", os.path.join(ROOT, "csrc"), "-c", src, "-o",
                         str(tmp_path / "selftest.o")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-
-
-def test_compile_report_recorded():
-    path = os.path.join(ROOT, "benchmarks", "results", "cuda_compile_report.md")
-    text = open(path).read()
-    assert "- command: `" in text and re.search(r"- date: \d{4}-\d\d-\d\d", text)
-    assert "spills: none" in text

@@ -15,6 +15,7 @@
 
 #include "common/block_mask_fields.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/kernel_stats.h"
 #include "cpu/isa/kernel_tables.h"
 
 namespace {
@@ -193,6 +194,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     if (fastattn::cpu::kernels_avx512()) s += ", avx512";
     return s;
   });
+  m.def("kernel_stats", []() {
+    const auto& st = fastattn::cpu::kernel_stats();
+    auto bits = [](uint64_t x) {
+      std::vector<int64_t> t;
+      for (int i = 0; i < 64; ++i)
+        if (x >> i & 1) t.push_back(i);
+      return t;
+    };
+    pybind11::dict d;
+    d["fwd_visits"] = st.fwd_visits;
+    d["bwd_visits"] = st.bwd_visits;
+    d["fwd_threads"] = bits(st.fwd_threads);
+    d["bwd_threads"] = bits(st.bwd_threads);
+    return d;
+  }, "block visits of the cpu forward/backward since the last reset, and the threads that "
+     "ran the last call's tasks (csrc/cpu/kernel_stats.h)");
+  m.def("reset_kernel_stats", []() { fastattn::cpu::kernel_stats() = fastattn::cpu::KernelStats(); });
   m.def("native_build", []() {
 #if defined(__AVX2__)
     return true;

@@ -12,6 +12,7 @@
 
 #include "cpu/attention_cpu.h"
 #include "cpu/isa/kernel_tables.h"
+#include "cpu/kernel_stats.h"
 #include "cpu/operands.h"
 #include "cpu/sparse_lists.h"
 
@@ -76,8 +77,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   a.dv = dv32.data_ptr<float>();
 
   const int64_t scratch = kern.bwd_scratch_floats(a);
+  KernelStats& stats = kernel_stats();
+  a.visits = &stats.bwd_visits;
+  __atomic_store_n(&stats.bwd_threads, uint64_t{0}, __ATOMIC_RELAXED);
   at::parallel_for(0, units * a.S, 1, [&](int64_t begin, int64_t end) {
     Scratch buf(scratch);
+    note_thread(&stats.bwd_threads);
     kern.bwd_tasks(a, begin, end, buf.ptr);
   });
 

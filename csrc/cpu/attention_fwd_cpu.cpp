@@ -8,6 +8,7 @@
 
 #include "cpu/attention_cpu.h"
 #include "cpu/isa/kernel_tables.h"
+#include "cpu/kernel_stats.h"
 #include "cpu/operands.h"
 #include "cpu/sparse_lists.h"
 
@@ -59,8 +60,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   a.lse = lse.data_ptr<float>();
 
   const int64_t scratch = kern.fwd_scratch_floats(a);
+  KernelStats& stats = kernel_stats();
+  a.visits = &stats.fwd_visits;
+  __atomic_store_n(&stats.fwd_threads, uint64_t{0}, __ATOMIC_RELAXED);
   at::parallel_for(0, s.B * s.Hq * a.NQT, 1, [&](int64_t begin, int64_t end) {
     Scratch buf(scratch);
+    note_thread(&stats.fwd_threads);
     kern.fwd_tasks(a, begin, end, buf.ptr);
   });
   if (!out32.is_same(out)) out.copy_(out32.narrow(3, 0, s.Dv));

@@ -62,6 +62,7 @@ struct FwdArgs {
   float* lse;            // (B, Hq, Nq) natural log
   SparseLists lists;
   ScoreMods mods;
+  int64_t* visits = nullptr;  // += blocks computed (kernel_stats.h), or null
 };
 
 struct BwdArgs {
@@ -77,6 +78,7 @@ struct BwdArgs {
   float *dq, *dk, *dv;    // (S, B, Hq, Nq, Dp), (B, Hkv, Nk, Dp), (B, Hkv, Nk, Dvp)
   SparseLists lists;
   ScoreMods mods;
+  int64_t* visits = nullptr;  // += blocks computed (kernel_stats.h), or null
 };
 
 // Split-KV decode (decode_cpu.cpp drives, isa/decode_kernels.h computes phase 1): a task is

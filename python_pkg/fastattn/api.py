@@ -136,7 +136,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Nq, Nk = query.shape[2], key.shape[2]
     # torch's causal is top-left: j <= i, i.e. right = Nq - Nk in bottom-right terms.
     window = (-1, Nq - Nk) if is_causal else (-1, -1)
-    validate_scale(scale, query.shape[-1])
     p = Problem(
         device=query.device, dtype=query.dtype, B=query.shape[0], Hq=query.shape[1],
         Hkv=key.shape[1], Nq=Nq, Nk=Nk, D=query.shape[-1], Dv=value.shape[-1],

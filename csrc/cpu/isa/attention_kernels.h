@@ -208,6 +208,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
   const ScoreMods& mods = a.mods;
   const bool has_mods = mods.softcap > 0.f || mods.slopes != nullptr;  // score changes
   const bool dropout = has_dropout(mods);
+  int64_t visited = 0;  // blocks computed, counted at each block's first slice
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t bh = task / a.NQT, i0 = zigzag(task % a.NQT, a.NQT) * TM;
@@ -231,6 +232,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
     // to LS keys: one softmax pass and one P V product for the whole span.
     int64_t nvis = 0;
     for_each_kv_tile(w, a.lists, b, h, qt, s.BM, s.BN, [&](const Visit& vis) { visits[nvis++] = vis; });
+    if (sub == 0) visited += nvis;
     for (int64_t e = 0; e < nvis;) {
       const Visit vis = visits[e];
       int64_t last = e;
@@ -284,6 +286,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
       lp[r] = l == 0.f ? kNegInf : (m_i[r] + std::log2(l)) * kLn2;
     }
   }
+  if (a.visits != nullptr && visited != 0) __atomic_fetch_add(a.visits, visited, __ATOMIC_RELAXED);
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -310,6 +313,7 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
   float* dk_acc = pdrop + (dropout ? TM * BNp : 0);  // (BN, Dp)
   float* dv_acc = dk_acc + BN * Dp;              // (BN, Dvp)
   uint32_t* rowh = reinterpret_cast<uint32_t*>(dv_acc + BN * Dvp);  // (TM) dropout row hashes
+  int64_t visited = 0;  // blocks computed
 
   for (int64_t task = begin; task < end; ++task) {
     const int64_t split = task % a.S, bhk = task / a.S;
@@ -325,6 +329,7 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g, bh = b * s.Hq + h;
         for_each_q_tile(w, a.lists, b, h, kt, s.BM, BN, [&](const Visit& vis) {
+          ++visited;
           for (int64_t sub = 0; sub < s.BM; sub += TM) {  // TM-row slices of the visited tile
             const int64_t i0 = vis.t * s.BM + sub, m = std::min({TM, s.BM - sub, s.Nq - i0});
             if (m <= 0) break;
@@ -413,6 +418,7 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
       std::copy(dv_acc, dv_acc + n * Dvp, a.dv + (bhk * s.Nk + j0) * Dvp);
     }
   }
+  if (a.visits != nullptr && visited != 0) __atomic_fetch_add(a.visits, visited, __ATOMIC_RELAXED);
 }
 
 }  // inline namespace FASTATTN_ISA

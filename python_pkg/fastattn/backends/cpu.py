@@ -149,6 +149,20 @@ def cpu_model() -> str:
     return name
 
 
+def kernel_stats(reset: bool = False) -> dict:
+    """What the cpu kernels did (csrc/cpu/kernel_stats.h): fwd_visits / bwd_visits, the mask
+    blocks computed since the last reset (one per (batch, head, query block, key block); a
+    block-sparse call counts exactly its listed blocks, clipped by causal/window), and
+    fwd_threads / bwd_threads, the at::parallel_for thread numbers that ran the last call's
+    tasks. reset=True zeroes them after reading. For tests and debugging."""
+    if _C is None:
+        raise RuntimeError(f"the compiled extension fastattn._C is not usable: {_LOAD_ERROR}")
+    stats = dict(_C.kernel_stats())
+    if reset:
+        _C.reset_kernel_stats()
+    return stats
+
+
 def kernel_info() -> dict:
     """What the cpu backend runs on this machine: the CPU model, the kernel variant a call
     takes now (generic / avx2 / avx512; FASTATTN_CPU_ISA forces a lower one), the variants
