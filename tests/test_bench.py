@@ -239,3 +239,36 @@ def test_tiny_sweep_with_flex(tmp_path):
         assert cases[("flex", pattern, "fwd")]["status"] == "ok"
         for mode in ("bwd", "fwd+bwd"):
             assert "no backward on CPU" in cases[("flex", pattern, mode)]["reason"]
+
+
+def test_log_output_says_each_unavailable_backend_once(capsys):
+    """Without a terminal the bench prints a line per case, but a skip for the same
+    (backend, reason) only once, then a count."""
+    from rich.console import Console
+
+    from fastattn.bench.cli import _run_with_progress
+    from fastattn.bench.runner import Result
+    from fastattn.bench.spec import Case, Config
+
+    cases = [Case(b, "causal", "fwd", N, Config()) for N in (1024, 2048, 4096)
+             for b in ("cpu", "triton")]
+
+    class FakeSweep:
+        on_result = None
+
+        def run(self):
+            out = []
+            for c in cases:
+                r = (Result(c, "ok", time_s=1e-3) if c.backend == "cpu"
+                     else Result(c, "skipped", "triton unavailable: no GPU"))
+                self.on_result(r)
+                out.append(r)
+            return out
+
+    console = Console(file=open(os.devnull, "w"), force_terminal=False)
+    results = _run_with_progress(FakeSweep(), len(cases), console, show=True)
+    text = capsys.readouterr().out
+    assert len(results) == 6
+    assert text.count("triton unavailable: no GPU") == 1, text
+    assert text.count("causal fwd N=") == 3  # every measured case has its line
+    assert "(2 more cases skipped for the reasons above)" in text

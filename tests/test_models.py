@@ -290,3 +290,20 @@ def test_attention_dropout_in_kernels_is_seeded_and_off_in_eval(kind):
     plain.load_state_dict(m.state_dict())
     with torch.no_grad():
         assert torch.equal(m(x, **kw)[0], plain(x, **kw)[0])
+
+
+def test_train_help_explains_every_option():
+    """`fastattn train --help`: every option has help text; the closed sets list choices."""
+    import argparse
+
+    from fastattn.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    opts = {a.dest: a for a in train._actions if a.option_strings and a.dest != "help"}
+    bare = [d for d, a in opts.items() if not a.help or a.help.startswith("(default")]
+    assert not bare, f"options without help text: {bare}"
+    assert "listops" in opts["task"].choices and "reverse" in opts["task"].choices
+    assert set(opts["pos"].choices) == {"rope", "learned"}
+    assert "cpu" in opts["backend"].choices
+    assert "bigbird" in opts["patterns"].help and "window:128" in opts["patterns"].help

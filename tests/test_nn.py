@@ -291,3 +291,17 @@ def test_mha_fused_and_masked_paths_agree():
     causal = torch.ones(10, 10, dtype=torch.bool).triu(1)
     masked = ours(*x, need_weights=False, attn_mask=causal)[0]
     torch.testing.assert_close(fused, masked, atol=2e-6, rtol=1e-5)
+
+
+def test_need_weights_warns_once_that_it_is_the_naive_path():
+    import warnings
+
+    _, ours = _pair(batch_first=True)
+    args = _inputs(True, self_attn=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours(*args)  # torch's default need_weights=True
+        ours(*args)
+        ours(*args, need_weights=False)
+    msgs = [str(w.message) for w in caught if "need_weights" in str(w.message)]
+    assert len(msgs) == 1 and "need_weights=False" in msgs[0], msgs

@@ -10,6 +10,8 @@ Both import only the public API (fastattn.attention / scaled_dot_product_attenti
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -226,6 +228,13 @@ class MultiheadAttention(nn.Module):
             mask = self._merged_mask(attn_mask, key_padding_mask, is_causal, L, S, extra,
                                      query.dtype, query.device)
             if need_weights:
+                if not getattr(self, "_warned_weights", False):
+                    self._warned_weights = True  # once per module: it may run every step
+                    warnings.warn(
+                        "fastattn.nn.MultiheadAttention: need_weights=True (torch's default) "
+                        "returns the attention weights, so it runs naive attention that "
+                        "materializes (L, S) scores per head, not the fused kernels; pass "
+                        "need_weights=False for speed (shown once per module)", stacklevel=2)
                 out, weights = self._naive(q, k, v, mask, dropout_p)
                 weights = weights.mean(dim=1) if average_attn_weights else weights
                 if unbatched:

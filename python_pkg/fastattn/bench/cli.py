@@ -183,17 +183,32 @@ def _run_with_progress(sweep, total, console, show) -> list:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not show or not console.is_terminal:
-        # Logs (CI, pipes): one line per finished group instead of a live bar.
-        state = {"n": 0}
+        # Logs (CI, pipes): one line per finished case instead of a live bar; a skip is said
+        # once per (backend, reason) -- "triton unavailable" needs saying once, not per case.
+        state = {"n": 0, "said": set(), "quiet": 0}
 
         def on_result(r):
             state["n"] += 1
+            if not show:
+                return
+            if r.status == "skipped":
+                key = (r.case.backend, r.reason)
+                if key in state["said"]:
+                    state["quiet"] += 1
+                    return
+                state["said"].add(key)
+                print(f"[{state['n']}/{total}] {r.case.backend}: skipped: {r.reason} "
+                      f"(said once; every {r.case.backend} case it applies to is skipped)",
+                      flush=True)
+                return
             st = f"{r.time_s * 1e3:.2f} ms" if r.ok else f"{r.status}: {r.reason[:70]}"
-            if show:
-                print(f"[{state['n']}/{total}] {r.case.label()}: {st}", flush=True)
+            print(f"[{state['n']}/{total}] {r.case.label()}: {st}", flush=True)
 
         sweep.on_result = on_result
-        return sweep.run()
+        results = sweep.run()
+        if show and state["quiet"]:
+            print(f"({state['quiet']} more cases skipped for the reasons above)", flush=True)
+        return results
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[phase]}"),
                   console=console, transient=False) as prog:

@@ -325,13 +325,65 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Adds `train` to an argparse subparsers object (its defaults come from TrainConfig)."""
     p = subparsers.add_parser("train", help="pre-train or fine-tune a fastattn.models transformer",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..dispatch import BACKEND_NAMES
+    from .data import TASKS
+    from .model import PATTERNS
+
+    # help and choices per option; defaults come from TrainConfig
+    helps = {
+        "task": ("the offline task (data is generated or shipped, never downloaded)", tuple(TASKS)),
+        "out": ("run directory: checkpoint, JSON-lines log, curves PNG", None),
+        "seq_len": ("tokens per training sequence", None),
+        "batch_size": ("sequences per optimizer step (global under torchrun)", None),
+        "grad_accum": ("micro-batches accumulated per optimizer step", None),
+        "steps": ("optimizer steps in the whole run (the schedule's length)", None),
+        "lr": ("peak learning rate", None),
+        "min_lr": ("learning rate at the end of the cosine decay", None),
+        "warmup": ("linear warm-up steps (0: none)", None),
+        "weight_decay": ("AdamW weight decay (matrices only)", None),
+        "beta2": ("AdamW beta2", None),
+        "grad_clip": ("clip the gradient norm to this (0: off)", None),
+        "dtype": ("training precision (bfloat16 = autocast)", ("float32", "bfloat16")),
+        "eval_every": ("evaluate (and checkpoint) every N steps", None),
+        "eval_batches": ("batches per evaluation", None),
+        "log_every": ("log every N steps", None),
+        "save_every": ("also checkpoint every N steps (0: at evals and the end only)", None),
+        "seed": ("seed of weights, data stream and dropout", None),
+        "resume": ("continue exactly from --out's checkpoint", None),
+        "init_from": ("fine-tune: start from this checkpoint's weights and model config", None),
+        "freeze_backbone": ("fine-tune only the head (with --init-from)", None),
+        "unfreeze_at": ("step at which a frozen backbone starts training (-1: never)", None),
+        "max_time": ("stop cleanly (with a checkpoint) after this many seconds (0: no limit)", None),
+        "stop_after": ("stop this invocation after N steps; --resume continues", None),
+        "progress": ("show a progress bar", None),
+        "plot": ("write training curves as PNG", None),
+        "n_layer": ("transformer layers (encoder / decoder-only)", None),
+        "n_dec_layer": ("decoder layers of an encoder-decoder task", None),
+        "n_head": ("query heads", None),
+        "n_kv_head": ("key/value heads for GQA (0: = n_head)", None),
+        "n_embd": ("model width", None),
+        "dropout": ("residual/MLP dropout", None),
+        "attn_dropout": ("attention-probability dropout inside the kernels", None),
+        "pos": ("position encoding", ("rope", "learned")),
+        "backend": ("fastattn backend of every attention call", ("auto", *BACKEND_NAMES)),
+        "patterns": (f"comma-separated attention pattern per layer, cycled over the layers: "
+                     f"{', '.join(PATTERNS)}, each with optional ':'-separated int arguments, "
+                     f"e.g. 'window:128,bigbird' or 'dense'", None),
+        "window": ("default window (tokens each side) of window-like patterns", None),
+        "sparse_block": ("block size of block-sparse patterns", None),
+        "task_args": ("task options as key=value,key=value (e.g. 'max_depth=10')", None),
+        "context_parallel": ("under torchrun: split each sequence over the ranks (ring "
+                             "attention) instead of the batch", None),
+    }
     d = TrainConfig()
     for name, value in asdict(d).items():
         flag = "--" + name.replace("_", "-")
+        text, choices = helps.get(name, ("", None))
+        text = f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
         if isinstance(value, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=text)
         else:
-            p.add_argument(flag, type=type(value), default=value)
+            p.add_argument(flag, type=type(value), default=value, choices=choices, help=text)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(func=run)
     return p
