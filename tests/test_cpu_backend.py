@@ -44,6 +44,17 @@ def test_cpu_large_slow(D, causal, dtype):
                          window=(-1, 0) if causal else (-1, -1))
 
 
+# A fast sample of test_cpu_large_slow for the default suite: head dim 256 and float16
+# without a window (otherwise covered only under -m slow), on shorter sequences.
+@pytest.mark.parametrize("D,causal,dtype,N", [
+    (256, False, torch.float16, 193), (256, True, torch.bfloat16, 130),
+    (128, False, torch.float16, 257), (256, False, torch.float32, 97)])
+def test_cpu_large_sample(D, causal, dtype, N):
+    q, k, v = make_qkv(2, 4, 2, N, N + 5, D, dtype)
+    check_against_oracle(_call("cpu", causal=causal), q, k, v,
+                         window=(-1, 0) if causal else (-1, -1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [(0, 0), (16, 0), (5, 9), (-1, 3), (40, -1), (100, 100)])
 @pytest.mark.parametrize("Nq,Nk", [(97, 97), (61, 200), (200, 61), (257, 257)])

@@ -276,3 +276,18 @@ def test_sweep_sparse(dtype, D, pattern):
     Nq = Nk = 257
     bm = sparse_patterns(Nq, Nk, 2)[pattern]()
     run_case(1, 2, 2, Nq, Nk, D, dtype, block_mask=bm, seed=8)
+
+
+# A fast sample of the sweeps for the default suite: patterns and shapes otherwise covered
+# only under -m slow, one dtype/head-dim pair each.
+@needs_sparse
+@pytest.mark.parametrize("pattern,D,dtype", [
+    ("document", 64, DTYPES[0]), ("strided", 128, DTYPES[-1]),
+    ("per_head_random_bitmask", 64, DTYPES[-1]), ("prefix_lm", 128, DTYPES[0])])
+def test_sweep_sparse_sample(pattern, D, dtype):
+    test_sweep_sparse(dtype, D, pattern)
+
+
+@pytest.mark.parametrize("Nq,Nk,window", [(1, 257, (-1, 0)), (97, 17, (31, 7))])
+def test_sweep_dense_sample(Nq, Nk, window):
+    test_sweep_dense(DTYPES[-1], 128, Nq, Nk, window)

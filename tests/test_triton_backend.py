@@ -442,6 +442,16 @@ def test_wide_sweep(dtype, D, Nq, Nk, mask):
         check(q, k, v, causal=mask == "causal", window=(13, 2) if mask == "window" else None)
 
 
+# A fast sample of the sweep for the default suite: head dim 128 in float32 and bfloat16
+# (otherwise covered only under -m slow), each mask kind once.
+@pytest.mark.parametrize("dtype,D,Nq,Nk,mask", [
+    (F32, 128, 17, 97, "none"), (BF16, 128, 17, 97, "causal"),
+    (F32, 128, 97, 17, "window"), (BF16, 128, 97, 257, "sparse")],
+    ids=["f32-none", "bf16-causal", "f32-window", "bf16-sparse"])
+def test_wide_sweep_sample(dtype, D, Nq, Nk, mask):
+    test_wide_sweep(dtype, D, Nq, Nk, mask)
+
+
 @pytest.mark.slow
 def test_property_random_shapes_and_patterns():
     hyp = pytest.importorskip("hypothesis")
