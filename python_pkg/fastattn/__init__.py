@@ -1,16 +1,16 @@
 """fastattn: fused and block-sparse attention for PyTorch (CPU C++, Triton, CUDA kernels)
 behind one drop-in API."""
 
+# The top floor: the public names only. No module below the API imports this file or the
+# package itself (tests/test_layering.py), so the order here is free.
+from . import distributed, flash_attn_compat, nn, sparse
+from ._version import __version__
 from .api import attention, scaled_dot_product_attention
-from . import distributed, nn, sparse  # noqa: E402,I001  (they import the API above)
+from .backends.cpu import kernel_info as cpu_info
+from .decode import decode_attention
 from .dispatch import BackendUnavailableError, available_backends
 from .patching import patch_sdpa, unpatch_sdpa
-from .decode import decode_attention  # noqa: I001
 from .varlen import attention_varlen
-from . import flash_attn_compat  # (imports the API, varlen and decode)
-from .backends.cpu import kernel_info as cpu_info
-
-from ._version import __version__
 
 __all__ = [
     "attention",
