@@ -73,23 +73,14 @@ def _validate_seqlens(cache_seqlens, B: int, Ncache: int, device) -> torch.Tenso
     return cache_seqlens
 
 
-def _validate_window_right(window_right) -> int:
-    if window_right is None:
+def _validate_window_side(value, name: str, meaning: str) -> int:
+    """window_left / window_right: an int >= 0, or None/-1 for unbounded."""
+    if value is None:
         return -1
-    if isinstance(window_right, bool) or not isinstance(window_right, int) or window_right < -1:
-        raise ValueError(f"window_right must be an int >= 0 (keys at most this far past a "
-                         f"query's own position; 0 = causal), or None/-1 for every cached key, "
-                         f"got {window_right!r}")
-    return int(window_right)
-
-
-def _validate_window_left(window_left) -> int:
-    if window_left is None:
-        return -1
-    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
-        raise ValueError(f"window_left must be an int >= 0 (keys at most this far behind a "
-                         f"query), or None/-1 for unbounded, got {window_left!r}")
-    return int(window_left)
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ValueError(f"{name} must be an int >= 0 ({meaning}), or None/-1 for "
+                         f"unbounded, got {value!r}")
+    return int(value)
 
 
 def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, window_left=None,
@@ -105,8 +96,11 @@ def decode_attention(q, k_cache, v_cache, *, cache_seqlens=None, window_left=Non
     Ncache, Dv = k_cache.shape[2], v_cache.shape[3]
     scale = validate_scale(scale, D)
     cache_seqlens = _validate_seqlens(cache_seqlens, B, Ncache, q.device)
-    window_left = _validate_window_left(window_left)
-    window_right = _validate_window_right(window_right)
+    window_left = _validate_window_side(window_left, "window_left",
+                                        "keys at most this far behind a query")
+    window_right = _validate_window_side(window_right, "window_right",
+                                         "keys at most this far past a query's own position; "
+                                         "0 = causal")
     softcap = validate_softcap(softcap)
     alibi_slopes = validate_alibi_slopes(alibi_slopes, B, Hq, q.device)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)

@@ -68,6 +68,13 @@ class Problem:
         return bool(self.softcap) or self.alibi_slopes is not None or self.dropout_p > 0
 
 
+def fake_outputs(q, v):
+    """Meta outputs (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32) for the
+    torch.library fake implementations of the forward and decode ops."""
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty((B, Hq, Nq, v.shape[-1])), q.new_empty((B, Hq, Nq), dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class DecodeProblem:
     """One decode call (fastattn.decode_attention): q (B, Hq, Nq, D) against k_cache

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import load as load_extension
-from .base import Backend, DecodeProblem, Problem
+from .base import Backend, DecodeProblem, Problem, fake_outputs
 
 # loads the library that defines torch.ops.fastattn.cpu_* (None + reason when not built or
 # built against another torch)
@@ -31,10 +31,7 @@ def _register():
     @torch.library.register_fake("fastattn::cpu_fwd")
     def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask, softcap=0.0,
                   alibi_slopes=None, dropout_p=0.0, seed=0):
-        B, Hq, Nq, _ = q.shape
-        out = q.new_empty((B, Hq, Nq, v.shape[-1]))
-        lse = q.new_empty((B, Hq, Nq), dtype=torch.float32)
-        return out, lse
+        return fake_outputs(q, v)
 
     @torch.library.register_fake("fastattn::cpu_bwd")
     def _bwd_fake(dout, q, k, v, out, lse, dlse, scale, window_left, window_right, block_mask,
@@ -71,9 +68,7 @@ def _register():
         @torch.library.register_fake("fastattn::cpu_decode")
         def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, window_left, num_splits,
                          window_right=0, softcap=0.0, alibi_slopes=None):
-            B, Hq, Nq, _ = q.shape
-            out = q.new_empty((B, Hq, Nq, v_cache.shape[-1]))
-            return out, q.new_empty((B, Hq, Nq), dtype=torch.float32)
+            return fake_outputs(q, v_cache)
 
 
 if _C is not None:

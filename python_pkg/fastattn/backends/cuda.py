@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import load as load_extension
-from .base import Backend, Problem
+from .base import Backend, Problem, fake_outputs
 
 # loads the library that defines torch.ops.fastattn.cuda_* (None + reason when not built:
 # CPU-only torch, no nvcc, FASTATTN_BUILD_CUDA=0, or built against another torch)
@@ -39,10 +39,7 @@ def _register():
     @torch.library.register_fake("fastattn::cuda_fwd")
     def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask, softcap=0.0,
                   alibi_slopes=None, dropout_p=0.0, dropout_seed=0):
-        B, Hq, Nq, _ = q.shape
-        out = q.new_empty((B, Hq, Nq, v.shape[-1]))
-        lse = q.new_empty((B, Hq, Nq), dtype=torch.float32)
-        return out, lse
+        return fake_outputs(q, v)
 
     @torch.library.register_fake("fastattn::cuda_bwd")
     def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask,
