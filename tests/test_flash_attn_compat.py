@@ -107,6 +107,10 @@ def check_lse(got, ref, low, dtype):
     assert_by_rule("lse", got[fin].float(), ref[fin].double(), low[fin].float(), dtype)
 
 
+def round128(n):
+    return -(-n // 128) * 128
+
+
 def keep_from(S_dmask):
     """FlashAttention's dropout encoding: a negative entry (sign bit) was dropped."""
     return ~torch.signbit(S_dmask)
@@ -186,8 +190,8 @@ def run_dense_case(c, seed=0):
     out, lse, S_dmask = res
     assert out.shape == (B, Sq, H, D) and out.is_contiguous() and out.dtype == dtype
     assert lse.shape == (B, H, Sq) and lse.dtype == torch.float32
-    assert S_dmask.shape == (B, H, Sq, Sk)
-    keep = keep_from(S_dmask) if p > 0 else None
+    assert S_dmask.shape == (B, H, round128(Sq), round128(Sk)) and S_dmask.dtype == dtype
+    keep = keep_from(S_dmask[:, :, :Sq, :Sk]) if p > 0 else None
     dout = torch.randn(B, Sq, H, D, generator=g)
     got = grads(out, inputs, dout)
     if c["layout"] == "kvpacked":
@@ -262,6 +266,7 @@ def test_dropout_fraction(p):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 203, 4, 32, generator=g) for _ in range(3))
     out, _, S = flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
+    S = S[:, :, :203, :203]  # FlashAttention's S_dmask is padded to multiples of 128
     frac = torch.signbit(S).float().mean().item()
     assert abs(frac - p) <= 0.01, (frac, p)
     # the output is the one S_dmask describes
@@ -272,9 +277,14 @@ def test_dropout_fraction(p):
 def test_dropout_zero_is_deterministic_attention():
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 50, 2, 16, generator=g) for _ in range(3))
-    out, _, S = flash_attn_func(q, k, v, return_attn_probs=True)
+    out, lse, S = flash_attn_func(q, k, v, return_attn_probs=True)
     assert not torch.signbit(S).any()
-    torch.testing.assert_close(S.sum(-1), torch.ones(1, 2, 50))
+    # one key block (50 keys <= 128 for headdim 16): S = exp(s - rowmax), S * exp(max - lse)
+    # is the softmax
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * 16 ** -0.5
+    probs = S[:, :, :50, :50] * torch.exp(s.amax(-1, keepdim=True) - lse.unsqueeze(-1))
+    torch.testing.assert_close(probs, torch.softmax(s, -1))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, 50))
 
 
 # ----------------------------------------------------------------------------- varlen
@@ -344,14 +354,14 @@ def run_varlen_case(c, seed=0):
                                                dropout_p=p, return_attn_probs=True, **opts)
     out_u, lse_u, S_dmask = res
     assert out_u.shape == (q_u.shape[0], H, D) and lse_u.shape == (H, q_u.shape[0])
-    assert S_dmask.shape == (B, H, max_q, max_k)
+    assert S_dmask.shape == (B, H, round128(max_q), round128(max_k))
     out = pad_input(out_u, idx_q, B, Sq)
     dout = torch.randn(B, Sq, H, D, generator=g)
     got = grads(out, (qp, kp, vp), dout)
     keep = None
     if p > 0:
         keep = torch.ones(B, H, Sq, Sk, dtype=torch.bool)
-        keep[:, :, :max_q, :max_k] = keep_from(S_dmask)
+        keep[:, :, :max_q, :max_k] = keep_from(S_dmask[:, :, :max_q, :max_k])
     refs = []
     for upcast in (True, False):
         qkv = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -748,3 +758,220 @@ def test_attention_varlen_public_api_matches_per_sequence_attention():
                                     causal=True, window=(20, 0), return_lse=True)
         torch.testing.assert_close(out[s:e], o[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse[:, s:e], l_b[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------- issue 21: FlashAttention's argument forms
+def _window_forms(left, right):
+    import numpy as np
+
+    return {
+        "tuple": (left, right), "list": [left, right],
+        "int64 tensor": torch.tensor([left, right]),
+        "int32 tensor": torch.tensor([left, right], dtype=torch.int32),
+        "numpy array": np.array([left, right]),
+        "0-d tensors": (torch.tensor(left), torch.tensor(right)),
+        "numpy ints": (np.int64(left), np.int32(right)),
+    }
+
+
+def test_window_size_as_tensor_like_flash_attention():
+    """FlashAttention's tests pass window_size = torch.randint(0, seqlen_k, (2,)); any pair
+    whose items convert to int is the same window as the int tuple (failure class 1)."""
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 37, 4, 16, generator=g) for _ in range(3))
+    want = flash_attn_func(q, k, v, causal=True, window_size=(9, 3))
+    drawn = torch.randint(0, 37, (2,), generator=g)
+    want_drawn = flash_attn_func(q, k, v, window_size=tuple(int(w) for w in drawn))
+    assert torch.equal(flash_attn_func(q, k, v, window_size=drawn), want_drawn)
+    for name, w in _window_forms(9, 3).items():
+        assert torch.equal(flash_attn_func(q, k, v, causal=True, window_size=w), want), name
+        qkv = torch.stack([q, k, v], 2)
+        assert torch.equal(flash_attn_qkvpacked_func(qkv, causal=True, window_size=w), want), name
+        assert torch.equal(flash_attn_kvpacked_func(q, torch.stack([k, v], 2), causal=True,
+                                                    window_size=w), want), name
+    cu = torch.tensor([0, 37, 74], dtype=torch.int32)
+    flat = [t.reshape(74, 4, 16) for t in (q, k, v)]
+    want_v = flash_attn_varlen_func(*flat, cu, cu, 37, 37, window_size=(9, 3), causal=True)
+    got_v = flash_attn_varlen_func(*flat, cu, cu, 37, 37, window_size=torch.tensor([9, 3]),
+                                   causal=True)
+    assert torch.equal(got_v, want_v)
+    kc, vc = k.clone(), v.clone()
+    lens = torch.tensor([30, 37], dtype=torch.int32)
+    want_c = flash_attn_with_kvcache(q[:, :2], kc, vc, cache_seqlens=lens, window_size=(9, 3),
+                                     causal=True)
+    for name, w in _window_forms(9, 3).items():
+        got_c = flash_attn_with_kvcache(q[:, :2], kc, vc, cache_seqlens=lens, window_size=w,
+                                        causal=True)
+        assert torch.equal(got_c, want_c), name
+    # a negative item is unbounded, as -1 is
+    assert torch.equal(flash_attn_func(q, k, v, window_size=torch.tensor([-5, 3])),
+                       flash_attn_func(q, k, v, window_size=(-1, 3)))
+
+
+@pytest.mark.parametrize("bad", [(1.5, 2), torch.tensor([1.5, 2.0]), torch.tensor([[1, 2]]),
+                                 torch.tensor([1, 2, 3]), (True, 0), "ab", 3, (1, 2, 3),
+                                 (None, 1)], ids=repr)
+def test_window_size_bad_forms_still_rejected(bad):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="window_size must be a pair of ints"):
+        flash_attn_func(q, k, v, window_size=bad)
+
+
+def test_scalar_arguments_in_flash_attentions_forms():
+    """Numbers FlashAttention takes as one-element tensors or numpy scalars: softmax_scale,
+    softcap, dropout_p, max_seqlen_*, num_splits, cache_seqlens."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(22)
+    q, k, v = (torch.randn(1, 19, 2, 16, generator=g) for _ in range(3))
+    want = flash_attn_func(q, k, v, softmax_scale=0.2, softcap=30.0, dropout_p=0.0)
+    for scale, cap, p in ((torch.tensor(0.2), torch.tensor(30.0), torch.tensor(0.0)),
+                          (np.float32(0.2), np.float64(30.0), np.float64(0.0)),
+                          (0.2, 30, 0)):
+        got = flash_attn_func(q, k, v, softmax_scale=scale, softcap=cap, dropout_p=p)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    cu = torch.tensor([0, 19], dtype=torch.int32)
+    flat = [t[0] for t in (q, k, v)]
+    want_v = flash_attn_varlen_func(*flat, cu, cu, 19, 19)
+    assert torch.equal(flash_attn_varlen_func(*flat, cu, cu, np.int64(19), torch.tensor(19)),
+                       want_v)
+    kc, vc = k.clone(), v.clone()
+    want_c = flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=7, num_splits=0)
+    assert torch.equal(flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=np.int64(7),
+                                               num_splits=np.int64(0)), want_c)
+    for kw, match in ((dict(softmax_scale="0.2"), "softmax_scale must be a float"),
+                      (dict(softcap=torch.ones(2)), "softcap must be a float"),
+                      (dict(dropout_p=True), "dropout_p must be a float")):
+        with pytest.raises(TypeError, match=match):
+            flash_attn_func(q, k, v, **kw)
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int"):
+        flash_attn_varlen_func(*flat, cu, cu, 19.0, 19)
+    with pytest.raises(ValueError, match="num_splits"):
+        flash_attn_with_kvcache(q[:, :1], kc, vc, cache_seqlens=7, num_splits=1.0)
+
+
+# ------------------------------------------- issue 21: S_dmask in FlashAttention's form
+def _cc80_block_n(d, dropout):
+    """FlashAttention 2's forward key-block width on an A100 (compute capability 8.0)."""
+    return {32: 128, 64: 64 if dropout else 128, 96: 64, 128: 32 if dropout else 64}.get(
+        next((c for c in (32, 64, 96, 128) if d <= c), 256), 64)
+
+
+def _expected_block_form(q, k, scale, vis, slopes, block_n):
+    """float64 (B, H, Sq, Sk): entries of block c are exp(s - max of the row over blocks
+    c, c+1, ...), 0 where masked. Returns (form, lse)."""
+    B, Sq, H, D = q.shape
+    kk = k.double().repeat_interleave(H // k.shape[2], 2)
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) * scale
+    if slopes is not None:
+        i = torch.arange(Sq).view(Sq, 1) + k.shape[1] - Sq
+        s = s - slopes.double().view(-1, H, 1, 1) * (i - torch.arange(k.shape[1])).abs()
+    s = s.masked_fill(~vis, float("-inf"))
+    form = torch.zeros_like(s)
+    running = torch.full(s.shape[:-1], float("-inf"), dtype=torch.float64)
+    for c0 in reversed(range(0, s.shape[-1], block_n)):
+        blk = s[..., c0:c0 + block_n]
+        running = torch.maximum(running, blk.amax(-1))
+        m = torch.where(torch.isfinite(running), running, torch.zeros_like(running))
+        form[..., c0:c0 + block_n] = torch.exp(blk - m.unsqueeze(-1))
+    return form, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("d,causal,local,alibi,dtype", [
+    (59, True, False, False, torch.float16),  # the issue's example (kvpacked below)
+    (32, False, True, True, torch.bfloat16),
+    (111, True, True, False, torch.float16),
+    (160, False, False, True, torch.float32),
+])
+def test_S_dmask_is_flash_attentions_unnormalised_block_form(d, causal, local, alibi, dtype):
+    """return_attn_probs=True with dropout: S_dmask holds what FlashAttention's kernel
+    writes (failure class 2): (batch, nheads, seqlen_q and seqlen_k rounded up to 128) in
+    q's dtype; block c of 128/64/32 keys (the A100 kernel's width for this head dim) scaled
+    by the row's running maximum over blocks c.. (the kernel walks blocks last to first),
+    dropped entries negated; times exp(running max - lse) it is the softmax."""
+    g = torch.Generator().manual_seed(d)
+    B, Sq, Sk, H = 2, 113, 203, 4
+    q = torch.randn(B, Sq, H, d, generator=g).to(dtype)
+    k = torch.randn(B, Sk, H, d, generator=g).to(dtype)
+    v = torch.randn(B, Sk, H, d, generator=g).to(dtype)
+    window = torch.randint(0, Sk, (2,), generator=g) if local else (-1, -1)
+    slopes = torch.rand(B, H, generator=g) * 0.3 if alibi else None
+    torch.manual_seed(0)
+    out, lse, S = flash_attn_kvpacked_func(q, torch.stack([k, v], 2), 0.17, causal=causal,
+                                           window_size=window, alibi_slopes=slopes,
+                                           return_attn_probs=True)
+    assert S.shape == (B, H, 128, 256) and S.dtype == dtype
+    assert not S[:, :, Sq:].any() and not S[:, :, :, Sk:].any()
+    S = S[:, :, :Sq, :Sk]
+    opts = dict(causal=causal, window_size=tuple(int(w) for w in window))
+    vis = torch.isfinite(attn_scores_mask(Sq, Sk, opts))
+    form, lse_ref = _expected_block_form(q, k, d ** -0.5, vis, slopes, _cc80_block_n(d, True))
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(S.abs().double(), form, rtol=tol, atol=tol)
+    keep = ~torch.signbit(S)
+    frac = (~keep)[vis.expand_as(keep)].float().mean().item()
+    assert abs(frac - 0.17) <= 0.02
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-3, atol=1e-3)
+    # the output is the one S_dmask describes
+    ref, _ = attn_ref(q, k, v, keep=keep, dropout_p=0.17, alibi_slopes=slopes, **opts)
+    assert (out.double() - ref).abs().max() < {torch.float32: 1e-5}.get(dtype, 2e-2)
+
+
+def test_S_dmask_varlen_block_form_per_sequence():
+    g = torch.Generator().manual_seed(23)
+    cu = torch.tensor([0, 70, 70, 300], dtype=torch.int32)
+    q, k, v = (torch.randn(300, 2, 64, generator=g) for _ in range(3))
+    _, _, S = flash_attn_varlen_func(q, k, v, cu, cu, 230, 230, 0.3, causal=True,
+                                     return_attn_probs=True)
+    assert S.shape == (3, 2, 256, 256) and S.dtype == torch.float32
+    for b, (s0, s1) in enumerate(((0, 70), (70, 70), (70, 300))):
+        n = s1 - s0
+        got = S[b, :, :n, :n]
+        assert not S[b, :, n:].any() and not S[b, :, :, n:].any()
+        vis = torch.isfinite(attn_scores_mask(n, n, dict(causal=True, window_size=(-1, -1))))
+        form, _ = _expected_block_form(q[None, s0:s1], k[None, s0:s1], 64 ** -0.5, vis, None,
+                                       _cc80_block_n(64, True))
+        torch.testing.assert_close(got.abs().double(), form[0], rtol=1e-5, atol=1e-6)
+
+
+def test_get_block_size_n_is_the_a100_table():
+    from fastattn.flash_attn_compat.flash_attn_interface import _get_block_size_n
+
+    for d in (16, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256):
+        for dropout in (False, True):
+            assert _get_block_size_n("cpu", d, dropout, True) == _cc80_block_n(d, dropout)
+
+
+# ------------------------------------------- issue 21: paged cache + rotary append
+KV_ISSUE21 = dict(dtype=torch.float16, heads=(6, 6), d=32, seqlen_q=1, seqlen_k=128, causal=True,
+                  local=False, new_kv=True, rotary=0.5, interleaved=False, batch_idx=False,
+                  leftpad=False, softcap=0.0, alibi=None)
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("page_size", [256, 16, None])
+def test_kvcache_paged_rotary_append_issue21(isa, page_size, monkeypatch):
+    """FlashAttention's test_flash_attn_kvcache[1-128-32-False-False-256-0.5-False-True-True-
+    False-False-True-mha-1-dtype0] (failure class 3): a paged cache of 256-token pages, one
+    new key appended with half the head dim rotated (GPT-NeoX pairs), causal, MHA, fp16.
+    The cache after the append and the output match the float64 oracle, on every kernel
+    variant the CPU runs, paged or not."""
+    import fastattn
+
+    if isa not in fastattn.cpu_info()["runnable"]:
+        pytest.skip(f"this CPU cannot run the {isa} variant")
+    monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
+    run_kvcache_case(KV_ISSUE21, seed=21, page_size=page_size)
+
+
+@pytest.mark.parametrize("case", covering_cases(dict(
+    KV_SPACE, rotary=[0.5, 1.0], new_kv=[True], seqlen_q=[1, 4, 16], seqlen_k=[128, 339]), 12,
+    seed=21), ids=_kv_id)
+def test_kvcache_rotary_append_relatives(case):
+    """Rotary appends with every paged / left-padding / batch-index combination that
+    FlashAttention allows (paged excludes the other two)."""
+    if case["batch_idx"] or case["leftpad"]:
+        run_kvcache_case(case, seed=24)
+    else:
+        for page in (256, 16):
+            run_kvcache_case(case, seed=24, page_size=page)

@@ -212,12 +212,19 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 @torch.no_grad()
 def attention_probs(q, k, *, scale, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    dropout_p=0.0, dropout_seed=0, row_base=0, row_stride=None, col_base=0):
-    """The softmax probabilities of one sequence, float32 (Hq, Nq, Nk), FlashAttention's
-    S_dmask convention: entries dropped by dropout are negated. q (1, Hq, Nq, D),
-    k (1, Hkv, Nk, D) views; alibi_slopes (Hq,) or None. Dropout rows/columns of the hash
-    are row_base + h * row_stride + i and col_base + j (what the kernel call used).
-    Materializes Nq x Nk: for return_attn_probs (testing) only."""
+                    dropout_p=0.0, dropout_seed=0, row_base=0, row_stride=None, col_base=0,
+                    block_n=None):
+    """The attention probabilities of one sequence, float32 (Hq, Nq, Nk), dropped entries
+    negated (FlashAttention's S_dmask sign convention). q (1, Hq, Nq, D), k (1, Hkv, Nk, D)
+    views; alibi_slopes (Hq,) or None. Dropout rows/columns of the hash are
+    row_base + h * row_stride + i and col_base + j (what the kernel call used).
+
+    block_n=None: the softmax probabilities (rows sum to 1 before dropout).
+    block_n=n: FlashAttention's *unnormalised* form: its kernel walks key blocks of n
+    columns from the last to the first, so the entries of block c are exp(s - m_c) with m_c
+    the row's running maximum there, i.e. the maximum of the row over blocks c, c+1, ...
+    (0 where that is -inf). Multiplying block c by exp(m_c - lse) gives the probabilities.
+    Masked entries are 0. Materializes Nq x Nk: for return_attn_probs (testing) only."""
     _, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     if Nq == 0 or Nk == 0:
@@ -230,10 +237,20 @@ def attention_probs(q, k, *, scale, window=(-1, -1), softcap=0.0, alibi_slopes=N
         s = s + alibi_bias(alibi_slopes.float(), 1, Hq, Nq, Nk)[0]
     if tuple(window) != (-1, -1):
         s = s.masked_fill(~window_mask(Nq, Nk, *window, device=q.device), float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if block_n is None:
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        p = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    else:
+        nb = -(-Nk // block_n)
+        pad = nb * block_n - Nk
+        sb = torch.nn.functional.pad(s, (0, pad), value=float("-inf")).view(Hq, Nq, nb, block_n)
+        block_max = sb.amax(-1)  # (Hq, Nq, nb)
+        suffix_max = block_max.flip(-1).cummax(-1).values.flip(-1)
+        suffix_max = torch.where(torch.isfinite(suffix_max), suffix_max,
+                                 torch.zeros_like(suffix_max))
+        p = torch.exp(sb - suffix_max.unsqueeze(-1)).view(Hq, Nq, nb * block_n)[..., :Nk]
     if dropout_p > 0:
         stride = Nq if row_stride is None else row_stride
         rows = (row_base + torch.arange(Hq, device=q.device).view(Hq, 1, 1) * stride
@@ -247,16 +264,17 @@ def attention_probs(q, k, *, scale, window=(-1, -1), softcap=0.0, alibi_slopes=N
 @torch.no_grad()
 def varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                  causal=False, window=None, scale=None, softcap=0.0, alibi_slopes=None,
-                 dropout_p=0.0, dropout_seed=None):
+                 dropout_p=0.0, dropout_seed=None, block_n=None, round_to=1, dtype=None):
     """S_dmask of the attention_varlen call with the same arguments (and dropout_seed):
-    float32 (batch, Hq, max_seqlen_q, max_seqlen_k), zero beyond each sequence's lengths,
-    dropped entries negated."""
+    (batch, Hq, max_seqlen_q, max_seqlen_k) float32, zero beyond each sequence's lengths,
+    dropped entries negated (attention_probs for block_n). round_to rounds both max lengths
+    up to its multiples (zero padding); dtype: the result's (default float32)."""
     plan = _Plan(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                  window, alibi_slopes)
     Hq, D = q.shape[1], q.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
-    S = torch.zeros(plan.batch, Hq, plan.max_q, plan.max_k, dtype=torch.float32,
-                    device=q.device)
+    rows_, cols_ = (-(-n // round_to) * round_to for n in (plan.max_q, plan.max_k))
+    S = torch.zeros(plan.batch, Hq, rows_, cols_, dtype=dtype or torch.float32, device=q.device)
     total = q.shape[0]
     for b in range(plan.batch):
         slopes = alibi_slopes
@@ -270,5 +288,5 @@ def varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen
         S[b, :, :plan.lens_q[b], :plan.lens_k[b]] = attention_probs(
             _bhnd(q, plan.cq[b], plan.cq[b + 1]), _bhnd(k, plan.ck[b], plan.ck[b + 1]),
             scale=scale, window=plan.window, softcap=softcap, alibi_slopes=slopes,
-            dropout_p=dropout_p, **rows)
+            dropout_p=dropout_p, block_n=block_n, **rows).to(S.dtype)
     return S

@@ -11,6 +11,7 @@ flash_attn_compat.bert_padding), so replacing the prefix `flash_attn` with
 `fastattn.flash_attn_compat` in import lines is the whole switch. Signatures and semantics
 follow FlashAttention 2.6/2.7; see flash_attn_interface for the few documented differences
 (S_dmask always returned with return_attn_probs, -inf lse on rows that see no key).
+layers.rotary.apply_rotary_emb mirrors flash_attn.layers.rotary's.
 The padding helpers are also re-exported here for convenience.
 """
 

@@ -17,7 +17,8 @@ Semantics shared by all functions (as in FlashAttention >= 2.1):
                                            1 0
                                            1 1
 
-  - window_size=(left, right): query i sees keys in
+  - window_size=(left, right) (any pair of int-convertible items, e.g. a (2,) integer
+    tensor, as FlashAttention takes): query i sees keys in
     [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; -1 (any negative)
     is unbounded on that side; causal caps right at 0.
   - GQA/MQA: k and v may have fewer heads; query head h reads kv head h // (nheads // nheads_k).
@@ -29,17 +30,27 @@ Semantics shared by all functions (as in FlashAttention >= 2.1):
     forward and the backward regenerates the same bits (no N x N mask is stored).
   - deterministic: accepted for compatibility; every fastattn backward pass is already
     deterministic (no atomics), so the flag changes nothing.
+  - Scalars (softmax_scale, softcap, dropout_p, max_seqlen_*, num_splits, an int
+    cache_seqlens) may also be numpy scalars or one-element tensors, as in FlashAttention.
   - return_attn_probs=True returns (out, softmax_lse, S_dmask): softmax_lse (batch, nheads,
-    seqlen_q) float32 ((nheads, total_q) for varlen); S_dmask the softmax probabilities
-    (batch, nheads, seqlen_q, seqlen_k) float32 computed by the naive reference with the
-    same seed, dropped entries negated (FlashAttention's encoding; masked entries are 0).
-    Unlike FlashAttention (which returns None for S_dmask without dropout), fastattn always
-    returns it. For testing only: it materializes seqlen_q x seqlen_k.
+    seqlen_q) float32 ((nheads, total_q) for varlen); S_dmask in FlashAttention's own form
+    (what its kernel writes, which its test suite decodes): shape (batch, nheads,
+    seqlen_q rounded up to 128, seqlen_k rounded up to 128) (max_seqlen_* for varlen), q's
+    dtype, zero outside each sequence, and *unnormalised*: the kernel walks key blocks of
+    _get_block_size_n(...) columns (the A100 / compute capability 8.0 widths) from the last
+    to the first, so block c of a row holds exp(score - m_c), m_c the row's maximum over
+    blocks c, c+1, ...; exp(m_c - softmax_lse) times it is the softmax. Entries dropped by
+    dropout are negated. Computed by the naive reference with the call's dropout seed.
+    Unlike FlashAttention (an empty tensor without dropout), fastattn returns it for
+    dropout_p=0 too. For testing only: it materializes seqlen_q x seqlen_k.
   - A row that sees no key has out 0 and softmax_lse -inf (log of an empty sum;
     FlashAttention stores +inf there).
 """
 
 from __future__ import annotations
+
+import numbers
+import operator
 
 import torch
 
@@ -48,6 +59,7 @@ from .._validate import normalize_window, validate_alibi_slopes, validate_dropou
 from ..decode import decode_attention
 from ..score_mods import draw_seed
 from ..varlen import _validate_cu_seqlens, attention_probs, attention_varlen, varlen_probs
+from .layers.rotary import rotate_at
 
 __all__ = [
     "flash_attn_func",
@@ -63,14 +75,71 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 # ------------------------------------------------------------------------- input checks
+def _int_like(x):
+    """x as a Python int if FlashAttention would take it for an int argument (an int, a
+    numpy integer, an integer tensor of one element), else None. bools are refused."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor)
+                               and (x.numel() != 1 or x.dtype == torch.bool
+                                    or x.is_floating_point() or x.is_complex())):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _float_like(name, x, allow_none=False):
+    """x as a Python float if FlashAttention would take it for a float argument (an int or
+    float, a numpy number, a real tensor of one element); otherwise a TypeError naming the
+    argument."""
+    if x is None and allow_none:
+        return None
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and x.dtype != torch.bool \
+            and not x.is_complex():
+        return float(x.item())
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return float(x)
+    raise TypeError(f"{name} must be a float{' or None' if allow_none else ''}, got "
+                    f"{type(x).__name__}")
+
+
 def _window(window_size) -> tuple[int, int]:
-    ok = (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-          and all(isinstance(w, int) and not isinstance(w, bool) for w in window_size))
-    if not ok:
+    """window_size as (left, right) ints, negative -> -1. Like FlashAttention, any pair whose
+    two items convert to int is taken: a tuple or list, a (2,) integer tensor (as from
+    torch.randint), a numpy array, or a pair of numpy / one-element-tensor integers."""
+    items = None
+    if not isinstance(window_size, (str, bytes, dict)) and not (
+            isinstance(window_size, torch.Tensor) and window_size.ndim != 1):
+        try:
+            if len(window_size) == 2:
+                items = [_int_like(w) for w in window_size]
+        except TypeError:
+            items = None
+    if items is None or any(w is None for w in items):
         raise ValueError(f"window_size must be a pair of ints (left, right), -1 for unbounded "
-                         f"(e.g. (-1, -1) for none, (255, 0) for a causal window of 256), got "
-                         f"{window_size!r}")
-    return tuple(-1 if w < 0 else int(w) for w in window_size)
+                         f"(e.g. (-1, -1) for none, (255, 0) for a causal window of 256; a "
+                         f"(2,) integer tensor is taken too), got {window_size!r}")
+    return tuple(-1 if w < 0 else int(w) for w in items)
+
+
+def _get_block_size_n(device, head_dim, is_dropout, is_causal):
+    """The key-block width of FlashAttention 2's forward kernel on an A100 (compute
+    capability 8.0), whatever `device` is: the block structure of S_dmask (see
+    _probs_block_n). Same signature as flash_attn.flash_attn_interface's helper, which the
+    FlashAttention test suite imports to undo that structure."""
+    if head_dim <= 32:
+        return 128
+    if head_dim <= 64:
+        return 64 if is_dropout else 128
+    if head_dim <= 96:
+        return 64
+    if head_dim <= 128:
+        return 32 if is_dropout else 64
+    return 64
+
+
+def _round128(n: int) -> int:
+    return -(-n // 128) * 128
 
 
 def _flag(name, value):
@@ -94,8 +163,19 @@ def _packed(name, t, ndim, axis, n, layout):
 
 
 def _dropout(dropout_p):
-    p, _ = validate_dropout(dropout_p, None)
+    p, _ = validate_dropout(_float_like("dropout_p", dropout_p), None)
     return p, (draw_seed() if p > 0 else None)
+
+
+def _scalars(softmax_scale, softcap):
+    return _float_like("softmax_scale", softmax_scale, allow_none=True), \
+        _float_like("softcap", softcap)
+
+
+def _probs_block_n(head_dim, dropout_p, causal):
+    """S_dmask's key-block width: FlashAttention's kernel block for these arguments on
+    compute capability 8.0."""
+    return _get_block_size_n(None, head_dim, dropout_p > 0, causal)
 
 
 def _common_flags(causal, deterministic, return_attn_probs):
@@ -112,6 +192,7 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     for name, t in (("q", q), ("k", k), ("v", v)):
         _tensor(name, t, 4, layout)
     win = _window(window_size)
+    softmax_scale, softcap = _scalars(softmax_scale, softcap)
     p, seed = _dropout(dropout_p)
     res = api.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                         window=win, scale=softmax_scale, softcap=softcap,
@@ -122,16 +203,20 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     if not return_attn_probs:
         return out
     B, Sq, H, D = q.shape
+    Sk = k.shape[1]
     scale = validate_scale(softmax_scale, D)
-    S = q.new_zeros((B, H, Sq, k.shape[1]), dtype=torch.float32)
-    for b in range(B):
-        slopes = alibi_slopes
-        if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.ndim == 2:
-            slopes = alibi_slopes[b]
-        S[b] = attention_probs(q[b:b + 1].transpose(1, 2), k[b:b + 1].transpose(1, 2),
-                               scale=scale, window=normalize_window(win, causal),
-                               softcap=softcap, alibi_slopes=slopes, dropout_p=p,
-                               dropout_seed=seed or 0, row_base=b * H * Sq, row_stride=Sq)
+    block_n = _probs_block_n(D, p, causal)
+    S = q.new_zeros((B, H, _round128(Sq), _round128(Sk)))
+    with torch.no_grad():
+        for b in range(B):
+            slopes = alibi_slopes
+            if isinstance(alibi_slopes, torch.Tensor) and alibi_slopes.ndim == 2:
+                slopes = alibi_slopes[b]
+            S[b, :, :Sq, :Sk] = attention_probs(
+                q[b:b + 1].transpose(1, 2), k[b:b + 1].transpose(1, 2), scale=scale,
+                window=normalize_window(win, causal), softcap=softcap, alibi_slopes=slopes,
+                dropout_p=p, dropout_seed=seed or 0, row_base=b * H * Sq, row_stride=Sq,
+                block_n=block_n)
     return out, lse, S
 
 
@@ -207,7 +292,13 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     if block_table is not None:
         k, v = _gather_paged(k, v, block_table, cu_seqlens_k)
     win = _window(window_size)
+    softmax_scale, softcap = _scalars(softmax_scale, softcap)
     p, seed = _dropout(dropout_p)
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if m is not None and not isinstance(m, torch.Tensor) and _int_like(m) is None:
+            raise TypeError(f"{name} must be an int, got {type(m).__name__}")
+    max_seqlen_q, max_seqlen_k = (m if m is None or isinstance(m, torch.Tensor) else _int_like(m)
+                                  for m in (max_seqlen_q, max_seqlen_k))
     kw = dict(causal=causal, window=win, scale=softmax_scale, softcap=softcap,
               alibi_slopes=alibi_slopes)
     res = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -215,7 +306,8 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     if not return_attn_probs:
         return res
     S = varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     dropout_p=p, dropout_seed=seed, **kw)
+                     dropout_p=p, dropout_seed=seed, block_n=_probs_block_n(q.shape[-1], p, causal),
+                     round_to=128, dtype=q.dtype, **kw)
     return res[0], res[1], S
 
 
@@ -267,18 +359,9 @@ def apply_rotary(x, cos, sin, positions, interleaved: bool):
     """Rotary embedding of x (batch, seqlen, nheads, headdim) at integer `positions`
     (batch, seqlen): the first rotary_dim = 2 * cos.shape[1] channels are rotated, the rest
     pass through. interleaved=True pairs channels (0, 1), (2, 3), ... (GPT-J);
-    False pairs (i, i + rotary_dim / 2) (GPT-NeoX). Computed in float32."""
-    half = cos.shape[1]
-    c = cos.float()[positions].unsqueeze(2)  # (batch, seqlen, 1, rotary_dim / 2)
-    s = sin.float()[positions].unsqueeze(2)
-    xr = x[..., :2 * half].float()
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr[..., :half], xr[..., half:]
-        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rot.to(x.dtype), x[..., 2 * half:]), dim=-1)
+    False pairs (i, i + rotary_dim / 2) (GPT-NeoX). Computed in float32
+    (layers.rotary.rotate_at, also behind apply_rotary_emb)."""
+    return rotate_at(x, cos, sin, positions, interleaved)
 
 
 def _index_vector(name, t, B, device):
@@ -426,8 +509,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # lengths
     if cache_seqlens is None:
         L = torch.full((B,), capacity, dtype=torch.long, device=dev)
-    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        L = torch.full((B,), cache_seqlens, dtype=torch.long, device=dev)
+    elif not isinstance(cache_seqlens, torch.Tensor) and _int_like(cache_seqlens) is not None:
+        L = torch.full((B,), _int_like(cache_seqlens), dtype=torch.long, device=dev)
     else:
         L = _index_vector("cache_seqlens", cache_seqlens, B, dev)
     if B and (int(L.min()) < 0 or int(L.max()) + Snew > capacity):
@@ -442,12 +525,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if not bool(starts.any()):
             starts = None
 
+    softmax_scale, softcap = _scalars(softmax_scale, softcap)
     scale = validate_scale(softmax_scale, D)
     local = _window(window_size)
     win = normalize_window(local, causal)
-    if num_splits is None or isinstance(num_splits, bool) or not isinstance(num_splits, int) \
-            or num_splits < 0:
+    splits = _int_like(num_splits)
+    if splits is None or splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    num_splits = splits
 
     # rotary embedding of q and the new keys
     if (rotary_cos is None) != (rotary_sin is None):

@@ -1,0 +1,1 @@
+"""Mirrors flash_attn.layers: `rotary.apply_rotary_emb` (the functional rotary embedding)."""
