@@ -263,14 +263,26 @@ def test_dropout_reproducible_from_torch_seed_and_deterministic_bitwise():
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_fraction(p):
-    g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, 203, 4, 32, generator=g) for _ in range(3))
-    out, _, S = flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
-    S = S[:, :, :203, :203]  # FlashAttention's S_dmask is padded to multiples of 128
-    frac = torch.signbit(S).float().mean().item()
+    """The kernel's own keep bits, read out: with q = k = 0 every key gets probability 1/N,
+    and with v = I (head dim N) row i of the output is keep[i, :] / (N (1 - p)). Their dropped
+    fraction is p, and S_dmask (same seed) marks exactly those entries dropped."""
+    N, H = 203, 4
+    z = torch.zeros(2, N, H, N)
+    eye = torch.eye(N).view(1, N, 1, N).expand(2, N, H, N).contiguous()
+    torch.manual_seed(11)
+    out = flash_attn_func(z, z, eye, dropout_p=p)  # the cpu kernel under auto
+    keep = (out != 0).transpose(1, 2)  # (B, H, N, N) from the kernel
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / (N * (1 - p))))
+    frac = 1 - keep.float().mean().item()
     assert abs(frac - p) <= 0.01, (frac, p)
-    # the output is the one S_dmask describes
-    ref, _ = attn_ref(q, k, v, keep=keep_from(S), dropout_p=p)
+    torch.manual_seed(11)  # the same seed draw: S_dmask describes the kernel's keep bits
+    _, _, S = flash_attn_func(z, z, eye, dropout_p=p, return_attn_probs=True)
+    assert torch.equal(keep_from(S[:, :, :N, :N]), keep)
+    # and an ordinary call's output is the one its S_dmask describes
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, N, H, 32, generator=g) for _ in range(3))
+    out, _, S = flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
+    ref, _ = attn_ref(q, k, v, keep=keep_from(S[:, :, :N, :N]), dropout_p=p)
     assert (out.double() - ref).abs().max() < 1e-5
 
 
@@ -393,18 +405,18 @@ def test_varlen_against_padded_oracle_sweep(case):
 
 
 def test_varlen_packed_path_uses_one_document_masked_call(monkeypatch):
-    """Self-attention layout: one fastattn.attention call over all tokens, with a
+    """Self-attention layout: one kernel call (fastattn.api.run) over all tokens, with a
     block-diagonal mask; other layouts: one call per sequence."""
     import fastattn.api as api
 
     calls = []
-    real = api.attention
+    real = api.run
 
-    def spy(q, k, v, **kw):
+    def spy(q, k, v, opts, **kw):
         calls.append((tuple(q.shape), kw.get("block_mask")))
-        return real(q, k, v, **kw)
+        return real(q, k, v, opts, **kw)
 
-    monkeypatch.setattr(api, "attention", spy)
+    monkeypatch.setattr(api, "run", spy)
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 5, 5, 40, 97], dtype=torch.int32)
     q, k, v = (torch.randn(97, 2, 16, generator=g) for _ in range(3))
@@ -975,3 +987,37 @@ def test_kvcache_rotary_append_relatives(case):
     else:
         for page in (256, 16):
             run_kvcache_case(case, seed=24, page_size=page)
+
+
+def test_options_are_validated_once_per_public_call(monkeypatch):
+    """flash_attn_func / flash_attn_varlen_func / attention_varlen validate the call's
+    options once (api.check_options), however many kernel calls follow (api.run)."""
+    import fastattn.api as api
+    from fastattn import attention_varlen
+
+    counts = {"check": 0, "run": 0}
+    real_check, real_run = api.check_options, api.run
+
+    def check(**kw):
+        counts["check"] += 1
+        return real_check(**kw)
+
+    def run(*a, **kw):
+        counts["run"] += 1
+        return real_run(*a, **kw)
+
+    monkeypatch.setattr(api, "check_options", check)
+    monkeypatch.setattr(api, "run", run)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 2, 16, generator=g) for _ in range(3))
+    flash_attn_func(q, k, v, window_size=(3, 0), dropout_p=0.1)
+    assert counts == {"check": 1, "run": 1}
+    cu_q = torch.tensor([0, 5, 9, 17], dtype=torch.int32)
+    cu_k = torch.tensor([0, 3, 10, 17], dtype=torch.int32)
+    t = [torch.randn(17, 2, 16, generator=g) for _ in range(3)]
+    counts.update(check=0, run=0)
+    flash_attn_varlen_func(*t, cu_q, cu_k, 8, 7, causal=True, window_size=(4, 0))
+    assert counts == {"check": 1, "run": 3}  # one kernel call per sequence, one validation
+    counts.update(check=0, run=0)
+    attention_varlen(*t, cu_q, cu_k, causal=True)
+    assert counts == {"check": 1, "run": 3}

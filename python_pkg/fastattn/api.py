@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -71,19 +73,53 @@ def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None
     return_lse=True also lse (B, Hq, Nq) float32, the natural-log log-sum-exp of the
     scaled, modified, masked scores.
     """
+    opts = check_options(causal=causal, window=window, scale=scale, softcap=softcap,
+                         dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend,
+                         return_lse=return_lse)
+    return run(q, k, v, opts, block_mask=block_mask, alibi_slopes=alibi_slopes)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The shape-independent options of an attention call, validated once
+    (check_options). Entry points that make several kernel calls for one public call
+    (varlen, flash_attn_compat) validate once and hand the same Options to run()."""
+
+    window: tuple[int, int]  # (left, right), causal folded in, -1 = unbounded
+    scale: float | None  # None: D ** -0.5
+    softcap: float
+    dropout_p: float
+    dropout_seed: int | None  # drawn when dropout_p > 0 and none was given
+    backend: str  # a backend name or "auto" (FASTATTN_BACKEND resolved)
+    return_lse: bool
+
+
+def check_options(*, causal=False, window=None, scale=None, softcap=None, dropout_p=None,
+                  dropout_seed=None, backend="auto", return_lse=False) -> Options:
+    """Validates attention()'s scalar options (the arguments as attention() takes them)."""
     backend = dispatch.validate_backend_name(backend)
-    validate_qkv(q, k, v)
     left_right = normalize_window(window, causal)
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    scale = validate_scale(scale, D)
+    if scale is not None:
+        scale = validate_scale(scale, 1)
     softcap = validate_softcap(softcap)
-    alibi_slopes = validate_alibi_slopes(alibi_slopes, B, Hq, q.device)
     dropout_p, dropout_seed = validate_dropout(dropout_p, dropout_seed)
     if dropout_p > 0 and dropout_seed is None:
         dropout_seed = draw_seed()
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return Options(window=left_right, scale=scale, softcap=softcap, dropout_p=dropout_p,
+                   dropout_seed=dropout_seed, backend=backend, return_lse=return_lse)
+
+
+def run(q, k, v, opts: Options, *, block_mask=None, alibi_slopes=None):
+    """attention() with validated options: checks what depends on the tensors (shapes,
+    block mask, ALiBi slopes), describes the call, dispatches, runs the kernel."""
+    validate_qkv(q, k, v)
+    left_right = opts.window
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = opts.scale if opts.scale is not None else validate_scale(None, D)
+    alibi_slopes = validate_alibi_slopes(alibi_slopes, B, Hq, q.device)
     if block_mask is not None:
         block_mask = _check_block_mask(block_mask, B, Hq, Nq, Nk, q.device)
         if left_right != (-1, -1):
@@ -93,15 +129,15 @@ def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None
         device=q.device, dtype=q.dtype, B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv,
         window=left_right, block_mask=block_mask, scale=scale,
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-        return_lse=return_lse, softcap=softcap, alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p, dropout_seed=int(dropout_seed or 0),
+        return_lse=opts.return_lse, softcap=opts.softcap, alibi_slopes=alibi_slopes,
+        dropout_p=opts.dropout_p, dropout_seed=int(opts.dropout_seed or 0),
     )
-    impl = dispatch.select(p, backend)  # raises before any kernel runs
+    impl = dispatch.select(p, opts.backend)  # raises before any kernel runs
     if B == 0 or Hq == 0 or Nq == 0 or Nk == 0:
         out, lse = _empty_result(q, k, v, float("-inf"))
     else:
         out, lse = impl.forward(q, k, v, p)
-    return (out, lse) if return_lse else out
+    return (out, lse) if opts.return_lse else out
 
 
 # Backends that scaled_dot_product_attention routes to; anything else goes to torch.

@@ -27,14 +27,16 @@ uses sequence_seed(dropout_seed, b)); dropout_probs() reproduces them.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections import OrderedDict
 
 import torch
 
 from . import api
-from ._validate import normalize_window, validate_dropout
+from ._validate import normalize_window
 from .masking import window_mask
-from .score_mods import alibi_bias, apply_softcap, draw_seed, dropout_hash, dropout_threshold
+from .score_mods import alibi_bias, apply_softcap, dropout_hash, dropout_threshold
 
 __all__ = ["attention_varlen"]
 
@@ -133,7 +135,7 @@ class _Plan:
         self.lens_k = [self.ck[b + 1] - self.ck[b] for b in range(self.batch)]
         self.max_q = _validate_max_seqlen(max_seqlen_q, "max_seqlen_q", max(self.lens_q, default=0))
         self.max_k = _validate_max_seqlen(max_seqlen_k, "max_seqlen_k", max(self.lens_k, default=0))
-        self.window = normalize_window(window, causal)  # (left, right), causal folded in
+        self.window = window  # (left, right), causal folded in (api.check_options)
         self.causal = causal
         if alibi_slopes is not None and isinstance(alibi_slopes, torch.Tensor) \
                 and alibi_slopes.ndim == 2 and alibi_slopes.shape[0] != self.batch:
@@ -165,24 +167,22 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     lse (Hq, total_q) float32 (FlashAttention's varlen layout). Differentiable. See the
     module docstring for how the work is laid out on the kernels.
     """
+    # validated once for the whole call; each kernel call below reuses them (api.run)
+    opts = api.check_options(causal=causal, window=window, scale=scale, softcap=softcap,
+                             dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend,
+                             return_lse=return_lse)
     plan = _Plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                 window, alibi_slopes)
-    dropout_p, dropout_seed = validate_dropout(dropout_p, dropout_seed)
-    if dropout_p > 0 and dropout_seed is None:
-        dropout_seed = draw_seed()
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    common = dict(scale=scale, softcap=softcap, dropout_p=dropout_p, backend=backend,
-                  return_lse=return_lse)
+                 opts.window, alibi_slopes)
+    dropout_seed = opts.dropout_seed
 
-    def call(*args, **kw):  # fastattn.attention, always as (out, lse or None)
-        res = api.attention(*args, **kw, **common)
+    def call(*args, dropout_seed, **kw):  # one kernel call, as (out, lse or None)
+        res = api.run(*args, dataclasses.replace(opts, dropout_seed=dropout_seed), **kw)
         return res if return_lse else (res, None)
 
     if plan.packed and plan.batch > 0 and q.shape[0] > 0:
         # causal documents whenever the window ends on the diagonal: fewer blocks to visit
         bm = document_mask(tuple(plan.lens_q), causal=plan.window[1] == 0, device=q.device)
-        out, lse = call(_bhnd(q), _bhnd(k), _bhnd(v), window=plan.window, block_mask=bm,
+        out, lse = call(_bhnd(q), _bhnd(k), _bhnd(v), block_mask=bm,
                         alibi_slopes=alibi_slopes, dropout_seed=dropout_seed)
         out = out[0].transpose(0, 1).contiguous()
         lse = None if lse is None else lse[0]
@@ -195,7 +195,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             seed = None if dropout_seed is None else sequence_seed(dropout_seed, b)
             o, lse_b = call(
                 _bhnd(q, plan.cq[b], plan.cq[b + 1]), _bhnd(k, plan.ck[b], plan.ck[b + 1]),
-                _bhnd(v, plan.ck[b], plan.ck[b + 1]), window=plan.window,
+                _bhnd(v, plan.ck[b], plan.ck[b + 1]),
                 alibi_slopes=slopes, dropout_seed=seed)
             outs.append(o[0].transpose(0, 1))
             lses.append(None if lse_b is None else lse_b[0])
@@ -203,7 +203,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             out = torch.cat(outs, 0)
             lse = torch.cat(lses, 1) if return_lse else None
         else:  # batch 0: still validate shapes and options through one empty call
-            o, lse = call(_bhnd(q), _bhnd(k), _bhnd(v), window=plan.window,
+            o, lse = call(_bhnd(q), _bhnd(k), _bhnd(v),
                           alibi_slopes=None, dropout_seed=dropout_seed)
             out = o[0].transpose(0, 1).contiguous()
             lse = None if lse is None else lse[0]
@@ -270,7 +270,7 @@ def varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen
     dropped entries negated (attention_probs for block_n). round_to rounds both max lengths
     up to its multiples (zero padding); dtype: the result's (default float32)."""
     plan = _Plan(q, k, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                 window, alibi_slopes)
+                 normalize_window(window, causal), alibi_slopes)
     Hq, D = q.shape[1], q.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
     rows_, cols_ = (-(-n // round_to) * round_to for n in (plan.max_q, plan.max_k))

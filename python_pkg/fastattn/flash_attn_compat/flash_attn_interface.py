@@ -55,7 +55,7 @@ import operator
 import torch
 
 from .. import api
-from .._validate import normalize_window, validate_alibi_slopes, validate_dropout, validate_scale
+from .._validate import normalize_window, validate_alibi_slopes, validate_scale
 from ..decode import decode_attention
 from ..score_mods import draw_seed
 from ..varlen import _validate_cu_seqlens, attention_probs, attention_varlen, varlen_probs
@@ -163,7 +163,10 @@ def _packed(name, t, ndim, axis, n, layout):
 
 
 def _dropout(dropout_p):
-    p, _ = validate_dropout(_float_like("dropout_p", dropout_p), None)
+    """(dropout_p as a float, a seed drawn when p > 0): the seed is fixed here because the
+    S_dmask of return_attn_probs must replay the kernel's keep bits. The value itself is
+    checked once, by the call that runs the kernels."""
+    p = _float_like("dropout_p", dropout_p)
     return p, (draw_seed() if p > 0 else None)
 
 
@@ -193,18 +196,20 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
         _tensor(name, t, 4, layout)
     win = _window(window_size)
     softmax_scale, softcap = _scalars(softmax_scale, softcap)
-    p, seed = _dropout(dropout_p)
-    res = api.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                        window=win, scale=softmax_scale, softcap=softcap,
-                        alibi_slopes=alibi_slopes, dropout_p=p, dropout_seed=seed,
-                        return_lse=return_attn_probs)
+    # FlashAttention's argument forms converted above; fastattn's rules checked once here
+    opts = api.check_options(causal=causal, window=win, scale=softmax_scale, softcap=softcap,
+                             dropout_p=_float_like("dropout_p", dropout_p),
+                             return_lse=return_attn_probs)
+    p, seed = opts.dropout_p, opts.dropout_seed
+    res = api.run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), opts,
+                  alibi_slopes=alibi_slopes)
     out, lse = res if return_attn_probs else (res, None)
     out = out.transpose(1, 2).contiguous()
     if not return_attn_probs:
         return out
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
-    scale = validate_scale(softmax_scale, D)
+    scale = validate_scale(opts.scale, D)
     block_n = _probs_block_n(D, p, causal)
     S = q.new_zeros((B, H, _round128(Sq), _round128(Sk)))
     with torch.no_grad():
@@ -214,7 +219,7 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
                 slopes = alibi_slopes[b]
             S[b, :, :Sq, :Sk] = attention_probs(
                 q[b:b + 1].transpose(1, 2), k[b:b + 1].transpose(1, 2), scale=scale,
-                window=normalize_window(win, causal), softcap=softcap, alibi_slopes=slopes,
+                window=opts.window, softcap=opts.softcap, alibi_slopes=slopes,
                 dropout_p=p, dropout_seed=seed or 0, row_base=b * H * Sq, row_stride=Sq,
                 block_n=block_n)
     return out, lse, S
