@@ -22,6 +22,7 @@ def assert_same(a, b, what=""):
     assert a.window == b.window and a.block_size == b.block_size
 
 
+LENS = torch.tensor([50, 130])  # per-batch key lengths, indexed by the exact b
 DOC = torch.tensor([0] * 50 + [1] * 77 + [2] * 100)  # document ids (indexing: no intervals)
 
 # (name, predicate(b, h, i, j), B, H); every one must build the same mask both ways
@@ -37,6 +38,8 @@ PREDICATES = [
     ("negated", lambda b, h, i, j: ~((i - j > 5) | (j - i > 50)), None, None),
     ("products", lambda b, h, i, j: (i * 3 - j * 2 >= -40) & (i * j <= 9000), None, None),
     ("not-equal", lambda b, h, i, j: i != j, None, None),
+    ("per-batch lengths (tensor[b] on the left)",
+     lambda b, h, i, j: (LENS[b] > j) & (j <= i + 3), 2, None),
     ("document (indexing: token path)",
      lambda b, h, i, j: (DOC[i] == DOC[j]) & (j <= i), None, None),
     ("torch.where (token path)",
