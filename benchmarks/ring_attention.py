@@ -72,7 +72,7 @@ def _one(rank, world, N, a, init_file, result_q):
         k = torch.randn(1, a.heads, n_local, a.dim, generator=g, requires_grad=True)
         v = torch.randn(1, a.heads, n_local, a.dim, generator=g, requires_grad=True)
         if world > 1:
-            out = ring_attention(q, k, v, causal=True, backend="cpu")
+            out = ring_attention(q, k, v, causal=True, layout="zigzag", backend="cpu")
         else:
             out = fastattn.attention(q, k, v, causal=True, backend="cpu")
         out.backward(torch.randn(out.shape, generator=g))

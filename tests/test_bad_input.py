@@ -115,3 +115,152 @@ def test_empty_inputs_give_empty_outputs(shape_q, shape_kv, backend):
         assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     out.sum().backward()
     assert q.grad is not None and torch.equal(q.grad, torch.zeros_like(q))
+
+
+# ------------------------------------------------------------------ masks of every entry point
+# (issue 20) Each mask-like argument is checked (shape, dtype, broadcastability, device) before
+# torch or a kernel sees it, with an error naming the argument and the accepted shapes.
+
+from fastattn.flash_attn_compat import flash_attn_varlen_func  # noqa: E402
+
+
+def _torch_sdpa_result(q, k, v, mask):
+    try:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    except (RuntimeError, IndexError, ValueError, TypeError):
+        return None
+
+
+def _mask_shapes(target):
+    """Every 2-D..4-D shape whose dims are the target's, 1, or off by one (wrong)."""
+    import itertools
+    out = set()
+    for n in range(1, len(target) + 2):
+        tail = target[len(target) - n:] if n <= len(target) else (1,) + target
+        for picks in itertools.product((0, 1, 2), repeat=len(tail)):
+            out.add(tuple(t if p == 0 else 1 if p == 1 else t + 1 for t, p in zip(tail, picks)))
+    return sorted(out)
+
+
+def test_sdpa_attn_mask_accepts_exactly_what_torch_accepts():
+    """Differential against torch: every shape in a grid (right, 1 or wrong per dim, 1-D to
+    5-D) and every dtype pairing either works in both (same output) or is rejected by both,
+    fastattn's error naming attn_mask and the accepted shapes."""
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    n_ok = n_bad = 0
+    for shape in _mask_shapes((2, 3, 5, 7)):
+        mask = torch.rand(shape) > 0.3
+        ref = _torch_sdpa_result(q, k, v, mask)
+        if ref is None:
+            with pytest.raises(ValueError) as ei:
+                fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            msg = str(ei.value)
+            assert "attn_mask" in msg and "(L=5, S=7), (H=3, L=5, S=7) or (B=2, H=3, L=5, S=7)" \
+                in msg and str(shape) in msg, msg
+            n_bad += 1
+        else:
+            torch.testing.assert_close(
+                fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask), ref,
+                equal_nan=True)
+            n_ok += 1
+    assert n_ok >= 20 and n_bad >= 20
+    for qdt in (torch.float32, torch.bfloat16, torch.float64):
+        for mdt in (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                    torch.int64, torch.uint8):
+            qq, kk, vv = (t.to(qdt) for t in (q, k, v))
+            mask = torch.zeros(5, 7, dtype=mdt)
+            ref = _torch_sdpa_result(qq, kk, vv, mask)
+            if ref is None:
+                with pytest.raises(TypeError, match=r"attn_mask must be a bool.*float32.*got"):
+                    fastattn.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
+            else:
+                torch.testing.assert_close(
+                    fastattn.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask), ref)
+
+
+def test_sdpa_attn_mask_shape_error_names_argument_and_forms(no_kernel):
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 3, 8)
+    bad = torch.zeros(2, 16, 16, dtype=torch.bool)  # the issue's case: (B, L, L) for L x S
+    with pytest.raises(ValueError) as ei:
+        fastattn.scaled_dot_product_attention(q, k, k, attn_mask=bad)
+    assert str(ei.value) == (
+        "attn_mask must broadcast to (2, 4, 16, 3) (*query.shape[:-2], L = query.shape[-2], "
+        "S = key.shape[-2]): accepted shapes are (L=16, S=3), (H=4, L=16, S=3) or (B=2, H=4, "
+        "L=16, S=3), where any dim may be 1; got attn_mask of shape (2, 16, 16)")
+
+
+@pytest.mark.parametrize("mask,exc,words", [
+    ([[True]], TypeError, ["attn_mask must be a torch.Tensor or None", "list"]),
+    (torch.zeros(16, 20, dtype=torch.int64), TypeError,
+     ["attn_mask must be a bool or float32 tensor", "torch.int64", ".to(torch.float32)"]),
+    (torch.zeros(16, 20, dtype=torch.float64), TypeError, ["attn_mask", "torch.float64"]),
+    (torch.zeros(20), ValueError, ["attn_mask must broadcast to (2, 4, 16, 20)", "(20,)"]),
+    (torch.zeros(1, 1, 1, 16, 20), ValueError, ["attn_mask", "(1, 1, 1, 16, 20)"]),
+    (torch.zeros(16, 20, device="meta"), ValueError,
+     ["attn_mask must be on the query's device cpu, got meta", "attn_mask.to(query.device)"]),
+], ids=["list", "int64", "float64", "1-D", "5-D", "device"])
+def test_sdpa_attn_mask_errors(no_kernel, mask, exc, words):
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 20, 8)
+    with pytest.raises(exc) as ei:
+        fastattn.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+    for w in words:
+        assert w in str(ei.value), (w, str(ei.value))
+
+
+def test_sdpa_attn_mask_dtype_error_names_query_dtype():
+    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"bool, float32 or the query's dtype \(torch.bfloat16\) "
+                                        r"tensor .* got torch.float16"):
+        fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(4, 4).half())
+
+
+def test_sdpa_causal_bias_masks():
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 9, 8)
+    F = torch.nn.functional
+    for make in (causal_lower_right, causal_upper_left):
+        torch.testing.assert_close(
+            fastattn.scaled_dot_product_attention(q, k, k, attn_mask=make(5, 9)),
+            F.scaled_dot_product_attention(q, k, k, attn_mask=make(5, 9)))
+    with pytest.raises(ValueError, match=r"attn_mask is a causal bias built for \(L, S\) = "
+                                         r"\(5, 7\) .* causal_lower_right\(5, 9\)"):
+        fastattn.scaled_dot_product_attention(q, k, k, attn_mask=causal_lower_right(5, 7))
+
+
+def test_sdpa_attn_mask_checked_while_patched(no_kernel):
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 3, 8)
+    with fastattn.patch_sdpa(), pytest.raises(ValueError, match="attn_mask must broadcast"):
+        torch.nn.functional.scaled_dot_product_attention(
+            q, k, k, attn_mask=torch.zeros(3, 16, 3, dtype=torch.bool))
+
+
+def test_attention_block_mask_errors_before_kernel(no_kernel):
+    from fastattn import sparse
+    q, k = torch.randn(2, 4, 100, 16), torch.randn(2, 4, 130, 16)
+    with pytest.raises(ValueError, match=r"block_mask was built for Nq=128, Nk=128 but the "
+                                         r"inputs have Nq=100 \(q.shape\[2\]\) and Nk=130"):
+        fastattn.attention(q, k, k, block_mask=sparse.causal(128, 128))
+    with pytest.raises(ValueError, match="block_mask has per-head layouts for 3 heads but the "
+                                         "inputs have 4 query heads"):
+        fastattn.attention(q, k, k, block_mask=sparse.from_mask_fn(
+            lambda b, h, i, j: j <= i + h, 100, 130, H=3))
+
+
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+def test_multihead_attention_mask_device(which):
+    mha = fastattn.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 3, 8)
+    mask = (torch.zeros(3, 3, dtype=torch.bool) if which == "attn_mask"
+            else torch.zeros(2, 3, dtype=torch.bool)).to("meta")
+    with pytest.raises(ValueError, match=f"{which} must be on the query's device cpu, got meta"):
+        mha(x, x, x, **{which: mask}, need_weights=False)
+
+
+def test_varlen_paged_block_table_and_cu_seqlens_device():
+    q, cache = torch.randn(10, 2, 8), torch.randn(4, 4, 2, 8)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    bt = torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_table must be on the k's device cpu, got meta"):
+        flash_attn_varlen_func(q, cache, cache, cu, cu, 6, 6, block_table=bt.to("meta"))
+    with pytest.raises(ValueError, match="cu_seqlens_k must be on the k's device cpu, got meta"):
+        flash_attn_varlen_func(q, cache, cache, cu, cu.to("meta"), 6, 6, block_table=bt)

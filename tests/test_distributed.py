@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import requires_cpu_ext
-from fastattn.distributed import merge_attention, ring_attention, zigzag_shard, zigzag_unshard
+from fastattn.distributed import (contiguous_shard, contiguous_unshard, merge_attention,
+                                  ring_attention, zigzag_shard, zigzag_unshard)
 from oracle import assert_by_rule, make_qkv, oracle
 
 # (name, B, Hq, Hkv, n_local, D, Dv, causal, layout, dtype); n_local is per rank.
@@ -35,7 +36,7 @@ CASES = [
 def _shard(x, rank, world, causal, layout):
     if causal and layout == "zigzag":
         return zigzag_shard(x, rank, world, dim=2)
-    return x.chunk(world, dim=2)[rank]
+    return contiguous_shard(x, rank, world, dim=2)
 
 
 def _check_case(case, rank, world):
@@ -72,15 +73,43 @@ def _check_case(case, rank, world):
 
 
 def _check_errors(rank, world):
-    x = torch.randn(1, 2, 3, 8)
-    with pytest.raises(ValueError, match="N_local must be even"):
+    x = torch.randn(1, 2, 4, 8)
+    # causal needs layout= (no default): the error names both layouts and their helpers
+    with pytest.raises(ValueError) as ei:
         ring_attention(x, x, x, causal=True)
+    msg = str(ei.value)
+    for w in ("layout", "no default", "layout='zigzag'", "fastattn.distributed.zigzag_shard",
+              "layout='contiguous'", "fastattn.distributed.contiguous_shard"):
+        assert w in msg, (w, msg)
+    x3 = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="N_local must be even"):
+        ring_attention(x3, x3, x3, causal=True, layout="zigzag")
     # unequal shard lengths across ranks: a clear error on every rank instead of a hang
     y = torch.randn(1, 2, 4 + rank, 8)
-    with pytest.raises(ValueError, match="does not divide evenly"):
+    with pytest.raises(ValueError, match=rf"ranks of the group disagree.*N_local \(q.shape\[2\]; "
+                                         rf"the sequence does not divide evenly.*ranges from 4 "
+                                         rf"to {3 + world}"):
         ring_attention(y, y, y)
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(ValueError, match="layout must be 'zigzag' or 'contiguous'"):
         ring_attention(x, x, x, layout="striped")
+    # ranks that claim different layouts, or disagree on causal or heads: every rank raises
+    lay = "zigzag" if rank == 0 else "contiguous"
+    with pytest.raises(ValueError, match=r"disagree.*layout \(0 None, 1 zigzag, 2 contiguous\) "
+                                         r"ranges from 1 to 2"):
+        ring_attention(x, x, x, causal=True, layout=lay)
+    with pytest.raises(ValueError, match=r"disagree.*causal \(0 False, 1 True\) ranges from 0 to 1"):
+        ring_attention(x, x, x, causal=rank == 0, layout="zigzag")
+    h = torch.randn(1, 2 if rank else 4, 4, 8)
+    with pytest.raises(ValueError, match=r"query heads \(q.shape\[1\]\) ranges from 2 to 4"):
+        ring_attention(h, x, x)
+    # one rank's bad call: it raises its own error, the others say which rank failed (no hang)
+    if rank == world - 1:
+        with pytest.raises(ValueError, match="no default"):
+            ring_attention(x, x, x, causal=True)
+    else:
+        with pytest.raises(ValueError, match=rf"rank\(s\) \[{world - 1}\] of the group "
+                                             rf"rejected their arguments"):
+            ring_attention(x, x, x, causal=True, layout="zigzag")
 
 
 def _worker(rank, world, init_file, cases, err_dir):
@@ -130,6 +159,19 @@ def test_zigzag_roundtrip_and_layout():
     assert shards[0].flatten().tolist() == list(range(0, 5)) + list(range(25, 30))
     assert shards[2].flatten().tolist() == list(range(10, 20))
     assert torch.equal(zigzag_unshard(shards, dim=2), x)
+
+
+def test_contiguous_shard_roundtrip_and_errors():
+    x = torch.arange(12).view(1, 1, -1, 1)
+    shards = [contiguous_shard(x, r, 3, dim=2) for r in range(3)]
+    assert shards[1].flatten().tolist() == [4, 5, 6, 7]
+    assert torch.equal(contiguous_unshard(shards, dim=2), x)
+    with pytest.raises(ValueError, match="must divide into world = 5 equal shards"):
+        contiguous_shard(x, 0, 5, dim=2)
+    with pytest.raises(ValueError, match="rank"):
+        contiguous_shard(x, 3, 3, dim=2)
+    with pytest.raises(ValueError, match="same length"):
+        contiguous_unshard([x[:, :, :2], x[:, :, :3]], dim=2)
 
 
 def test_zigzag_errors():

@@ -58,6 +58,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   a.out = out32.data_ptr<float>();
   a.ldo = out32.stride(2), a.so_b = out32.stride(0), a.so_h = out32.stride(1);
   a.lse = lse.data_ptr<float>();
+  // Non-finite policy (DESIGN.md): V rows holding NaN/inf reach only the rows that see them.
+  // One O(N * Dv) check; the per-key flags exist only when some value is not finite.
+  at::Tensor vbad;
+  if (v.numel() && !at::isfinite(v).all().item<bool>()) {
+    vbad = at::logical_not(at::isfinite(v)).any(-1).contiguous();  // (B, Hkv, Nk) bool
+    a.vbad = reinterpret_cast<const uint8_t*>(vbad.data_ptr<bool>());
+  }
 
   const int64_t scratch = kern.fwd_scratch_floats(a);
   KernelStats& stats = kernel_stats();

@@ -60,6 +60,7 @@ struct FwdArgs {
   float* out;            // float32 rows, row stride ldo, batch/head strides so_b, so_h
   int64_t ldo, so_b, so_h;
   float* lse;            // (B, Hq, Nq) natural log
+  const uint8_t* vbad = nullptr;  // (B, Hkv, Nk): 1 where a V row holds NaN/inf; nullptr if none
   SparseLists lists;
   ScoreMods mods;
   int64_t* visits = nullptr;  // += blocks computed (kernel_stats.h), or null

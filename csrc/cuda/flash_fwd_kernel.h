@@ -161,6 +161,24 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
       wmma::store_matrix_sync(sSw + nn * 16, o_frag, kLdS, wmma::mem_row_major);
     }
     __syncwarp();
+    // Non-finite policy (DESIGN.md): on a masked tile, a NaN/inf in V reaches only the rows
+    // that see its key, but the product above gives 0 * NaN = NaN to every row. A non-finite
+    // entry of this thread's half row (rare: only with non-finite inputs) is recomputed, in
+    // the scratch, over the keys the row sees. Rolled and apart from acc_o (registers).
+    if (tm.on) {
+#pragma unroll 1
+      for (int c = 0; c < kColsO; ++c) {
+        float* o = sSw + r * kLdS + half * kColsO + c;
+        if (*o - *o == 0.f) continue;
+        float e = 0.f;
+#pragma unroll 1
+        for (int j = 0; j < kBlockN; ++j)
+          if (tm.visible(rule, row, n0 + j))
+            e += Cvt<T>::to_float(sPw[r * kLdP + j]) *
+                 Cvt<T>::to_float(sV[j * kLdQK + half * kColsO + c]);
+        *o = e;
+      }
+    }
 #pragma unroll
     for (int c = 0; c < kColsO; ++c)
       acc_o[c] = acc_o[c] * alpha + sSw[r * kLdS + half * kColsO + c];

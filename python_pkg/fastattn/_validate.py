@@ -150,3 +150,74 @@ def validate_alibi_slopes(alibi_slopes, B: int, Hq: int, device) -> torch.Tensor
                          f"{alibi_slopes.device}")
     s = alibi_slopes.detach().to(torch.float32)
     return s.expand(B, Hq).contiguous()
+
+
+def _accepted_mask_shapes(target: tuple) -> str:
+    """'(L, S), (H, L, S) or (B, H, L, S)' spelled with the call's sizes."""
+    names = {2: ["L", "S"], 3: ["N", "L", "S"], 4: ["B", "H", "L", "S"]}
+    n = len(target)
+    dims = names.get(n, [f"d{i}" for i in range(n - 2)] + ["L", "S"])
+    forms = []
+    for k in range(2, n + 1):
+        forms.append("(" + ", ".join(f"{d}={s}" for d, s in zip(dims[n - k:], target[n - k:]))
+                     + ")")
+    return forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + " or " + forms[-1]
+
+
+def validate_attn_mask(attn_mask, query, key, *, name: str = "attn_mask") -> None:
+    """torch SDPA's attn_mask rule, checked up front: None, or a tensor that is bool (True =
+    take part in attention) or floating (added to the scores) in float32 or the query's
+    dtype, with 2 to query.ndim dims that broadcast to (*query.shape[:-2], L, S) without
+    growing it (each dim equal to the target's or 1), on the query's device. These are
+    exactly the masks torch's own function accepts (and a mask on another device, which
+    torch either rejects or mishandles). Inputs torch rejects for other reasons (non-tensor
+    or < 2-D query/key, nested tensors) are left to torch's own errors."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor or None (bool: True = take part in attention; or "
+            f"float: added to the attention scores), got {type(attn_mask).__name__}")
+    if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)) \
+            or query.ndim < 2 or key.ndim < 2 \
+            or query.is_nested or key.is_nested or attn_mask.is_nested:
+        return
+    L, S = query.shape[-2], key.shape[-2]
+    bias_cls = getattr(getattr(torch.nn, "attention", None), "bias", None)
+    if bias_cls is not None and isinstance(attn_mask, bias_cls.CausalBias):
+        # torch's causal_upper_left / causal_lower_right(L, S): a tensor subclass whose
+        # .shape is not its (L, S); torch checks nothing else about it.
+        if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+            raise ValueError(
+                f"{name} is a causal bias built for (L, S) = ({attn_mask.seq_len_q}, "
+                f"{attn_mask.seq_len_kv}) but query.shape[-2] = {L} and key.shape[-2] = {S}; "
+                f"build it with causal_lower_right({L}, {S}) / causal_upper_left({L}, {S})")
+        return
+    qdt = query.dtype
+    if attn_mask.dtype not in (torch.bool, torch.float32, qdt):
+        allowed = ("bool or float32" if qdt == torch.float32
+                   else f"bool, float32 or the query's dtype ({qdt})")
+        raise TypeError(
+            f"{name} must be a {allowed} tensor (bool: True = take part in attention; float: "
+            f"added to the scores), got {attn_mask.dtype}; convert it with {name}.to({qdt}) or "
+            f"build a bool mask")
+    target = (*query.shape[:-2], L, S)
+    shape = tuple(attn_mask.shape)
+    ok = 2 <= len(shape) <= len(target) and all(
+        m == t or m == 1 for m, t in zip(reversed(shape), reversed(target)))
+    if not ok:
+        raise ValueError(
+            f"{name} must broadcast to {target} (*query.shape[:-2], L = query.shape[-2], "
+            f"S = key.shape[-2]): accepted shapes are {_accepted_mask_shapes(target)}, where "
+            f"any dim may be 1; got {name} of shape {shape}")
+    if attn_mask.device != query.device:
+        raise ValueError(
+            f"{name} must be on the query's device {query.device}, got {attn_mask.device}; move "
+            f"it with {name}.to(query.device)")
+
+
+def validate_mask_device(mask, device, *, name: str, owner: str = "query") -> None:
+    """A mask tensor must live where the attention runs (the {owner}'s device)."""
+    if isinstance(mask, torch.Tensor) and mask.device != torch.device(device):
+        raise ValueError(f"{name} must be on the {owner}'s device {device}, got {mask.device}; "
+                         f"move it with {name}.to({owner}.device)")

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._validate import (normalize_window, validate_alibi_slopes, validate_dropout, validate_qkv,
-                        validate_scale, validate_softcap)
+from ._validate import (normalize_window, validate_alibi_slopes, validate_attn_mask,
+                        validate_dropout, validate_qkv, validate_scale, validate_softcap)
 from .backends.base import Problem
 from .score_mods import draw_seed
 
@@ -149,6 +149,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """torch.nn.functional.scaled_dot_product_attention, same signature and semantics
     (is_causal is top-left aligned, as in torch). Calls fastattn's fused kernels where they
     apply (4-D inputs, no attn_mask, no dropout) and torch's own function otherwise."""
+    validate_attn_mask(attn_mask, query, key)  # before torch or a kernel sees it
     torch_sdpa = _torch_sdpa()
     args = (query, key, value)
     kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,

@@ -1,6 +1,7 @@
 """Context parallelism: attention over a sequence sharded across a torch.distributed group.
 
     out = ring_attention(q, k, v, group=None, causal=False)   # q/k/v: this rank's shards
+    out = ring_attention(q, k, v, causal=True, layout="zigzag")   # causal: say how it is sharded
 
 Ring attention (Liu et al., 2023): each rank keeps its query shard and passes its K/V shard
 to the next rank, world-1 times, so every query shard meets every K/V shard once. Each
@@ -15,7 +16,10 @@ Sharding (dim 2 of q, k and v is the sequence):
 
     non-causal, any layout: ranks hold equal-length shards (N_local may be odd).
 
-    causal=True, layout="zigzag" (default, load-balanced): the sequence is cut into
+    causal=True needs layout= (no default: a wrong claim would give wrong results, so the
+    call raises until it is given; every rank must pass the same one).
+
+    causal=True, layout="zigzag" (load-balanced, recommended): the sequence is cut into
     2*world chunks of c tokens; rank r holds chunks r and 2*world-1-r, so every rank has
     the same amount of visible work at every ring step:
 
@@ -28,7 +32,10 @@ Sharding (dim 2 of q, k and v is the sequence):
     causal=True, layout="contiguous": rank r holds tokens [r*n, (r+1)*n); blocks from
     later ranks are invisible and skipped (rank 0 idles at most steps; use zigzag).
 
-Use zigzag_shard / zigzag_unshard to go between a full sequence and a rank's shard.
+Use zigzag_shard / zigzag_unshard (or contiguous_shard / contiguous_unshard) to go between a
+full sequence and a rank's shard. Every call checks across the group that the ranks agree on
+N_local, the head counts and dims, dtype, causal and layout (one small all_reduce), and
+raises on every rank otherwise.
 Supported: float32/float16/bfloat16, GQA/MQA (Hq % Hkv == 0, K/V not expanded), a value
 head dim different from D. Not supported: window/block_mask, unequal N_local across ranks.
 """
@@ -40,7 +47,8 @@ import torch.distributed as dist
 
 from .api import attention
 
-__all__ = ["ring_attention", "zigzag_shard", "zigzag_unshard", "merge_attention"]
+__all__ = ["ring_attention", "zigzag_shard", "zigzag_unshard", "contiguous_shard",
+           "contiguous_unshard", "merge_attention"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -82,6 +90,30 @@ def zigzag_unshard(shards, dim: int = 2) -> torch.Tensor:
     return torch.cat(chunks, dim=dim)
 
 
+def contiguous_shard(x: torch.Tensor, rank: int, world: int, dim: int = 2) -> torch.Tensor:
+    """Rank `rank`'s contiguous shard of the full sequence x: tokens [rank*n, (rank+1)*n)
+    along `dim`, n = length / world (the length must divide evenly)."""
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    if x.shape[dim] % world:
+        raise ValueError(f"x: sequence length {x.shape[dim]} (dim {dim}) must divide into world = "
+                         f"{world} equal shards; pad it to a multiple of {world}")
+    n = x.shape[dim] // world
+    return x.narrow(dim, rank * n, n)
+
+
+def contiguous_unshard(shards, dim: int = 2) -> torch.Tensor:
+    """Inverse of contiguous_shard: the full sequence from the list of every rank's shard."""
+    if len(shards) == 0:
+        raise ValueError("shards must be a non-empty list (one shard per rank)")
+    if any(s.shape[dim] != shards[0].shape[dim] for s in shards):
+        raise ValueError(f"shards: every shard must have the same length along dim {dim}, "
+                         f"got {[s.shape[dim] for s in shards]}")
+    return torch.cat(list(shards), dim=dim)
+
+
 # ---------------------------------------------------------------------------------------
 # log-sum-exp merge
 
@@ -103,6 +135,9 @@ def merge_attention(out_acc, lse_acc, out_blk, lse_blk):
 # the ring
 
 
+_LAYOUTS = ("zigzag", "contiguous")
+
+
 def _validate(q, k, v, group, causal, layout):
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group: torch.distributed is not initialized; call "
@@ -110,8 +145,30 @@ def _validate(q, k, v, group, causal, layout):
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, "
                         f"got {type(group).__name__}")
-    if layout not in ("zigzag", "contiguous"):
+    world = dist.get_world_size(group)
+    try:
+        _check_local(q, k, v, causal, layout)
+    except (ValueError, TypeError) as e:
+        if world > 1:  # tell the other ranks first, so they raise instead of hanging
+            _check_ranks_agree(q, k, v, causal, layout, group, world, failed=True)
+        raise e
+    if world > 1:  # the ranks must agree, or the ring hangs or merges the wrong blocks
+        _check_ranks_agree(q, k, v, causal, layout, group, world)
+
+
+def _check_local(q, k, v, causal, layout):
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if layout is not None and layout not in _LAYOUTS:
         raise ValueError(f"layout must be 'zigzag' or 'contiguous', got {layout!r}")
+    if causal and layout is None:
+        raise ValueError(
+            "layout: ring_attention(causal=True) needs to know how the sequence was sharded, "
+            "and has no default (a wrong guess gives wrong results silently). Pass "
+            "layout='zigzag' for shards made by fastattn.distributed.zigzag_shard "
+            "(load-balanced, recommended) or layout='contiguous' for shards made by "
+            "fastattn.distributed.contiguous_shard (rank r holds the r-th equal slice, "
+            "e.g. x.chunk(world, dim=2)[rank])")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             raise ValueError(f"{name} must be a 4-D tensor (B, H, N_local, D), got "
@@ -123,14 +180,48 @@ def _validate(q, k, v, group, causal, layout):
         raise ValueError(f"q: causal zigzag shards hold 2 equal chunks, so N_local must be even, "
                          f"got {q.shape[2]}; the sequence must divide into 2*world chunks "
                          f"(see zigzag_shard)")
-    world = dist.get_world_size(group)
-    if world > 1:  # every rank must hold the same shard length, or the ring would hang
-        n = torch.tensor([q.shape[2], -q.shape[2]], dtype=torch.int64)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
-        if n[0].item() != -n[1].item():
-            raise ValueError(f"q: the sequence does not divide evenly across the {world} ranks "
-                             f"(N_local ranges from {-n[1].item()} to {n[0].item()}); every rank "
-                             f"needs the same N_local")
+
+
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
+
+
+def _check_ranks_agree(q, k, v, causal, layout, group, world, failed=False):
+    """One all_reduce of (max, -min) over each rank's description of its call, plus which
+    ranks failed their local checks; every rank sees the same result and raises (a rank
+    that failed locally returns and raises its own error)."""
+    rank = dist.get_rank(group)
+    fields = [
+        "N_local (q.shape[2]; the sequence does not divide evenly across the ranks, or a rank "
+        "holds a shard of another layout: every rank needs an equal shard)",
+        "batch size (q.shape[0])", "query heads (q.shape[1])", "key/value heads (k.shape[1])",
+        "head dim (q.shape[3])", "value head dim (v.shape[3])",
+        "dtype (1 float32, 2 float16, 3 bfloat16, 4 float64)", "causal (0 False, 1 True)",
+        "layout (0 None, 1 zigzag, 2 contiguous)",
+    ]
+    if failed:
+        vals = [0] * len(fields)
+    else:
+        vals = [q.shape[2], q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3],
+                _DTYPE_CODES.get(q.dtype, 0), int(causal),
+                0 if layout is None else 1 + _LAYOUTS.index(layout)]
+    flags = [0] * world
+    flags[rank] = int(failed)
+    t = torch.tensor(vals + [-x for x in vals] + flags, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    n = len(fields)
+    hi, lo, bad_ranks = t[:n].tolist(), (-t[n:2 * n]).tolist(), t[2 * n:].tolist()
+    if any(bad_ranks):
+        if failed:
+            return
+        who = [r for r, f in enumerate(bad_ranks) if f]
+        raise ValueError(f"ring_attention: rank(s) {who} of the group rejected their arguments "
+                         f"(see the error there); this rank stops too instead of waiting for "
+                         f"them")
+    bad = [f"{fields[i]} ranges from {lo[i]} to {hi[i]}" for i in range(n) if hi[i] != lo[i]]
+    if bad:
+        raise ValueError(f"ring_attention: the {world} ranks of the group disagree on their "
+                         f"shards or arguments (every rank must call it with the same "
+                         f"arguments and equal shards of one layout): " + "; ".join(bad))
 
 
 class _Ring:
@@ -256,15 +347,17 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, *, group=None, causal=False, scale=None, backend="auto",
-                   layout="zigzag"):
+                   layout=None):
     """Attention over a sequence sharded along dim 2 across the ranks of `group`.
 
     q: (B, Hq, N_local, D), k: (B, Hkv, N_local, D), v: (B, Hkv, N_local, Dv) are this
     rank's shards (Hq % Hkv == 0). Returns this rank's shard of the output,
     (B, Hq, N_local, Dv), equal to fastattn.attention on the full sequence restricted to
-    this rank's queries. With causal=True the shards must follow `layout` ("zigzag":
-    see zigzag_shard; "contiguous": rank r holds the r-th contiguous slice). Every rank of
-    the group must call it with the same arguments and the same N_local. Differentiable in
+    this rank's queries. With causal=True, `layout` is required and says how the shards
+    were made: "zigzag" (zigzag_shard) or "contiguous" (contiguous_shard: rank r holds the
+    r-th equal slice); without causal it is ignored (any equal split works). Every rank of
+    the group must call it with the same arguments and the same N_local (checked: a
+    mismatch raises on every rank). Differentiable in
     q, k and v; backward uses the same ring. Kernels run through fastattn.attention(...,
     backend=backend)."""
     _validate(q, k, v, group, causal, layout)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import validate_mask_device
 from .api import attention, scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention", "Attention"]
@@ -200,9 +201,11 @@ class MultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             kpm_shapes = [(S,)] if unbatched else [(N, S)]
             _check_mask("key_padding_mask", key_padding_mask, kpm_shapes, query.dtype)
+            validate_mask_device(key_padding_mask, query.device, name="key_padding_mask")
             key_padding_mask = key_padding_mask.reshape(N, 1, 1, S)
         if attn_mask is not None:
             _check_mask("attn_mask", attn_mask, [(L, S), (N * H, L, S)], query.dtype)
+            validate_mask_device(attn_mask, query.device, name="attn_mask")
             attn_mask = attn_mask.reshape(-1, H, L, S) if attn_mask.ndim == 3 else attn_mask
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")

@@ -63,6 +63,37 @@ inline void mask_partial_rows(float* x, int64_t ld, int64_t i0, int64_t m, int64
   }
 }
 
+// Partial tiles whose V holds NaN/inf in some key rows (bad[c]): each such key's p * v is
+// added to exactly the rows that see it by the token rule (p may be 0 there, from underflow
+// or dropout: 0 * NaN is NaN, as in the reference), and the tile's own P V product then runs
+// on a copy of V (vtmp, (n, Dvp)) with those rows zeroed. Without this, 0 * NaN in the
+// product would spread a masked-out key's NaN to every row of the tile (the non-finite
+// policy, DESIGN.md). Returns false (nothing done) when no key of the tile is bad. Only
+// reached when the call's V has non-finite values.
+inline bool pv_nonfinite_keys(const float* p, int64_t ld, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                              const WindowRule& w, const uint8_t* bits, int64_t bits_ld,
+                              const uint8_t* bad, const float* v, int64_t ldv, float* acc, int64_t Dvp,
+                              float* vtmp) {
+  if (std::none_of(bad, bad + n, [](uint8_t x) { return x != 0; })) return false;
+  for (int64_t c = 0; c < n; ++c) {
+    const float* vr = v + c * ldv;
+    if (!bad[c]) {
+      std::copy(vr, vr + Dvp, vtmp + c * Dvp);
+      continue;
+    }
+    std::fill(vtmp + c * Dvp, vtmp + (c + 1) * Dvp, 0.f);
+    for (int64_t r = 0; r < m; ++r) {
+      int64_t a, b;
+      w.row_range(i0 + r, j0, j0 + n, a, b);
+      if (j0 + c < a || j0 + c >= b || (bits != nullptr && !bits[r * bits_ld + c])) continue;
+      const vf pv = vsplat(p[r * ld + c]);
+      float* ar = acc + r * Dvp;
+      for (int64_t d = 0; d < Dvp; d += kW) vstore(ar + d, vload(ar + d) + pv * vload(vr + d));
+    }
+  }
+  return true;
+}
+
 // Columns [n, nW) of a row-major (m, ld) tile set to `fill` (the tail of the last vector).
 inline void fill_tail(float* x, int64_t ld, int64_t m, int64_t n, int64_t nW, float fill) {
   if (n == nW) return;
@@ -179,6 +210,7 @@ inline int64_t span_ld(const Shape& s) { return span_merge(s) ? kSpanKeys : s.BN
 
 inline int64_t fwd_scratch_floats(const FwdArgs& a) {
   return a.TM * span_ld(a.s) + a.TM * a.s.Dvp + 2 * round_up(a.TM, kPad) + a.TM * kW + a.TM * a.s.Dp +
+         (a.vbad != nullptr ? a.s.BN * a.s.Dvp : 0) +  // V tile copy for non-finite V
          4 * (a.s.NKB + 1);  // + the visit list (16 bytes a visit)
 }
 
@@ -203,7 +235,8 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
   float* rmax = l_i + round_up(TM, kPad);  // (TM, kW) per-lane maxima of S
   float* qp = rmax + TM * kW;               // (TM, Dp) this task's scaled queries
   std::fill(qp, qp + TM * Dp, 0.f);
-  Visit* visits = reinterpret_cast<Visit*>(qp + TM * Dp);  // (NKB) the slice's visits
+  float* vtmp = qp + TM * Dp;                // (BN, Dvp) V tile copy, only with a.vbad
+  Visit* visits = reinterpret_cast<Visit*>(vtmp + (a.vbad != nullptr ? s.BN * Dvp : 0));  // (NKB)
   const WindowRule w(s.Nq, s.Nk, s.left, s.right);
   const ScoreMods& mods = a.mods;
   const bool has_mods = mods.softcap > 0.f || mods.slopes != nullptr;  // score changes
@@ -260,11 +293,9 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         else gemm<false, false>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS);
       }
       if (has_mods) apply_score_mods_rows(st, LS, i0, m, j0, n, s.Nk - s.Nq, mods, b, h);
-      if (!vis.full) {
-        const uint8_t* bits = vis.mask_id >= 0
-            ? a.lists.masks + (static_cast<int64_t>(vis.mask_id) * s.BM + sub) * s.BN + skip : nullptr;
-        mask_partial_rows(st, LS, i0, m, j0, n, w, bits, s.BN, kNegInf);
-      }
+      const uint8_t* bits = !vis.full && vis.mask_id >= 0
+          ? a.lists.masks + (static_cast<int64_t>(vis.mask_id) * s.BM + sub) * s.BN + skip : nullptr;
+      if (!vis.full) mask_partial_rows(st, LS, i0, m, j0, n, w, bits, s.BN, kNegInf);
       fill_tail(st, LS, m, n, nW, kNegInf);
       for (int64_t r = 0; r < m; ++r) {
         float* row = st + r * LS;
@@ -272,8 +303,16 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         online_softmax_row(row, nW, mx, m_i[r], l_i[r], acc + r * Dvp, Dvp);
       }
       if (dropout) apply_dropout_rows(st, LS, i0, m, j0, n, mods, bh, s.Nq);
+      const float* vj = v_h + j0 * a.ldv;
+      int64_t ldv = a.ldv;
+      if (!vis.full && a.vbad != nullptr &&  // non-finite V rows: only to the rows that see them
+          pv_nonfinite_keys(st, LS, i0, m, j0, n, w, bits, s.BN, a.vbad + (b * s.Hkv + hk) * s.Nk + j0,
+                            vj, ldv, acc, Dvp, vtmp)) {
+        vj = vtmp;
+        ldv = Dvp;
+      }
       // acc += P V: (m, n) x (n, Dv)
-      gemm<true, false>(m, Dvp, n, st, LS, v_h + j0 * a.ldv, a.ldv, acc, Dvp);
+      gemm<true, false>(m, Dvp, n, st, LS, vj, ldv, acc, Dvp);
     }
 
     float* op = a.out + b * a.so_b + h * a.so_h + i0 * a.ldo;

@@ -96,6 +96,21 @@ inline void decode_tasks(const DecodeArgs& a, int64_t begin, int64_t end, float*
           const float mx = vrow_max(sr, nW);
           online_softmax_row(sr, nW, mx, m_i[r], l_i[r], acc + r * Dvp, Dvp);
         }
+        // Non-finite policy (DESIGN.md): a V row holding NaN/inf reaches only the rows that
+        // see its key. Such rows are added to those rows here and zeroed for the product
+        // (else 0 * NaN there would reach rows that do not see the key).
+        for (int64_t j = 0; j < n; ++j) {
+          float* vr = vt + j * Dvp;
+          bool bad = false;
+          for (int64_t d = 0; d < Dv; ++d) bad |= !(vr[d] - vr[d] == 0.f);
+          if (!bad) continue;
+          for (int64_t r = 0; r < R; ++r) {
+            if (j0 + j < lo[r] || j0 + j >= hi[r]) continue;
+            const float p = st[r * kDecBNp + j];
+            for (int64_t d = 0; d < Dv; ++d) acc[r * Dvp + d] += p * vr[d];
+          }
+          std::fill(vr, vr + Dvp, 0.f);
+        }
         gemm<true, false>(R, Dvp, n, st, kDecBNp, vt, Dvp, acc, Dvp);  // acc += P V
       }
     }

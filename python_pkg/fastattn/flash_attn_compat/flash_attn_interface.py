@@ -55,7 +55,8 @@ import operator
 import torch
 
 from .. import api
-from .._validate import normalize_window, validate_alibi_slopes, validate_scale
+from .._validate import (normalize_window, validate_alibi_slopes, validate_mask_device,
+                         validate_scale)
 from ..decode import decode_attention
 from ..score_mods import draw_seed
 from ..varlen import _validate_cu_seqlens, attention_probs, attention_varlen, varlen_probs
@@ -265,6 +266,8 @@ def _gather_paged(k_cache, v_cache, block_table, cu_seqlens_k):
     _tensor("block_table", block_table, 2, "(batch, max_num_blocks_per_seq) int32")
     if block_table.dtype not in _INDEX_DTYPES:
         raise TypeError(f"block_table must be an int32 tensor, got {block_table.dtype}")
+    validate_mask_device(block_table, k_cache.device, name="block_table", owner="k")
+    validate_mask_device(cu_seqlens_k, k_cache.device, name="cu_seqlens_k", owner="k")
     if isinstance(cu_seqlens_k, torch.Tensor) and cu_seqlens_k.ndim == 1 and cu_seqlens_k.numel():
         total = int(cu_seqlens_k[-1])
     else:

@@ -73,7 +73,7 @@ def _ring_self_attention(attn, x, rope, pos, group):
     k, v = (attn._heads(t, attn.nkv) for t in attn.kv(x).chunk(2, dim=-1))
     if rope is not None:
         q, k = rope(q, pos), rope(k, pos)
-    y = ring_attention(q, k, v, group=group, causal=True, backend=attn.backend)
+    y = ring_attention(q, k, v, group=group, causal=True, layout="zigzag", backend=attn.backend)
     y = y.transpose(1, 2).reshape(B, T, attn.nh * attn.hd)
     return attn.drop(attn.proj(y))
 

@@ -10,11 +10,15 @@ definitions and their sources).
 
 from .block_mask import BlockMask
 from .patterns import (
+    EMPTY_BLOCK,
+    FULL_BLOCK,
+    PARTIAL_BLOCK,
     bigbird,
     causal,
     dilated_window,
     document,
     fixed,
+    from_block_fn,
     from_dense,
     from_mask_fn,
     longformer,
@@ -37,5 +41,9 @@ __all__ = [
     "document",
     "prefix_lm",
     "from_mask_fn",
+    "from_block_fn",
+    "EMPTY_BLOCK",
+    "PARTIAL_BLOCK",
+    "FULL_BLOCK",
     "from_dense",
 ]

@@ -18,6 +18,7 @@ dropped (nothing visible).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,22 +239,46 @@ def _evaluate(b, h, qb, kb, wfull, key, tile_fn, store, Nq, Nk, BM, BN, window):
     res = torch.empty(G, dtype=torch.long)
     mid = torch.full((G,), -1, dtype=torch.long)
     step = max(1, _TILE_ELEMS // (BM * BN))
-    for s in range(0, G, step):
+    no_window = tuple(window) == (-1, -1)
+
+    def chunk(s):
         r = rep[s:s + step]
         _, _, inrange = tile_token_indices(qb[r], kb[r], BM, BN, Nq, Nk)
         P = tile_fn(b[r], h[r], qb[r], kb[r]) & inrange
-        Wt = window_tiles(qb[r], kb[r], BM, BN, Nq, Nk, window)
-        V = P & Wt
+        # W restricted to the in-range tokens (just those when there is no window rule)
+        Wt = inrange if no_window else window_tiles(qb[r], kb[r], BM, BN, Nq, Nk, window)
+        V = P if no_window else P & Wt
         anyv = V.flatten(1).any(1)
         eqw = (V == Wt).flatten(1).all(1)
         out = torch.where(eqw, torch.where(wfull[r], _FULL, _WPART), _BITS)
         out = torch.where(anyv, out, _DROP)
-        bits = out == _BITS
-        m = torch.full_like(out, -1)
-        m[bits] = store.add(P[bits])
-        res[s:s + step] = out
-        mid[s:s + step] = m
+        return out, P[out == _BITS]
+
+    starts = range(0, G, step)
+    # Chunks run on a few threads when there are several (torch ops release the GIL); the
+    # bitmasks join the store in chunk order, so mask ids do not depend on the threads.
+    workers = min(_eval_threads(), len(starts))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as ex:
+            results = ex.map(chunk, starts)
+            for s, (out, bits_tiles) in zip(starts, results):
+                _store_chunk(s, step, out, bits_tiles, res, mid, store)
+    else:
+        for s in starts:
+            out, bits_tiles = chunk(s)
+            _store_chunk(s, step, out, bits_tiles, res, mid, store)
     return res[inv], mid[inv]
+
+
+def _eval_threads() -> int:
+    return max(1, min(torch.get_num_threads(), 8))
+
+
+def _store_chunk(s, step, out, bits_tiles, res, mid, store):
+    m = torch.full_like(out, -1)
+    m[out == _BITS] = store.add(bits_tiles)
+    res[s:s + step] = out
+    mid[s:s + step] = m
 
 
 def build(Nq, Nk, BM, BN, window, Bm=1, Hm=1, *, candidates=None, classify=None,
@@ -279,10 +304,16 @@ def build(Nq, Nk, BM, BN, window, Bm=1, Hm=1, *, candidates=None, classify=None,
             lay, qb, kb = candidates(q0, q1)
         if lay.numel() == 0:
             continue
-        wfull, wempty = window_class(qb, kb, Nq, Nk, BM, BN, window)
-        keep = ~wempty
-        lay, qb, kb, wfull = lay[keep], qb[keep], kb[keep], wfull[keep]
-        b, h = lay // Hm, lay % Hm
+        if tuple(window) == (-1, -1):  # no window rule: every block in it, wholly
+            wfull = torch.ones_like(qb, dtype=torch.bool)
+        else:
+            wfull, wempty = window_class(qb, kb, Nq, Nk, BM, BN, window)
+            keep = ~wempty
+            lay, qb, kb, wfull = lay[keep], qb[keep], kb[keep], wfull[keep]
+        if L == 1:
+            b = h = torch.zeros_like(qb)
+        else:
+            b, h = lay // Hm, lay % Hm
         key = None
         if tile_fn is None:
             code = torch.full_like(qb, RULE)
@@ -302,7 +333,7 @@ def build(Nq, Nk, BM, BN, window, Bm=1, Hm=1, *, candidates=None, classify=None,
         keep = res != _DROP
         parts.append(Coo.make(lay[keep], qb[keep], kb[keep], res[keep] == _FULL, mid[keep])
                      .sorted(NQB, NKB))
-        del lay, qb, kb, res, mid, code, wfull, wempty, keep, b, h
+        del lay, qb, kb, res, mid, code, wfull, keep, b, h
     return Coo.cat(parts).sorted(NQB, NKB), store.tensor()
 
 

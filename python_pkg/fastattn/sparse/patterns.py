@@ -32,6 +32,7 @@ from ._builder import (
     unique_blocks,
 )
 from .._validate import check_window
+from ._intervals import ALL_FALSE, ALL_TRUE, classify_by_intervals
 from .block_mask import BlockMask, normalize_block_size
 
 __all__ = [
@@ -46,6 +47,10 @@ __all__ = [
     "document",
     "prefix_lm",
     "from_mask_fn",
+    "from_block_fn",
+    "EMPTY_BLOCK",
+    "PARTIAL_BLOCK",
+    "FULL_BLOCK",
     "from_dense",
 ]
 
@@ -585,7 +590,7 @@ def prefix_lm(Nq, Nk=None, *, prefix_length, block_size=DEFAULT_BLOCK,
 
 # ---------------------------------------------------------------------------- generic
 def from_mask_fn(mask_fn, Nq, Nk, B=None, H=None, *, block_size=DEFAULT_BLOCK, window=None,
-                 device=None) -> BlockMask:
+                 device=None, analyze=True) -> BlockMask:
     """Any vectorized predicate, like FlexAttention's mask_mod: query i of layout (b, h) sees
     key j iff mask_fn(b, h, q_idx, kv_idx) is True. mask_fn gets int64 tensors broadcastable
     to one shape (b, h: (E, 1, 1); q_idx: (E, BLOCK_M, 1); kv_idx: (E, 1, BLOCK_N); indices
@@ -593,7 +598,16 @@ def from_mask_fn(mask_fn, Nq, Nk, B=None, H=None, *, block_size=DEFAULT_BLOCK, w
     broadcast shape. B / H: number of per-batch / per-head layouts (None: one shared layout,
     called with b = 0 / h = 0). window=(left, right): an optional window rule the predicate
     is known to lie within; only blocks it touches are evaluated (a large speedup for long
-    sequences). The predicate is evaluated on query-block chunks of bounded size."""
+    sequences).
+
+    Cost: blocks are first classified without evaluating tokens, by running mask_fn once on
+    whole index ranges (interval arithmetic over +, -, *, // and % by constants, abs,
+    comparisons, &, |, ^, ~; b and h are exact and may index tensors): blocks it proves
+    empty or full cost nothing more, and only the others have their tokens evaluated. A
+    predicate outside that algebra (indexing a tensor with q_idx, torch functions, ...) has
+    every token evaluated, exactly as before (analyze=False forces that). Either way the
+    result is the same BlockMask. Token evaluation runs on chunks of bounded size (memory
+    bounded by one chunk per thread), on up to torch.get_num_threads() threads."""
     if not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable fn(b, h, q_idx, kv_idx) -> bool tensor, got "
                         f"{type(mask_fn).__name__}")
@@ -602,11 +616,98 @@ def from_mask_fn(mask_fn, Nq, Nk, B=None, H=None, *, block_size=DEFAULT_BLOCK, w
     Hm = 1 if H is None else _int("H", H, lo=1)
     BM, BN = normalize_block_size(block_size)
     win = check_window(window)
+    if not isinstance(analyze, bool):
+        raise TypeError(f"analyze must be a bool, got {type(analyze).__name__}")
+    cand = None
+    if win != (-1, -1):
+        cand = lambda q0, q1: band_candidates(q0, q1, Bm * Hm, Nq, Nk, BM, BN, *win)
+    classify = _interval_classifier(mask_fn, Nq, Nk, BM, BN) if analyze else None
+    return BlockMask._build(Nq, Nk, (BM, BN), win, Bm, Hm, device=device, candidates=cand,
+                            classify=classify, tile_fn=mask_fn_tiles(mask_fn, Nq, Nk, BM, BN))
+
+
+# Block codes of from_block_fn.
+EMPTY_BLOCK, PARTIAL_BLOCK, FULL_BLOCK = 0, 1, 2
+
+
+def from_block_fn(block_fn, Nq, Nk, B=None, H=None, *, mask_fn=None, block_size=DEFAULT_BLOCK,
+                  window=None, device=None) -> BlockMask:
+    """A block mask from a rule over block indices, with tokens evaluated only inside the
+    blocks the rule calls partial: cost grows with the number of blocks, not Nq * Nk.
+
+    block_fn(b, h, q_block, kv_block) gets int64 tensors broadcastable to one shape (E,)
+    (block indices: query block q_block holds tokens [q_block * BLOCK_M, min((q_block + 1) *
+    BLOCK_M, Nq)), likewise kv_block with BLOCK_N and Nk) and returns per block an int tensor
+    of sparse.EMPTY_BLOCK (0: no token visible), sparse.PARTIAL_BLOCK (1: evaluate mask_fn
+    on its tokens) or sparse.FULL_BLOCK (2: every in-range token visible), or a pair (codes,
+    key): partial blocks of equal int64 key have equal token masks (e.g. key = q_block -
+    kv_block for a rule on i - j, with square blocks and Nq == Nk), so mask_fn runs once per
+    key; ragged edge blocks are always evaluated on their own. mask_fn(b, h, q_idx, kv_idx)
+    is the token rule (as in from_mask_fn), required when some block is partial.
+
+    The result is the BlockMask from_mask_fn(mask_fn, ...) builds when block_fn's codes are
+    true to mask_fn (they are trusted, not checked: a block called full or empty is taken as
+    such). B, H, block_size, window and device as in from_mask_fn."""
+    if not callable(block_fn):
+        raise TypeError(f"block_fn must be callable fn(b, h, q_block, kv_block) -> int tensor, "
+                        f"got {type(block_fn).__name__}")
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable fn(b, h, q_idx, kv_idx) -> bool tensor or "
+                        f"None, got {type(mask_fn).__name__}")
+    Nq, Nk = _int("Nq", Nq), _int("Nk", Nk)
+    Bm = 1 if B is None else _int("B", B, lo=1)
+    Hm = 1 if H is None else _int("H", H, lo=1)
+    BM, BN = normalize_block_size(block_size)
+    win = check_window(window)
+
+    def classify(b, h, qb, kb):
+        res = block_fn(b, h, qb, kb)
+        codes, key = res if isinstance(res, tuple) and len(res) == 2 else (res, None)
+        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point \
+                or codes.dtype.is_complex:
+            raise TypeError(f"block_fn must return an int tensor of block codes (0 empty, 1 "
+                            f"partial, 2 full), or (codes, key), got "
+                            f"{getattr(codes, 'dtype', type(codes).__name__)}")
+        codes = torch.broadcast_to(codes.long(), qb.shape)
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2):
+            raise ValueError(f"block_fn returned codes in [{int(codes.min())}, "
+                             f"{int(codes.max())}]; use sparse.EMPTY_BLOCK (0), "
+                             f"sparse.PARTIAL_BLOCK (1) or sparse.FULL_BLOCK (2)")
+        if mask_fn is None and bool((codes == PARTIAL_BLOCK).any()):
+            raise ValueError("block_fn called some blocks partial but mask_fn is None: pass "
+                             "mask_fn=fn(b, h, q_idx, kv_idx) for the tokens of partial blocks")
+        if key is not None:
+            key = torch.broadcast_to(torch.as_tensor(key).long(), qb.shape)
+        out = torch.where(codes == FULL_BLOCK, RULE,
+                          torch.where(codes == EMPTY_BLOCK, EMPTY, EVAL))
+        return out, key
+
+    tile_fn = mask_fn_tiles(mask_fn, Nq, Nk, BM, BN) if mask_fn is not None else \
+        mask_fn_tiles(lambda b, h, i, j: torch.ones((), dtype=torch.bool), Nq, Nk, BM, BN)
     cand = None
     if win != (-1, -1):
         cand = lambda q0, q1: band_candidates(q0, q1, Bm * Hm, Nq, Nk, BM, BN, *win)
     return BlockMask._build(Nq, Nk, (BM, BN), win, Bm, Hm, device=device, candidates=cand,
-                            tile_fn=mask_fn_tiles(mask_fn, Nq, Nk, BM, BN))
+                            classify=classify, tile_fn=tile_fn)
+
+def _interval_classifier(mask_fn, Nq, Nk, BM, BN):
+    """A build() classify that proves blocks empty (EMPTY) or full (RULE) by interval
+    arithmetic (_intervals.py) and leaves the rest to token evaluation (EVAL); after the
+    first failure (mask_fn outside the algebra) it answers EVAL for everything."""
+    state = {"ok": True}
+
+    def classify(b, h, qb, kb):
+        if state["ok"]:
+            i0, i1, j0, j1 = tile_bounds(qb, kb, Nq, Nk, BM, BN)
+            try:
+                c = classify_by_intervals(mask_fn, b, h, i0, i1, j0, j1)
+            except Exception:  # noqa: BLE001 - any failure: evaluate tokens instead
+                state["ok"] = False
+            else:
+                return torch.where(c == ALL_TRUE, RULE, torch.where(c == ALL_FALSE, EMPTY, EVAL)), None
+        return torch.full_like(qb, EVAL), None
+
+    return classify
 
 
 def _tight_window(mask) -> tuple[int, int]:
