@@ -5,6 +5,13 @@ benchmarks/triton_compile_report.py (recorded in benchmarks/results/)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("triton")
@@ -130,3 +137,74 @@ def test_autotuner_prune_keeps_exactly_the_default_tiles(monkeypatch, arch, mods
                 want = sorted(t[:4] + (t[4] or 0,) for t in kern.default_tiles(
                     kernel, bd, bd, 2, kern.SMEM_LIMIT[arch], mb, mods=mods))
                 assert got == want and got, (kernel, bd, sparse)
+
+
+# --------------------------------------------------------------------------- int64 offsets
+# Index x stride passes 2^31 once a tensor (or a strided view: (B, N, H, D) with N * H * D
+# >= 2^31; a KV cache of >= 2^31 elements) is large enough. Allocating such tensors is out of
+# the question here, so the kernels' typed IR (Triton's TTIR for sm_80, first compile stage
+# only: about a second per kernel) is read instead: every address of a floating-point tile
+# (q, k, v, o, dO, dQ, dK, dV, partial outputs: rank-2 pointer tensors) and every scalar base
+# offset into a floating-point tensor (batch, head, row block) must be computed in i64. Only
+# rank-1 row vectors inside one (batch, head) row block (lse, delta: < N) and the small int32
+# block-mask lists may stay i32.
+
+_ADDPTR = re.compile(r"tt\.addptr [^:]+: (tensor<(?P<shape>[0-9x]+)x)?!tt\.ptr<(?P<elt>\w+)>>?, "
+                     r"(tensor<[0-9x]+x)?(?P<off>i\d+)>?")
+
+
+def _narrow_float_offsets(ttir: str) -> list[str]:
+    bad, n = [], 0
+    for line in ttir.splitlines():
+        m = _ADDPTR.search(line)
+        if not m or m.group("elt") not in ("f16", "bf16", "f32"):
+            continue
+        n += 1
+        rank = 0 if m.group("shape") is None else m.group("shape").count("x") + 1
+        if rank != 1 and m.group("off") != "i64":
+            bad.append(line.strip())
+    assert n > 0, "no floating-point addresses found: the IR format changed?"
+    return bad
+
+
+INT64_CASES = [("fwd", "causal", ""), ("fwd", "sparse", aot.ALL_MODS),
+               ("bwd_preprocess", "dense", ""), ("bwd_dkdv", "sparse", aot.ALL_MODS),
+               ("bwd_dq", "causal", aot.ALL_MODS)]
+
+
+@pytest.mark.parametrize("kernel,mode,mods", INT64_CASES,
+                         ids=[f"{k}-{m}-{x or 'nomods'}" for k, m, x in INT64_CASES])
+def test_attention_kernel_offsets_are_int64(kernel, mode, mods):
+    v = aot.Variant(kernel, "bfloat16", 128, mode, 64, 32, 4, 2, 80, (128, 128), mods=mods)
+    ttir = aot.variant_ttir(v)
+    assert not _narrow_float_offsets(ttir)
+    # the tile offsets really are a row index widened before it meets the row stride
+    assert re.search(r"arith\.extsi %offs_[mn]\w* : tensor<\d+xi32> to tensor<\d+xi64>", ttir)
+
+
+def test_decode_kernel_offsets_are_int64():
+    # decode.py is imported once per process in one mode; a fresh process without
+    # TRITON_INTERPRET gets the compiled-mode kernels
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_triton_compile import _narrow_float_offsets
+        from fastattn.bench import triton_compile as aot
+        for kernel in ("split", "combine"):
+            bad = _narrow_float_offsets(aot.decode_ttir(kernel))
+            assert not bad, (kernel, bad)
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_narrow_offset_detector_flags_int32_tiles():
+    ir = ("%k = tt.addptr %a, %b : tensor<64x128x!tt.ptr<bf16>>, tensor<64x128xi32> loc(#l)\n"
+          "%q = tt.addptr %Q, %c : !tt.ptr<f16>, i32 loc(#l)\n"
+          "%l = tt.addptr %d, %e : tensor<64x!tt.ptr<f32>>, tensor<64xi32> loc(#l)\n"
+          "%n = tt.addptr %N, %f : !tt.ptr<i32>, i32 loc(#l)\n")
+    assert len(_narrow_float_offsets(ir)) == 2

@@ -67,7 +67,10 @@ def _decode_split_kernel(
     h = hk * G + offs_r // Nq
     i = offs_r % Nq
     diag = L - Nq + i  # each query's own position in the cache
-    q_ptrs = Q + b * stride_qz + h[:, None] * stride_qh + i[:, None] * stride_qm + offs_d[None, :]
+    # int64 offsets: batch x stride passes 2^31 once a tensor holds 2^31 elements
+    b64 = b.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qz + (h.to(tl.int64)[:, None] * stride_qh
+                                    + i.to(tl.int64)[:, None] * stride_qm + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
@@ -77,14 +80,14 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    K_h = K + b * stride_kz + hk * stride_kh
-    V_h = V + b * stride_vz + hk * stride_vh
+    K_h = K + b64 * stride_kz + hk.to(tl.int64) * stride_kh
+    V_h = V + b64 * stride_vz + hk.to(tl.int64) * stride_vh
     for start in range(c0, c1, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_ok = offs_n < c1
-        k = tl.load(K_h + offs_n[:, None] * stride_kn + offs_d[None, :],
+        k = tl.load(K_h + (offs_n.to(tl.int64)[:, None] * stride_kn + offs_d[None, :]),
                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V_h + offs_n[:, None] * stride_vn + offs_dv[None, :],
+        v = tl.load(V_h + (offs_n.to(tl.int64)[:, None] * stride_vn + offs_dv[None, :]),
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
@@ -111,8 +114,8 @@ def _decode_split_kernel(
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse2 = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_i))
-    base = (bh * S + sp) * R
-    tl.store(O_PART + (base + offs_r[:, None]) * DV + offs_dv[None, :], o,
+    base = (bh.to(tl.int64) * S + sp) * R
+    tl.store(O_PART + ((base + offs_r[:, None]) * DV + offs_dv[None, :]), o,
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE_PART + base + offs_r, lse2, mask=row_ok)
 
@@ -124,20 +127,20 @@ def _decode_combine_kernel(
     G: tl.constexpr, R: tl.constexpr, S: tl.constexpr, DV: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    row = tl.program_id(0)  # (b, h, i) flattened, the layout of Out
+    row = tl.program_id(0).to(tl.int64)  # (b, h, i) flattened, the layout of Out
     i = row % Nq
     bh = row // Nq
     b = bh // Hq
     h = bh % Hq
     r = (h % G) * Nq + i
-    base = (b * Hkv + h // G) * S * R + r
+    base = (b * Hkv + h // G) * S * R + r  # int64 (row is)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     lse_s = tl.load(LSE_PART + base + offs_s * R, mask=offs_s < S, other=float("-inf"))
     M = tl.max(lse_s, 0)
     M_safe = tl.where(M == float("-inf"), 0.0, M)
     w = tl.math.exp2(lse_s - M_safe)  # -inf partials weigh 0
-    o_s = tl.load(O_PART + (base + offs_s[:, None] * R) * DV + offs_dv[None, :],
+    o_s = tl.load(O_PART + ((base + offs_s[:, None] * R) * DV + offs_dv[None, :]),
                   mask=(offs_s[:, None] < S) & (offs_dv[None, :] < DV), other=0.0)
     wsum = tl.sum(w, 0)
     o = tl.sum(o_s * w[:, None], 0) / tl.where(wsum == 0.0, 1.0, wsum)

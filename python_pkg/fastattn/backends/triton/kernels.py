@@ -59,6 +59,14 @@ def _row_sum(x):  # tl.sum(x, 1)
 
 
 @triton.jit
+def _off2(rows, cols, stride_r, stride_c):
+    # Element offsets of a (rows x cols) tile, in int64: row index x row stride passes 2^31
+    # for long or strided inputs (e.g. a (B, N, H, D) view with N * H * D >= 2^31), and one
+    # int64 tensor keeps the whole tile's address a single 64-bit offset from its base.
+    return rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
 def _visible(rows, cols, offset, N_CTX_K, WIN_LEFT, WIN_RIGHT,
              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     # rows, cols broadcast against each other (either orientation); True = may attend
@@ -200,7 +208,7 @@ def _mods_tuple(cap_in, cap_out, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop
     # from the host (no divisions here); entries a switched-off modifier would use are dead.
     slope2 = 0.0
     if ALIBI:
-        slope2 = tl.load(Slopes + off_hz) * 1.4426950408889634  # (B, Hq) contiguous
+        slope2 = tl.load(Slopes + off_hz.to(tl.int64)) * 1.4426950408889634  # (B, Hq) contiguous
     row_base = (off_hz.to(tl.int64) * N_CTX_Q).to(tl.uint32)  # wraps modulo 2^32 as specified
     return (cap_in, cap_out, slope2, drop_scale, seed_lo.to(tl.uint32, bitcast=True),
             seed_hi.to(tl.uint32, bitcast=True), drop_thresh.to(tl.uint32, bitcast=True),
@@ -222,7 +230,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
     kmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM != offs_d.shape[0]:
         kmask = kmask & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kmask, other=0.0)
+    k = tl.load(K + _off2(offs_n, offs_d, stride_kn, stride_kk), mask=kmask, other=0.0)
     qk = _dot(q, tl.trans(k), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
     qk, _ = _score_mods(qk, offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, qk_scale, mods,
@@ -244,7 +252,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
     vmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM_V != offs_dv.shape[0]:
         vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
+    v = tl.load(V + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
     if DROPOUT:  # l_i sums the undropped P; dropped entries leave P.V (1/(1-p): epilogue)
         p = tl.where(_dropout_keep(dhash[:, None], _col_hash(offs_n, mods)[None, :], mods), p, 0.0)
     acc = _dot(p.to(v.dtype), v, acc, DOT_UPCAST, DOT_PRECISION)
@@ -453,7 +461,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     qmask = offs_m[:, None] < N_CTX_Q
     if HEAD_DIM != BLOCK_D:
         qmask = qmask & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qmask, other=0.0)
+    q = tl.load(Q + _off2(offs_m, offs_d, stride_qm, stride_qk), mask=qmask, other=0.0)
 
     if SPARSE:
         # kernel tiles divide the mask's blocks: this program is rows [mrow0, mrow0 + BLOCK_M)
@@ -532,7 +540,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     omask = row_ok[:, None]
     if HEAD_DIM_V != BLOCK_DV:
         omask = omask & (offs_dv[None, :] < HEAD_DIM_V)
-    tl.store(Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok,
+    tl.store(Out + _off2(offs_m, offs_dv, stride_om, stride_ok),
              acc.to(Out.dtype.element_ty), mask=omask)
 
 
@@ -558,9 +566,9 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
     if HEAD_DIM_V != BLOCK_DV:
         mask = mask & (offs_dv[None, :] < HEAD_DIM_V)
     o = tl.load(O + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok, mask=mask, other=0.0)
+                + _off2(offs_m, offs_dv, stride_om, stride_ok), mask=mask, other=0.0)
     do = tl.load(DO + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
-                 + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dk, mask=mask, other=0.0)
+                 + _off2(offs_m, offs_dv, stride_dm, stride_dk), mask=mask, other=0.0)
     delta = _row_sum(o.to(tl.float32) * do.to(tl.float32))
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
     if HAS_DLSE:
@@ -598,7 +606,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
     qmask = row_ok[:, None]
     if HEAD_DIM != offs_d.shape[0]:
         qmask = qmask & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qmask, other=0.0)
+    q = tl.load(Q + _off2(offs_m, offs_d, stride_qm, stride_qk), mask=qmask, other=0.0)
     lse2 = _load_lse2(Lse, offs_m, row_ok)
     qkT = _dot(k, tl.trans(q), tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32),
                DOT_UPCAST, DOT_PRECISION)
@@ -615,7 +623,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
     domask = row_ok[:, None]
     if HEAD_DIM_V != offs_dv.shape[0]:
         domask = domask & (offs_dv[None, :] < HEAD_DIM_V)
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+    do = tl.load(DO + _off2(offs_m, offs_dv, stride_dom, stride_dok),
                  mask=domask, other=0.0)
     if DROPOUT:
         keepT = _dropout_keep(_row_hash(offs_m, mods)[None, :], dhash[:, None], mods)
@@ -683,9 +691,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     if HEAD_DIM_V != BLOCK_DV:
         vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
     k = tl.load(K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kmask, other=0.0)
+                + _off2(offs_n, offs_d, stride_kn, stride_kk), mask=kmask, other=0.0)
     v = tl.load(V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
+                + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -764,13 +772,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     if PART != 1:
         dk *= sm_scale  # dS carries no scale; dK = scale * dS^T Q
         tl.store(DK + off_z.to(tl.int64) * stride_dkz + off_hk.to(tl.int64) * stride_dkh
-                 + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
+                 + _off2(offs_n, offs_d, stride_dkn, stride_dkk),
                  dk.to(DK.dtype.element_ty), mask=kmask)
     if PART != 2:
         if DROPOUT:
             dv *= drop_scale
         tl.store(DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh
-                 + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvk,
+                 + _off2(offs_n, offs_dv, stride_dvn, stride_dvk),
                  dv.to(DV.dtype.element_ty), mask=vmask)
 
 
@@ -791,11 +799,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, of
     kmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM != offs_d.shape[0]:
         kmask = kmask & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kmask, other=0.0)
+    k = tl.load(K + _off2(offs_n, offs_d, stride_kn, stride_kk), mask=kmask, other=0.0)
     vmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM_V != offs_dv.shape[0]:
         vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
+    v = tl.load(V + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
     qk = _dot(q, tl.trans(k), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
     s, t = _score_mods(qk, offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, qk_scale, mods,
@@ -861,9 +869,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     if HEAD_DIM_V != BLOCK_DV:
         domask = domask & (offs_dv[None, :] < HEAD_DIM_V)
     q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qmask, other=0.0)
+                + _off2(offs_m, offs_d, stride_qm, stride_qk), mask=qmask, other=0.0)
     do = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+                 + _off2(offs_m, offs_dv, stride_dom, stride_dok),
                  mask=domask, other=0.0)
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
     lse2 = _load_lse2(Lse, row, row_ok)
@@ -939,7 +947,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
 
     dq *= sm_scale
     tl.store(DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
+             + _off2(offs_m, offs_d, stride_dqm, stride_dqk),
              dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
