@@ -182,24 +182,39 @@ def test_attention_kernel_offsets_are_int64(kernel, mode, mods):
     assert re.search(r"arith\.extsi %offs_[mn]\w* : tensor<\d+xi32> to tensor<\d+xi64>", ttir)
 
 
-def test_decode_kernel_offsets_are_int64():
-    # decode.py is imported once per process in one mode; a fresh process without
-    # TRITON_INTERPRET gets the compiled-mode kernels
-    code = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_triton_compile import _narrow_float_offsets
-        from fastattn.bench import triton_compile as aot
-        for kernel in ("split", "combine"):
-            bad = _narrow_float_offsets(aot.decode_ttir(kernel))
-            assert not bad, (kernel, bad)
-        print("ok")
-    """)
+def _in_compiled_mode_process(body: str):
+    """Runs body in a fresh process without TRITON_INTERPRET: decode.py is imported once per
+    process, in one mode, and these checks need its compiled-mode kernels."""
+    code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from test_triton_compile import _narrow_float_offsets\n"
+            "from fastattn.bench import triton_compile as aot\n"
+            "from fastattn.backends.triton import decode\n" + textwrap.dedent(body)
+            + "\nprint('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-3000:]
+
+
+def test_decode_kernel_offsets_are_int64():
+    _in_compiled_mode_process("""
+        for kernel in ("split", "combine"):
+            bad = _narrow_float_offsets(aot.decode_ttir(kernel, mods=True))
+            assert not bad, (kernel, bad)
+    """)
+
+
+@needs_ptxas
+def test_decode_row_tile_caps_compile_clean():
+    # the largest row tile decode_tiles allows, at head dims 128 (sm_80) and 256 (sm_90),
+    # softcap and ALiBi on: 0 spills (a 128-row tile spilled kilobytes before row tiling)
+    _in_compiled_mode_process("""
+        for arch, d in ((80, 128), (90, 256)):
+            bm, bn, w = decode.decode_tiles(d)
+            r = aot.decode_compile("split", arch, "bfloat16", d, 8, bm, True, bn, w)
+            assert not r["error"] and r["registers"] > 0 and r["spills"] == 0, (arch, d, r)
+    """)
 
 
 def test_narrow_offset_detector_flags_int32_tiles():

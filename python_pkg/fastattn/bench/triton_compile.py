@@ -268,7 +268,32 @@ def variant_ttir(v: Variant) -> str:
 
 
 def decode_ttir(kernel: str = "split", arch: int = 80, dtype: str = "float16",
-                head_dim: int = 128, group: int = 8, block_m: int = 16) -> str:
+                head_dim: int = 128, group: int = 8, block_m: int = 16, mods: bool = False,
+                block_n: int = 64, num_warps: int = 4) -> str:
+    return _decode(kernel, arch, dtype, head_dim, group, block_m, mods, block_n, num_warps,
+                   ttir_only=True)
+
+
+def decode_compile(kernel: str = "split", arch: int = 80, dtype: str = "float16",
+                   head_dim: int = 128, group: int = 8, block_m: int = 16,
+                   mods: bool = False, block_n: int = 64, num_warps: int = 4) -> dict:
+    """The decode kernel compiled to PTX and through ptxas -v: {'registers', 'spills',
+    'smem', 'error'} (same process caveat as decode_ttir)."""
+    try:
+        ck = _decode(kernel, arch, dtype, head_dim, group, block_m, mods, block_n, num_warps,
+                     ttir_only=False)
+    except Exception as e:
+        return dict(registers=-1, spills=-1, smem=-1, error=f"triton.compile: {e}")
+    ptxas = ptxas_path()
+    if ptxas is None:
+        return dict(registers=-1, spills=-1, smem=int(ck.metadata.shared), error="no ptxas")
+    text, ok = _ptxas(ptxas, f"sm_{arch}a" if arch >= 90 else f"sm_{arch}", ck.asm["ptx"], None)
+    regs, spills, _ = _parse_ptxas(text) if ok else (-1, -1, -1)
+    return dict(registers=regs, spills=spills, smem=int(ck.metadata.shared),
+                error="" if ok else "ptxas: " + text.strip().splitlines()[-1])
+
+
+def _decode(kernel, arch, dtype, head_dim, group, block_m, mods, block_n, num_warps, ttir_only):
     """The decode kernels (backends/triton/decode.py; kernel 'split' or 'combine') compiled
     ahead of time as a launch on contiguous tensors would specialize them. Needs the module
     imported with the interpreter off (a process without TRITON_INTERPRET=1)."""
@@ -278,9 +303,9 @@ def decode_ttir(kernel: str = "split", arch: int = 80, dtype: str = "float16",
     if kernel == "split":
         fn = decode._decode_split_kernel
         const = dict(G=group, R=group, S=4, D=head_dim, DV=head_dim, HAS_SEQLENS=True, HAS_WINDOW=True,
-                     DOT_F32=dtype == "float32", BLOCK_M=block_m, BLOCK_N=64,
-                     BLOCK_D=max(16, head_dim), BLOCK_DV=max(16, head_dim), SOFTCAP=False,
-                     ALIBI=False)
+                     DOT_F32=dtype == "float32", BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_D=max(16, head_dim), BLOCK_DV=max(16, head_dim), SOFTCAP=mods,
+                     ALIBI=mods)
         ptr = {"Q": f"*{tdt}", "K": f"*{tdt}", "V": f"*{tdt}", "SEQLENS": "*i32",
                "O_PART": "*fp32", "LSE_PART": "*fp32", "Slopes": "*fp32"}
         floats = ("scale_log2", "cap_in", "cap_out")
@@ -298,7 +323,9 @@ def decode_ttir(kernel: str = "split", arch: int = 80, dtype: str = "float16",
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name in floats else "i32"
-    return _ttir(fn, sig, const, attrs, arch, 4, 2)
+    if ttir_only:
+        return _ttir(fn, sig, const, attrs, arch, num_warps, 3)
+    return _compile(fn, sig, const, attrs, arch, num_warps, 3)
 
 
 def compile_variant(v: Variant, workdir: str | None = None) -> Result:
