@@ -309,6 +309,24 @@ TILES_MODS = {  # entries that replace TILES' when softcap, ALiBi or dropout is 
         256: [(64, 16, 8, 2)],  # 64 x 32 spills 8-12 B on sm_90
     },
 }
+# The tutorial-class search space (Triton's fused-attention tutorial; FlexAttention's
+# templates): benchmarks/triton_tile_sweep.py compiles all of it ahead of time for sm_80 and
+# sm_90 and the tables above keep what fits shared memory and compiles without spills.
+SEARCH_SPACE = {
+    "fwd": dict(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4, 5)),
+    "dq": dict(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4, 5)),
+    # dK/dV: BLOCK_N key rows per program (the MMA's M side), BLOCK_M query rows per step
+    "dkdv": dict(BLOCK_M=(16, 32, 64), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4, 5)),
+}
+
+
+def search_space(kernel):
+    """[(BLOCK_M, BLOCK_N, num_warps, num_stages)] of SEARCH_SPACE[kernel]."""
+    sp = SEARCH_SPACE[kernel]
+    return [(bm, bn, w, st) for bm in sp["BLOCK_M"] for bn in sp["BLOCK_N"]
+            for w in sp["num_warps"] for st in sp["num_stages"]]
+
+
 MODS_MAXNREG = 255
 SMEM_LIMIT = {80: 164 * 1024, 90: 228 * 1024}  # opt-in shared memory per block
 INTERPRET_TILE = dict(BLOCK_M=32, BLOCK_N=16)  # the one fixed config under the interpreter
@@ -380,8 +398,8 @@ def _all_tiles():
     # every tile the tables (or their clipping to a block mask) can produce; the pruning
     # function keeps the ones default_tiles names for the call
     sizes = (16, 32, 64, 128)
-    return [(bm, bn, w, s, r) for bm in sizes for bn in sizes for w in (4, 8) for s in (1, 2, 3)
-            for r in (None, MODS_MAXNREG)]
+    return [(bm, bn, w, s, r) for bm in sizes for bn in sizes for w in (4, 8)
+            for s in (1, 2, 3, 4, 5) for r in (None, MODS_MAXNREG)]
 
 
 def _make_prune(kernel, sparse):
@@ -402,14 +420,22 @@ def _configs(kernel):
             for bm, bn, w, s, r in _all_tiles()]
 
 
-# Autotune key: the problem class (lengths, head dims, masking mode); Triton adds dtypes.
-_KEY = ["N_CTX_Q", "N_CTX_K", "BLOCK_D", "BLOCK_DV", "WINDOW_LEFT", "WINDOW_RIGHT", "SPARSE",
-        "MASK_BM", "MASK_BN", "SOFTCAP", "ALIBI", "DROPOUT"]
+# Autotune key: the problem class (power-of-two length buckets, head dims, masking mode);
+# Triton adds dtypes. The buckets (len_bucket, passed as the otherwise unused LEN_BUCKET_Q /
+# LEN_BUCKET_K) keep a new exact length from re-tuning: 1000 and 1024 share a bucket.
+_KEY = ["LEN_BUCKET_Q", "LEN_BUCKET_K", "BLOCK_D", "BLOCK_DV", "WINDOW_LEFT", "WINDOW_RIGHT",
+        "SPARSE", "MASK_BM", "MASK_BN", "SOFTCAP", "ALIBI", "DROPOUT"]
+
+
+def len_bucket(n: int) -> int:
+    """Autotune bucket of a sequence length: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
 # --------------------------------------------------------------------------- forward
-# The dropout seed and threshold change from call to call: one compiled kernel for all.
-_SEED_ARGS = ["seed_lo", "seed_hi", "drop_thresh"]
+# The dropout seed and threshold change from call to call, the length buckets with the
+# lengths: one compiled kernel for all.
+_SEED_ARGS = ["seed_lo", "seed_hi", "drop_thresh", "LEN_BUCKET_Q", "LEN_BUCKET_K"]
 
 
 @triton.jit(do_not_specialize=_SEED_ARGS)
@@ -419,6 +445,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
               H, GROUP, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
+              LEN_BUCKET_Q, LEN_BUCKET_K,  # autotune key only: length buckets
               KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, KV_MASK_ID, PM,
               stride_bz, stride_bh, stride_bm,  # block-mask counts (Z, H, NQB), 0 = broadcast
               stride_iz, stride_ih, stride_im,  # partial lists (Z, H, NQB, KMAX)
@@ -656,6 +683,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
                    stride_dvz, stride_dvh, stride_dvn, stride_dvk,
                    H, GROUP, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
+                   LEN_BUCKET_Q, LEN_BUCKET_K,  # autotune key only: length buckets
                    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, Q_MASK_ID, PM,
                    stride_bz, stride_bh, stride_bn,  # block-mask counts (Z, H, NKB)
                    stride_iz, stride_ih, stride_in,  # partial lists (Z, H, NKB, QMAX)
@@ -836,6 +864,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_doz, stride_doh, stride_dom, stride_dok,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqk,
                  H, GROUP, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
+                 LEN_BUCKET_Q, LEN_BUCKET_K,  # autotune key only: length buckets
                  KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, KV_MASK_ID, PM,
                  stride_bz, stride_bh, stride_bm,
                  stride_iz, stride_ih, stride_im,
