@@ -223,3 +223,41 @@ def test_narrow_offset_detector_flags_int32_tiles():
           "%l = tt.addptr %d, %e : tensor<64x!tt.ptr<f32>>, tensor<64xi32> loc(#l)\n"
           "%n = tt.addptr %N, %f : !tt.ptr<i32>, i32 loc(#l)\n")
     assert len(_narrow_float_offsets(ir)) == 2
+
+
+# --------------------------------------------------------------------------- tuning knobs
+
+
+def test_autotune_key_uses_power_of_two_length_buckets():
+    kern = load_kernels(interpret=False)
+    assert "N_CTX_Q" not in kern._KEY and "N_CTX_K" not in kern._KEY
+    assert {"LEN_BUCKET_Q", "LEN_BUCKET_K"} <= set(kern._KEY)
+    assert kern.attn_fwd_dense.keys == kern._KEY  # what the autotuner keys on
+    assert kern.len_bucket(1000) == kern.len_bucket(1024) == 1024
+    assert kern.len_bucket(1025) == 2048 and kern.len_bucket(1) == kern.len_bucket(16) == 16
+
+
+def test_untuned_launch_takes_the_first_table_tile(monkeypatch):
+    from fastattn.backends.triton import ops
+
+    kern = load_kernels(interpret=False)
+    monkeypatch.setattr(kern, "_device_smem", lambda: kern.SMEM_LIMIT[90])
+    meta = dict(BLOCK_D=128, BLOCK_DV=128, SOFTCAP=True, ALIBI=False, DROPOUT=False)
+    monkeypatch.setenv(ops.AUTOTUNE_ENV, "0")
+    fn, tiles = ops._tiles(kern, "dq", [], 16, 16, False, meta, 2)
+    want = kern.default_tiles("dq", 128, 128, 2, kern.SMEM_LIMIT[90], None, mods=True)[0]
+    assert fn is kern._attn_bwd_dq
+    assert (tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["num_warps"], tiles["num_stages"],
+            tiles.get("maxnreg")) == want
+    monkeypatch.setenv(ops.AUTOTUNE_ENV, "1")
+    assert ops._tiles(kern, "dq", [], 16, 16, False, meta, 2)[0] is kern.attn_bwd_dq_dense
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_dq"])
+def test_block_sparse_loop_is_flat(kernel):
+    # one loop per block list over (listed block, sub-tile) pairs, FlexAttention-style: no
+    # loop nested in another, so Triton's software pipeline spans block boundaries
+    v = aot.Variant(kernel, "bfloat16", 64, "sparse", 64, 32, 4, 3, 90, (128, 128))
+    fors = [len(line) - len(line.lstrip()) for line in aot.variant_ttir(v).splitlines()
+            if "scf.for" in line]
+    assert len(fors) == 2 and len(set(fors)) == 1, fors

@@ -492,39 +492,44 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
 
     if SPARSE:
         # kernel tiles divide the mask's blocks: this program is rows [mrow0, mrow0 + BLOCK_M)
-        # of mask block qb, and each listed key block is walked in BLOCK_N sub-tiles
+        # of mask block qb, and each listed key block is walked in BLOCK_N sub-tiles, in one
+        # flat loop per list over (listed block, sub-tile) pairs as FlexAttention does: every
+        # step derives its key offset from the list, so the software pipeline runs across
+        # block boundaries instead of restarting at each block
         qb = m0 // MASK_BM
         mrow0 = m0 - qb * MASK_BM
         lay = off_z * stride_bz + off_h * stride_bh + qb * stride_bm
         lay_i = off_z * stride_iz + off_h * stride_ih + qb * stride_im
         lay_f = off_z * stride_fz + off_h * stride_fh + qb * stride_fm
         # full blocks: no token mask (only the key bound of a ragged last block)
-        for i in range(0, tl.load(FULL_KV_NUM + lay)):
+        for j in range(0, tl.load(FULL_KV_NUM + lay) * (MASK_BN // BLOCK_N)):
+            i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
+            sub = (j % (MASK_BN // BLOCK_N)) * BLOCK_N
             kb_ = tl.load(FULL_KV_IDX + lay_f + i)
-            for sub in range(0, MASK_BN, BLOCK_N):
-                start_n = kb_ * MASK_BN + sub
-                acc, l_i, m_i = _attn_fwd_inner(
-                    acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
-                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
-                    DOT_UPCAST, DOT_PRECISION,
-                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+            start_n = kb_ * MASK_BN + sub
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
+                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
+                N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
+                DOT_UPCAST, DOT_PRECISION,
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         # partial blocks: the mask's window rule, then its bitmask
-        for i in range(0, tl.load(KV_NUM + lay)):
+        for j in range(0, tl.load(KV_NUM + lay) * (MASK_BN // BLOCK_N)):
+            i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
+            sub = (j % (MASK_BN // BLOCK_N)) * BLOCK_N
             kb_ = tl.load(KV_IDX + lay_i + i)
             mask_id = -1
             if BITMASK:
                 mask_id = tl.load(KV_MASK_ID + lay_i + i)
-            for sub in range(0, MASK_BN, BLOCK_N):
-                start_n = kb_ * MASK_BN + sub
-                acc, l_i, m_i = _attn_fwd_inner(
-                    acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
-                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
-                    DOT_UPCAST, DOT_PRECISION,
-                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+            start_n = kb_ * MASK_BN + sub
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
+                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
+                N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
+                DOT_UPCAST, DOT_PRECISION,
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -744,31 +749,33 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
             lay = off_z * stride_bz + off_h * stride_bh + kb * stride_bn
             lay_i = off_z * stride_iz + off_h * stride_ih + kb * stride_in
             lay_f = off_z * stride_fz + off_h * stride_fh + kb * stride_fn
-            for i in range(0, tl.load(FULL_Q_NUM + lay)):
+            for j in range(0, tl.load(FULL_Q_NUM + lay) * (MASK_BM // BLOCK_M)):
+                i = j // (MASK_BM // BLOCK_M)  # the i-th listed block
+                sub = (j % (MASK_BM // BLOCK_M)) * BLOCK_M
                 qb_ = tl.load(FULL_Q_IDX + lay_f + i)
-                for sub in range(0, MASK_BM, BLOCK_M):
-                    start_m = qb_ * MASK_BM + sub
-                    dk, dv = _attn_bwd_dkdv_inner(
-                        dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
-                        stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
-                        N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
-                        DOT_UPCAST, DOT_PRECISION, PART,
-                        mods, dhash, SOFTCAP, ALIBI, DROPOUT)
-            for i in range(0, tl.load(Q_NUM + lay)):
+                start_m = qb_ * MASK_BM + sub
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
+                    stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
+                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
+                    DOT_UPCAST, DOT_PRECISION, PART,
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+            for j in range(0, tl.load(Q_NUM + lay) * (MASK_BM // BLOCK_M)):
+                i = j // (MASK_BM // BLOCK_M)  # the i-th listed block
+                sub = (j % (MASK_BM // BLOCK_M)) * BLOCK_M
                 qb_ = tl.load(Q_IDX + lay_i + i)
                 mask_id = -1
                 if BITMASK:
                     mask_id = tl.load(Q_MASK_ID + lay_i + i)
-                for sub in range(0, MASK_BM, BLOCK_M):
-                    start_m = qb_ * MASK_BM + sub
-                    dk, dv = _attn_bwd_dkdv_inner(
-                        dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
-                        stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
-                        N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, sub, mcol0,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
-                        BITMASK, DOT_UPCAST, DOT_PRECISION, PART,
-                        mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+                start_m = qb_ * MASK_BM + sub
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
+                    stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
+                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, sub, mcol0,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
+                    BITMASK, DOT_UPCAST, DOT_PRECISION, PART,
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         else:
             lo, full_lo, full_hi, hi = _q_range(n0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                                 BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -915,37 +922,42 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
 
     if SPARSE:
         # kernel tiles divide the mask's blocks: this program is rows [mrow0, mrow0 + BLOCK_M)
-        # of mask block qb, and each listed key block is walked in BLOCK_N sub-tiles
+        # of mask block qb, and each listed key block is walked in BLOCK_N sub-tiles, in one
+        # flat loop per list over (listed block, sub-tile) pairs as FlexAttention does: every
+        # step derives its key offset from the list, so the software pipeline runs across
+        # block boundaries instead of restarting at each block
         qb = m0 // MASK_BM
         mrow0 = m0 - qb * MASK_BM
         lay = off_z * stride_bz + off_h * stride_bh + qb * stride_bm
         lay_i = off_z * stride_iz + off_h * stride_ih + qb * stride_im
         lay_f = off_z * stride_fz + off_h * stride_fh + qb * stride_fm
-        for i in range(0, tl.load(FULL_KV_NUM + lay)):
+        for j in range(0, tl.load(FULL_KV_NUM + lay) * (MASK_BN // BLOCK_N)):
+            i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
+            sub = (j % (MASK_BN // BLOCK_N)) * BLOCK_N
             kb_ = tl.load(FULL_KV_IDX + lay_f + i)
-            for sub in range(0, MASK_BN, BLOCK_N):
-                start_n = kb_ * MASK_BN + sub
-                dq = _attn_bwd_dq_inner(
-                    dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
-                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
-                    DOT_UPCAST, DOT_PRECISION,
-                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
-        for i in range(0, tl.load(KV_NUM + lay)):
+            start_n = kb_ * MASK_BN + sub
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
+                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
+                N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
+                DOT_UPCAST, DOT_PRECISION,
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+        for j in range(0, tl.load(KV_NUM + lay) * (MASK_BN // BLOCK_N)):
+            i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
+            sub = (j % (MASK_BN // BLOCK_N)) * BLOCK_N
             kb_ = tl.load(KV_IDX + lay_i + i)
             mask_id = -1
             if BITMASK:
                 mask_id = tl.load(KV_MASK_ID + lay_i + i)
-            for sub in range(0, MASK_BN, BLOCK_N):
-                start_n = kb_ * MASK_BN + sub
-                dq = _attn_bwd_dq_inner(
-                    dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
-                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
-                    DOT_UPCAST, DOT_PRECISION,
-                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+            start_n = kb_ * MASK_BN + sub
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
+                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
+                N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
+                DOT_UPCAST, DOT_PRECISION,
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
