@@ -280,14 +280,24 @@ TILES = {  # 16-bit inputs (float16, bfloat16)
     "fwd": {
         16: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
         32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-        64: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
-        128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3)],
+        # 64 and 128: tutorial-class tiles from benchmarks/results/triton_tile_sweep.md (clean
+        # on sm_80 and sm_90, sparse with every score modifier and causal without); there
+        # 128x64 w4 spills at head dim 128 (376-1648 B), 128x128 w8 s2 (16-104 B) and 64x128
+        # w4 (16-532 B) too, and 128x64 w4 s3 at head dim 64 (16-144 B on sm_80)
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 64, 8, 3),
+             (128, 32, 8, 3)],
+        128: [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 3)],
         256: [(64, 32, 8, 2), (64, 32, 8, 1)],
     },
     "dkdv": {
         16: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
         32: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
         64: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 128, 8, 2)],
+        # 128: the best tile that does not spill. Every 32-64 x 128 tile of the tutorial's
+        # space spills here (triton_tile_sweep.md: 32x128 w8 s2 72-400 B, 64x128 w8 488-1084 B,
+        # 32x128 w4 KBs), as do 32x64 (w8 s2: 8 B on sm_90; w4 s3: 136-1068 B) and 16x128
+        # w8 s2 (16 B on sm_80): the resident K, V and the fp32 dK, dV accumulators of 64-128
+        # keys x 128 leave too few registers for the streamed q/dO tiles.
         128: [(16, 64, 8, 2)],
         # 256: split into dV / dK launches (dkdv_parts). A 64-row wgmma tile needs a
         # 64 x 256 fp32 accumulator beside resident K and V and spills in the dK launch, so
@@ -299,7 +309,9 @@ TILES = {  # 16-bit inputs (float16, bfloat16)
         16: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
         32: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
         64: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-        128: [(64, 32, 8, 2), (64, 64, 8, 2)],
+        # 128: 128x32 w8 s2 from the sweep; 128x64 w8 s2 (8 B on sm_80) and 64x64 w4 s2
+        # (56 B) spill
+        128: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
         256: [(64, 32, 8, 2)],
     },
 }
