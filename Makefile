@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: setup build bench test test-slow info compile-report cuda-build-check sdist wheel clean
+.PHONY: setup build bench test test-slow info compile-report cuda-build-check gpu-check sdist wheel clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ compile-report: setup
 # (several minutes; not part of `make test`).
 cuda-build-check:
 	bash benchmarks/cuda_build_check.sh
+
+# On a machine with a CUDA GPU: build the CUDA extension for its arch, run the GPU test suites,
+# compute-sanitizer, the int64 probes and the benchmarks, each under its own time cap (about
+# ten minutes in all); results in gpu_check_results/<time>_<gpu>/ (README: "Checking a GPU").
+# Without a GPU: a dry run (collects the GPU tests, builds every command, marks steps skipped).
+# GPU_CHECK_ARGS passes options, e.g. GPU_CHECK_ARGS="--budget-scale 1.5".
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # Source distribution (all of csrc, see MANIFEST.in) and a wheel built against .venv's torch
 sdist: $(VENV)/.deps

@@ -146,6 +146,9 @@ TRITON_CASES = [
     (2, 6, 2, 2, 45, 40, [45, 1], None, None),  # GQA group 3, Nq 2, head dim 40
     (1, 2, 1, 3, 50, 16, [33], 7, 2),  # window
     (2, 2, 2, 1, 33, 16, [0, 33], None, None),  # empty row
+    # R = G * Nq rows per kv head above the interpreter's row-tile cap (16): row tiles
+    (1, 8, 1, 3, 40, 16, [40], None, 2),  # R = 24: 2 tiles, the last one ragged
+    (2, 16, 2, 5, 37, 16, [37, 20], 9, None),  # R = 40: 3 tiles, window, ragged cache
 ]
 
 

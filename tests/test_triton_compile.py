@@ -5,6 +5,13 @@ benchmarks/triton_compile_report.py (recorded in benchmarks/results/)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("triton")
@@ -130,3 +137,127 @@ def test_autotuner_prune_keeps_exactly_the_default_tiles(monkeypatch, arch, mods
                 want = sorted(t[:4] + (t[4] or 0,) for t in kern.default_tiles(
                     kernel, bd, bd, 2, kern.SMEM_LIMIT[arch], mb, mods=mods))
                 assert got == want and got, (kernel, bd, sparse)
+
+
+# --------------------------------------------------------------------------- int64 offsets
+# Index x stride passes 2^31 once a tensor (or a strided view: (B, N, H, D) with N * H * D
+# >= 2^31; a KV cache of >= 2^31 elements) is large enough. Allocating such tensors is out of
+# the question here, so the kernels' typed IR (Triton's TTIR for sm_80, first compile stage
+# only: about a second per kernel) is read instead: every address of a floating-point tile
+# (q, k, v, o, dO, dQ, dK, dV, partial outputs: rank-2 pointer tensors) and every scalar base
+# offset into a floating-point tensor (batch, head, row block) must be computed in i64. Only
+# rank-1 row vectors inside one (batch, head) row block (lse, delta: < N) and the small int32
+# block-mask lists may stay i32.
+
+_ADDPTR = re.compile(r"tt\.addptr [^:]+: (tensor<(?P<shape>[0-9x]+)x)?!tt\.ptr<(?P<elt>\w+)>>?, "
+                     r"(tensor<[0-9x]+x)?(?P<off>i\d+)>?")
+
+
+def _narrow_float_offsets(ttir: str) -> list[str]:
+    bad, n = [], 0
+    for line in ttir.splitlines():
+        m = _ADDPTR.search(line)
+        if not m or m.group("elt") not in ("f16", "bf16", "f32"):
+            continue
+        n += 1
+        rank = 0 if m.group("shape") is None else m.group("shape").count("x") + 1
+        if rank != 1 and m.group("off") != "i64":
+            bad.append(line.strip())
+    assert n > 0, "no floating-point addresses found: the IR format changed?"
+    return bad
+
+
+INT64_CASES = [("fwd", "causal", ""), ("fwd", "sparse", aot.ALL_MODS),
+               ("bwd_preprocess", "dense", ""), ("bwd_dkdv", "sparse", aot.ALL_MODS),
+               ("bwd_dq", "causal", aot.ALL_MODS)]
+
+
+@pytest.mark.parametrize("kernel,mode,mods", INT64_CASES,
+                         ids=[f"{k}-{m}-{x or 'nomods'}" for k, m, x in INT64_CASES])
+def test_attention_kernel_offsets_are_int64(kernel, mode, mods):
+    v = aot.Variant(kernel, "bfloat16", 128, mode, 64, 32, 4, 2, 80, (128, 128), mods=mods)
+    ttir = aot.variant_ttir(v)
+    assert not _narrow_float_offsets(ttir)
+    # the tile offsets really are a row index widened before it meets the row stride
+    assert re.search(r"arith\.extsi %offs_[mn]\w* : tensor<\d+xi32> to tensor<\d+xi64>", ttir)
+
+
+def _in_compiled_mode_process(body: str):
+    """Runs body in a fresh process without TRITON_INTERPRET: decode.py is imported once per
+    process, in one mode, and these checks need its compiled-mode kernels."""
+    code = (f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "from test_triton_compile import _narrow_float_offsets\n"
+            "from fastattn.bench import triton_compile as aot\n"
+            "from fastattn.backends.triton import decode\n" + textwrap.dedent(body)
+            + "\nprint('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-3000:]
+
+
+def test_decode_kernel_offsets_are_int64():
+    _in_compiled_mode_process("""
+        for kernel in ("split", "combine"):
+            bad = _narrow_float_offsets(aot.decode_ttir(kernel, mods=True))
+            assert not bad, (kernel, bad)
+    """)
+
+
+@needs_ptxas
+def test_decode_row_tile_caps_compile_clean():
+    # the largest row tile decode_tiles allows, at head dims 128 (sm_80) and 256 (sm_90),
+    # softcap and ALiBi on: 0 spills (a 128-row tile spilled kilobytes before row tiling)
+    _in_compiled_mode_process("""
+        for arch, d in ((80, 128), (90, 256)):
+            bm, bn, w = decode.decode_tiles(d)
+            r = aot.decode_compile("split", arch, "bfloat16", d, 8, bm, True, bn, w)
+            assert not r["error"] and r["registers"] > 0 and r["spills"] == 0, (arch, d, r)
+    """)
+
+
+def test_narrow_offset_detector_flags_int32_tiles():
+    ir = ("%k = tt.addptr %a, %b : tensor<64x128x!tt.ptr<bf16>>, tensor<64x128xi32> loc(#l)\n"
+          "%q = tt.addptr %Q, %c : !tt.ptr<f16>, i32 loc(#l)\n"
+          "%l = tt.addptr %d, %e : tensor<64x!tt.ptr<f32>>, tensor<64xi32> loc(#l)\n"
+          "%n = tt.addptr %N, %f : !tt.ptr<i32>, i32 loc(#l)\n")
+    assert len(_narrow_float_offsets(ir)) == 2
+
+
+# --------------------------------------------------------------------------- tuning knobs
+
+
+def test_autotune_key_uses_power_of_two_length_buckets():
+    kern = load_kernels(interpret=False)
+    assert "N_CTX_Q" not in kern._KEY and "N_CTX_K" not in kern._KEY
+    assert {"LEN_BUCKET_Q", "LEN_BUCKET_K"} <= set(kern._KEY)
+    assert kern.attn_fwd_dense.keys == kern._KEY  # what the autotuner keys on
+    assert kern.len_bucket(1000) == kern.len_bucket(1024) == 1024
+    assert kern.len_bucket(1025) == 2048 and kern.len_bucket(1) == kern.len_bucket(16) == 16
+
+
+def test_untuned_launch_takes_the_first_table_tile(monkeypatch):
+    from fastattn.backends.triton import ops
+
+    kern = load_kernels(interpret=False)
+    monkeypatch.setattr(kern, "_device_smem", lambda: kern.SMEM_LIMIT[90])
+    meta = dict(BLOCK_D=128, BLOCK_DV=128, SOFTCAP=True, ALIBI=False, DROPOUT=False)
+    monkeypatch.setenv(ops.AUTOTUNE_ENV, "0")
+    fn, tiles = ops._tiles(kern, "dq", [], 16, 16, False, meta, 2)
+    want = kern.default_tiles("dq", 128, 128, 2, kern.SMEM_LIMIT[90], None, mods=True)[0]
+    assert fn is kern._attn_bwd_dq
+    assert (tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["num_warps"], tiles["num_stages"],
+            tiles.get("maxnreg")) == want
+    monkeypatch.setenv(ops.AUTOTUNE_ENV, "1")
+    assert ops._tiles(kern, "dq", [], 16, 16, False, meta, 2)[0] is kern.attn_bwd_dq_dense
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_dq"])
+def test_block_sparse_loop_is_flat(kernel):
+    # one loop per block list over (listed block, sub-tile) pairs, FlexAttention-style: no
+    # loop nested in another, so Triton's software pipeline spans block boundaries
+    v = aot.Variant(kernel, "bfloat16", 64, "sparse", 64, 32, 4, 3, 90, (128, 128))
+    fors = [len(line) - len(line.lstrip()) for line in aot.variant_ttir(v).splitlines()
+            if "scf.for" in line]
+    assert len(fors) == 2 and len(set(fors)) == 1, fors

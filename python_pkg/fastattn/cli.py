@@ -65,6 +65,10 @@ def _info(args) -> int:
                     f"backward={'y' if b.supports_backward else 'n'} "
                     f"lse={'y' if b.supports_lse else 'n'}]")
         print(f"  {name:10s} {'available' if ok else 'unavailable'}: {why}{caps}")
+    from fastattn import gpu_validation
+
+    for line in gpu_validation.describe():
+        print(line)
     if getattr(args, "check", False):
         from fastattn import selfcheck
 

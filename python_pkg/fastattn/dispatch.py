@@ -1,10 +1,13 @@
 """Backend registry and selection: public API -> dispatch -> one backend.
 
 Backends register here by name; `select(problem, name)` returns the backend that serves a
-call. "auto" picks the highest-priority backend that can serve it (cuda > triton on GPU,
-cpu on CPU, reference as the last resort); FASTATTN_BACKEND overrides "auto". An explicit
-backend that cannot serve the call raises with every reason (and every other backend's,
-so the user sees what would work)."""
+call. "auto" picks the highest-priority backend that can serve it (cpu on CPU, reference as
+the last resort); on a CUDA device it follows the GPU dispatch policy (DESIGN.md, `_gpu_auto`
+below): a fastattn kernel family only where fastattn.gpu_validation records it validated and
+at least as fast on that GPU architecture, or where no other backend serves the call;
+otherwise torch SDPA. FASTATTN_BACKEND overrides "auto". An explicit backend is always
+honoured; one that cannot serve the call raises with every reason (and every other
+backend's, so the user sees what would work)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 
 import torch
 
+from . import gpu_validation
 from .backends.base import Backend, DecodeProblem, Problem
 
 # name -> "module:Class", imported lazily so a missing optional dependency (triton, the CUDA
@@ -120,6 +124,10 @@ def select(p: Problem | DecodeProblem, backend: str = "auto", *, candidates=None
             )
         return get(backend)
     names = candidates if candidates is not None else BACKEND_NAMES
+    if p.device.type == "cuda":
+        chosen = _gpu_auto(p, names)
+        if chosen is not None:
+            return chosen
     ok = [get(n) for n in names if not reasons(n, p) and get(n).auto_priority(p) is not None]
     if not ok:
         detail = "\n".join(f"  {n}: " + "; ".join(reasons(n, p)) for n in names)
@@ -130,3 +138,34 @@ def select(p: Problem | DecodeProblem, backend: str = "auto", *, candidates=None
         if b.auto_priority(p) > best.auto_priority(p):
             best = b
     return best
+
+
+# fastattn's GPU kernel families, in the order auto prefers them among equals
+GPU_FAMILIES = ("cuda", "triton")
+
+
+def _gpu_auto(p: Problem | DecodeProblem, names) -> Backend | None:
+    """backend="auto" on a CUDA device (DESIGN.md, "GPU dispatch policy"):
+    - a call torch SDPA runs on its own fused paths (dense, or torch's causal; no block mask,
+      score modifier or lse): the first fastattn family recorded as validated and at least as
+      fast as SDPA for the call's class on this arch (fastattn.gpu_validation), else sdpa
+      (returned even when not among `names`: the drop-in hands such calls to torch);
+    - any other call fastattn's families can serve (block masks, softcap, ALiBi, dropout,
+      bottom-right causal or windows, lse, decode): a validated family if one serves it, else
+      the first that does, with a one-time warning naming `make gpu-check`;
+    - None otherwise: the priority ranking decides (e.g. sdpa with a boolean mask).
+    """
+    arch = gpu_validation.device_arch(p.device)
+    families = [n for n in GPU_FAMILIES if n in names and not reasons(n, p)]
+    if isinstance(p, Problem) and gpu_validation.sdpa_native(p) and not reasons("sdpa", p):
+        for n in families:
+            if gpu_validation.faster(n, arch, p):
+                return get(n)
+        return get("sdpa")
+    if not families:
+        return None
+    valid = [n for n in families if gpu_validation.validated(n, arch)]
+    name = valid[0] if valid else families[0]
+    if not valid and not torch.compiler.is_compiling():
+        gpu_validation.warn_unvalidated(name, arch)
+    return get(name)

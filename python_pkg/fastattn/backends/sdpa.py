@@ -33,7 +33,8 @@ class SDPABackend(Backend):
         gqa = p.Hq != p.Hkv
         if not p.is_masked:
             return sdpa(q, k, v, scale=p.scale, enable_gqa=gqa), None
-        if p.block_mask is None and p.window == (-1, 0) and p.Nq == p.Nk:
+        # torch's is_causal is top-left: the bottom-right window (-1, Nq - Nk) when Nq >= Nk
+        if p.block_mask is None and p.window == (-1, p.Nq - p.Nk) and p.Nq >= p.Nk:
             return sdpa(q, k, v, is_causal=True, scale=p.scale, enable_gqa=gqa), None
         mask = None
         if p.window != (-1, -1):

@@ -217,12 +217,119 @@ _PTXAS_RE = re.compile(r"Used (\d+) registers")
 _SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_variant(v: Variant, workdir: str | None = None) -> Result:
-    """Compile one variant with Triton for sm_<arch>, then run ptxas -v on its PTX."""
+def _compile(fn, sig, const, attrs, arch, num_warps, num_stages, maxnreg=None):
+    """triton.compile for GPUTarget('cuda', arch) with the PTX ISA capped to the system
+    ptxas'; the compiled kernel's .asm holds ttir, ttgir, llir and ptx."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    src = ASTSource(fn, signature=sig, constexprs=const, attrs=attrs)
+    options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    ptx_version = system_ptx_version()
+    if ptx_version is not None:  # an ISA both Triton's ptxas and the system's accept
+        from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+        options["ptx_version"] = min(ptx_version, ptx_get_version(get_ptxas(arch).version))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _ttir(fn, sig, const, attrs, arch, num_warps, num_stages):
+    """Only the first stage of triton.compile: the typed Triton IR (a second or so, where a
+    full compile to PTX takes many)."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    src = ASTSource(fn, signature=sig, constexprs=const, attrs=attrs)
+    options = backend.parse_options(dict(num_warps=num_warps, num_stages=num_stages))
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options),
+                         backend.get_module_map(), context)
+    stages = {}
+    backend.add_stages(stages, options, src.language)
+    return str(stages["ttir"](module, {"target": target, **options.__dict__}))
+
+
+def variant_ttir(v: Variant) -> str:
+    """The typed Triton IR of a variant (int64 offset checks read it)."""
+    from ..backends.triton.ops import load_kernels
+
+    fn = getattr(load_kernels(interpret=False), _FN_NAME[v.kernel])
+    sig, const, attrs = _signature(fn, v)
+    return _ttir(fn, sig, const, attrs, v.arch, v.num_warps, v.num_stages)
+
+
+def decode_ttir(kernel: str = "split", arch: int = 80, dtype: str = "float16",
+                head_dim: int = 128, group: int = 8, block_m: int = 16, mods: bool = False,
+                block_n: int = 64, num_warps: int = 4) -> str:
+    return _decode(kernel, arch, dtype, head_dim, group, block_m, mods, block_n, num_warps,
+                   ttir_only=True)
+
+
+def decode_compile(kernel: str = "split", arch: int = 80, dtype: str = "float16",
+                   head_dim: int = 128, group: int = 8, block_m: int = 16,
+                   mods: bool = False, block_n: int = 64, num_warps: int = 4) -> dict:
+    """The decode kernel compiled to PTX and through ptxas -v: {'registers', 'spills',
+    'smem', 'error'} (same process caveat as decode_ttir)."""
+    try:
+        ck = _decode(kernel, arch, dtype, head_dim, group, block_m, mods, block_n, num_warps,
+                     ttir_only=False)
+    except Exception as e:
+        return dict(registers=-1, spills=-1, smem=-1, error=f"triton.compile: {e}")
+    ptxas = ptxas_path()
+    if ptxas is None:
+        return dict(registers=-1, spills=-1, smem=int(ck.metadata.shared), error="no ptxas")
+    text, ok = _ptxas(ptxas, f"sm_{arch}a" if arch >= 90 else f"sm_{arch}", ck.asm["ptx"], None)
+    regs, spills, _ = _parse_ptxas(text) if ok else (-1, -1, -1)
+    return dict(registers=regs, spills=spills, smem=int(ck.metadata.shared),
+                error="" if ok else "ptxas: " + text.strip().splitlines()[-1])
+
+
+def _decode(kernel, arch, dtype, head_dim, group, block_m, mods, block_n, num_warps, ttir_only):
+    """The decode kernels (backends/triton/decode.py; kernel 'split' or 'combine') compiled
+    ahead of time as a launch on contiguous tensors would specialize them. Needs the module
+    imported with the interpreter off (a process without TRITON_INTERPRET=1)."""
+    from ..backends.triton import decode
+
+    tdt = _TRITON_DTYPE[dtype]
+    if kernel == "split":
+        fn = decode._decode_split_kernel
+        const = dict(G=group, R=group, S=4, D=head_dim, DV=head_dim, HAS_SEQLENS=True, HAS_WINDOW=True,
+                     DOT_F32=dtype == "float32", BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_D=max(16, head_dim), BLOCK_DV=max(16, head_dim), SOFTCAP=mods,
+                     ALIBI=mods)
+        ptr = {"Q": f"*{tdt}", "K": f"*{tdt}", "V": f"*{tdt}", "SEQLENS": "*i32",
+               "O_PART": "*fp32", "LSE_PART": "*fp32", "Slopes": "*fp32"}
+        floats = ("scale_log2", "cap_in", "cap_out")
+    else:
+        fn = decode._decode_combine_kernel
+        const = dict(G=group, R=group, S=4, DV=head_dim, BLOCK_S=4, BLOCK_DV=max(16, head_dim))
+        ptr = {"O_PART": "*fp32", "LSE_PART": "*fp32", "Out": f"*{tdt}", "LSE": "*fp32"}
+        floats = ()
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ptr:
+            sig[name] = ptr[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    if ttir_only:
+        return _ttir(fn, sig, const, attrs, arch, num_warps, 3)
+    return _compile(fn, sig, const, attrs, arch, num_warps, 3)
+
+
+def compile_variant(v: Variant, workdir: str | None = None) -> Result:
+    """Compile one variant with Triton for sm_<arch>, then run ptxas -v on its PTX."""
     from ..backends.triton.ops import load_kernels
 
     kern = load_kernels(interpret=False)
@@ -230,16 +337,7 @@ def compile_variant(v: Variant, workdir: str | None = None) -> Result:
     limit = kern.SMEM_LIMIT[v.arch]
     try:
         sig, const, attrs = _signature(fn, v)
-        src = ASTSource(fn, signature=sig, constexprs=const, attrs=attrs)
-        options = dict(num_warps=v.num_warps, num_stages=v.num_stages, enable_fp_fusion=True)
-        if v.maxnreg:
-            options["maxnreg"] = v.maxnreg
-        ptx_version = system_ptx_version()
-        if ptx_version is not None:  # an ISA both Triton's ptxas and the system's accept
-            from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
-
-            options["ptx_version"] = min(ptx_version, ptx_get_version(get_ptxas(v.arch).version))
-        ck = triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=options)
+        ck = _compile(fn, sig, const, attrs, v.arch, v.num_warps, v.num_stages, v.maxnreg)
     except Exception as e:  # report, do not stop the sweep
         msg = str(e).strip().splitlines()
         return Result(v, -1, -1, -1, -1, limit, False, False, False,

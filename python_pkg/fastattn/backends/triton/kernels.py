@@ -59,6 +59,14 @@ def _row_sum(x):  # tl.sum(x, 1)
 
 
 @triton.jit
+def _off2(rows, cols, stride_r, stride_c):
+    # Element offsets of a (rows x cols) tile, in int64: row index x row stride passes 2^31
+    # for long or strided inputs (e.g. a (B, N, H, D) view with N * H * D >= 2^31), and one
+    # int64 tensor keeps the whole tile's address a single 64-bit offset from its base.
+    return rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
 def _visible(rows, cols, offset, N_CTX_K, WIN_LEFT, WIN_RIGHT,
              WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
     # rows, cols broadcast against each other (either orientation); True = may attend
@@ -200,7 +208,7 @@ def _mods_tuple(cap_in, cap_out, Slopes, off_hz, N_CTX_Q, seed_lo, seed_hi, drop
     # from the host (no divisions here); entries a switched-off modifier would use are dead.
     slope2 = 0.0
     if ALIBI:
-        slope2 = tl.load(Slopes + off_hz) * 1.4426950408889634  # (B, Hq) contiguous
+        slope2 = tl.load(Slopes + off_hz.to(tl.int64)) * 1.4426950408889634  # (B, Hq) contiguous
     row_base = (off_hz.to(tl.int64) * N_CTX_Q).to(tl.uint32)  # wraps modulo 2^32 as specified
     return (cap_in, cap_out, slope2, drop_scale, seed_lo.to(tl.uint32, bitcast=True),
             seed_hi.to(tl.uint32, bitcast=True), drop_thresh.to(tl.uint32, bitcast=True),
@@ -222,7 +230,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
     kmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM != offs_d.shape[0]:
         kmask = kmask & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kmask, other=0.0)
+    k = tl.load(K + _off2(offs_n, offs_d, stride_kn, stride_kk), mask=kmask, other=0.0)
     qk = _dot(q, tl.trans(k), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
     qk, _ = _score_mods(qk, offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, qk_scale, mods,
@@ -244,7 +252,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
     vmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM_V != offs_dv.shape[0]:
         vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
+    v = tl.load(V + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
     if DROPOUT:  # l_i sums the undropped P; dropped entries leave P.V (1/(1-p): epilogue)
         p = tl.where(_dropout_keep(dhash[:, None], _col_hash(offs_n, mods)[None, :], mods), p, 0.0)
     if MASKED:  # non-finite policy: a NaN/inf in v reaches only the rows that see its key
@@ -308,14 +316,24 @@ TILES = {  # 16-bit inputs (float16, bfloat16)
     "fwd": {
         16: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
         32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-        64: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
-        128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3)],
+        # 64 and 128: tutorial-class tiles from benchmarks/results/triton_tile_sweep.md (clean
+        # on sm_80 and sm_90, sparse with every score modifier and causal without); there
+        # 128x64 w4 spills at head dim 128 (376-1648 B), 128x128 w8 s2 (16-104 B) and 64x128
+        # w4 (16-532 B) too, and 128x64 w4 s3 at head dim 64 (16-144 B on sm_80)
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 64, 8, 3),
+             (128, 32, 8, 3)],
+        128: [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 3)],
         256: [(64, 32, 8, 2), (64, 32, 8, 1)],
     },
     "dkdv": {
         16: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
         32: [(32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2)],
         64: [(32, 64, 8, 2), (16, 64, 4, 2), (32, 128, 8, 2)],
+        # 128: the best tile that does not spill. Every 32-64 x 128 tile of the tutorial's
+        # space spills here (triton_tile_sweep.md: 32x128 w8 s2 72-400 B, 64x128 w8 488-1084 B,
+        # 32x128 w4 KBs), as do 32x64 (w8 s2: 8 B on sm_90; w4 s3: 136-1068 B) and 16x128
+        # w8 s2 (16 B on sm_80): the resident K, V and the fp32 dK, dV accumulators of 64-128
+        # keys x 128 leave too few registers for the streamed q/dO tiles.
         128: [(16, 64, 8, 2)],
         # 256: split into dV / dK launches (dkdv_parts). A 64-row wgmma tile needs a
         # 64 x 256 fp32 accumulator beside resident K and V and spills in the dK launch, so
@@ -327,7 +345,9 @@ TILES = {  # 16-bit inputs (float16, bfloat16)
         16: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
         32: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
         64: [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
-        128: [(64, 32, 8, 2), (64, 64, 8, 2)],
+        # 128: 128x32 w8 s2 from the sweep; 128x64 w8 s2 (8 B on sm_80) and 64x64 w4 s2
+        # (56 B) spill
+        128: [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
         256: [(64, 32, 8, 2)],
     },
 }
@@ -337,6 +357,24 @@ TILES_MODS = {  # entries that replace TILES' when softcap, ALiBi or dropout is 
         256: [(64, 16, 8, 2)],  # 64 x 32 spills 8-12 B on sm_90
     },
 }
+# The tutorial-class search space (Triton's fused-attention tutorial; FlexAttention's
+# templates): benchmarks/triton_tile_sweep.py compiles all of it ahead of time for sm_80 and
+# sm_90 and the tables above keep what fits shared memory and compiles without spills.
+SEARCH_SPACE = {
+    "fwd": dict(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4, 5)),
+    "dq": dict(BLOCK_M=(64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4, 5)),
+    # dK/dV: BLOCK_N key rows per program (the MMA's M side), BLOCK_M query rows per step
+    "dkdv": dict(BLOCK_M=(16, 32, 64), BLOCK_N=(64, 128), num_warps=(4, 8), num_stages=(2, 3, 4, 5)),
+}
+
+
+def search_space(kernel):
+    """[(BLOCK_M, BLOCK_N, num_warps, num_stages)] of SEARCH_SPACE[kernel]."""
+    sp = SEARCH_SPACE[kernel]
+    return [(bm, bn, w, st) for bm in sp["BLOCK_M"] for bn in sp["BLOCK_N"]
+            for w in sp["num_warps"] for st in sp["num_stages"]]
+
+
 MODS_MAXNREG = 255
 SMEM_LIMIT = {80: 164 * 1024, 90: 228 * 1024}  # opt-in shared memory per block
 INTERPRET_TILE = dict(BLOCK_M=32, BLOCK_N=16)  # the one fixed config under the interpreter
@@ -408,8 +446,8 @@ def _all_tiles():
     # every tile the tables (or their clipping to a block mask) can produce; the pruning
     # function keeps the ones default_tiles names for the call
     sizes = (16, 32, 64, 128)
-    return [(bm, bn, w, s, r) for bm in sizes for bn in sizes for w in (4, 8) for s in (1, 2, 3)
-            for r in (None, MODS_MAXNREG)]
+    return [(bm, bn, w, s, r) for bm in sizes for bn in sizes for w in (4, 8)
+            for s in (1, 2, 3, 4, 5) for r in (None, MODS_MAXNREG)]
 
 
 def _make_prune(kernel, sparse):
@@ -430,14 +468,22 @@ def _configs(kernel):
             for bm, bn, w, s, r in _all_tiles()]
 
 
-# Autotune key: the problem class (lengths, head dims, masking mode); Triton adds dtypes.
-_KEY = ["N_CTX_Q", "N_CTX_K", "BLOCK_D", "BLOCK_DV", "WINDOW_LEFT", "WINDOW_RIGHT", "SPARSE",
-        "MASK_BM", "MASK_BN", "SOFTCAP", "ALIBI", "DROPOUT"]
+# Autotune key: the problem class (power-of-two length buckets, head dims, masking mode);
+# Triton adds dtypes. The buckets (len_bucket, passed as the otherwise unused LEN_BUCKET_Q /
+# LEN_BUCKET_K) keep a new exact length from re-tuning: 1000 and 1024 share a bucket.
+_KEY = ["LEN_BUCKET_Q", "LEN_BUCKET_K", "BLOCK_D", "BLOCK_DV", "WINDOW_LEFT", "WINDOW_RIGHT",
+        "SPARSE", "MASK_BM", "MASK_BN", "SOFTCAP", "ALIBI", "DROPOUT"]
+
+
+def len_bucket(n: int) -> int:
+    """Autotune bucket of a sequence length: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
 
 
 # --------------------------------------------------------------------------- forward
-# The dropout seed and threshold change from call to call: one compiled kernel for all.
-_SEED_ARGS = ["seed_lo", "seed_hi", "drop_thresh"]
+# The dropout seed and threshold change from call to call, the length buckets with the
+# lengths: one compiled kernel for all.
+_SEED_ARGS = ["seed_lo", "seed_hi", "drop_thresh", "LEN_BUCKET_Q", "LEN_BUCKET_K"]
 
 
 @triton.jit(do_not_specialize=_SEED_ARGS)
@@ -447,6 +493,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               stride_vz, stride_vh, stride_vn, stride_vk,
               stride_oz, stride_oh, stride_om, stride_ok,
               H, GROUP, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
+              LEN_BUCKET_Q, LEN_BUCKET_K,  # autotune key only: length buckets
               KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, KV_MASK_ID, PM,
               stride_bz, stride_bh, stride_bm,  # block-mask counts (Z, H, NQB), 0 = broadcast
               stride_iz, stride_ih, stride_im,  # partial lists (Z, H, NQB, KMAX)
@@ -489,43 +536,48 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     qmask = offs_m[:, None] < N_CTX_Q
     if HEAD_DIM != BLOCK_D:
         qmask = qmask & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qmask, other=0.0)
+    q = tl.load(Q + _off2(offs_m, offs_d, stride_qm, stride_qk), mask=qmask, other=0.0)
 
     if SPARSE:
         # kernel tiles divide the mask's blocks: this program is rows [mrow0, mrow0 + BLOCK_M)
-        # of mask block qb, and each listed key block is walked in BLOCK_N sub-tiles
+        # of mask block qb, and each listed key block is walked in BLOCK_N sub-tiles, in one
+        # flat loop per list over (listed block, sub-tile) pairs as FlexAttention does: every
+        # step derives its key offset from the list, so the software pipeline runs across
+        # block boundaries instead of restarting at each block
         qb = m0 // MASK_BM
         mrow0 = m0 - qb * MASK_BM
         lay = off_z * stride_bz + off_h * stride_bh + qb * stride_bm
         lay_i = off_z * stride_iz + off_h * stride_ih + qb * stride_im
         lay_f = off_z * stride_fz + off_h * stride_fh + qb * stride_fm
         # full blocks: no token mask (only the key bound of a ragged last block)
-        for i in range(0, tl.load(FULL_KV_NUM + lay)):
+        for j in range(0, tl.load(FULL_KV_NUM + lay) * (MASK_BN // BLOCK_N)):
+            i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
+            sub = (j % (MASK_BN // BLOCK_N)) * BLOCK_N
             kb_ = tl.load(FULL_KV_IDX + lay_f + i)
-            for sub in range(0, MASK_BN, BLOCK_N):
-                start_n = kb_ * MASK_BN + sub
-                acc, l_i, m_i = _attn_fwd_inner(
-                    acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
-                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
-                    DOT_UPCAST, DOT_PRECISION,
-                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+            start_n = kb_ * MASK_BN + sub
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
+                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
+                N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
+                DOT_UPCAST, DOT_PRECISION,
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         # partial blocks: the mask's window rule, then its bitmask
-        for i in range(0, tl.load(KV_NUM + lay)):
+        for j in range(0, tl.load(KV_NUM + lay) * (MASK_BN // BLOCK_N)):
+            i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
+            sub = (j % (MASK_BN // BLOCK_N)) * BLOCK_N
             kb_ = tl.load(KV_IDX + lay_i + i)
             mask_id = -1
             if BITMASK:
                 mask_id = tl.load(KV_MASK_ID + lay_i + i)
-            for sub in range(0, MASK_BN, BLOCK_N):
-                start_n = kb_ * MASK_BN + sub
-                acc, l_i, m_i = _attn_fwd_inner(
-                    acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
-                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
-                    DOT_UPCAST, DOT_PRECISION,
-                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+            start_n = kb_ * MASK_BN + sub
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
+                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
+                N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
+                DOT_UPCAST, DOT_PRECISION,
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -568,7 +620,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     omask = row_ok[:, None]
     if HEAD_DIM_V != BLOCK_DV:
         omask = omask & (offs_dv[None, :] < HEAD_DIM_V)
-    tl.store(Out + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok,
+    tl.store(Out + _off2(offs_m, offs_dv, stride_om, stride_ok),
              acc.to(Out.dtype.element_ty), mask=omask)
 
 
@@ -594,9 +646,9 @@ def _attn_bwd_preprocess(O, DO, DLse, Delta,
     if HEAD_DIM_V != BLOCK_DV:
         mask = mask & (offs_dv[None, :] < HEAD_DIM_V)
     o = tl.load(O + off_z.to(tl.int64) * stride_oz + off_h.to(tl.int64) * stride_oh
-                + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_ok, mask=mask, other=0.0)
+                + _off2(offs_m, offs_dv, stride_om, stride_ok), mask=mask, other=0.0)
     do = tl.load(DO + off_z.to(tl.int64) * stride_dz + off_h.to(tl.int64) * stride_dh
-                 + offs_m[:, None] * stride_dm + offs_dv[None, :] * stride_dk, mask=mask, other=0.0)
+                 + _off2(offs_m, offs_dv, stride_dm, stride_dk), mask=mask, other=0.0)
     delta = _row_sum(o.to(tl.float32) * do.to(tl.float32))
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
     if HAS_DLSE:
@@ -634,7 +686,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
     qmask = row_ok[:, None]
     if HEAD_DIM != offs_d.shape[0]:
         qmask = qmask & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qmask, other=0.0)
+    q = tl.load(Q + _off2(offs_m, offs_d, stride_qm, stride_qk), mask=qmask, other=0.0)
     lse2 = _load_lse2(Lse, offs_m, row_ok)
     qkT = _dot(k, tl.trans(q), tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32),
                DOT_UPCAST, DOT_PRECISION)
@@ -651,7 +703,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, start_m, offs_n, offs_
     domask = row_ok[:, None]
     if HEAD_DIM_V != offs_dv.shape[0]:
         domask = domask & (offs_dv[None, :] < HEAD_DIM_V)
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+    do = tl.load(DO + _off2(offs_m, offs_dv, stride_dom, stride_dok),
                  mask=domask, other=0.0)
     if DROPOUT:
         keepT = _dropout_keep(_row_hash(offs_m, mods)[None, :], dhash[:, None], mods)
@@ -684,6 +736,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
                    stride_dkz, stride_dkh, stride_dkn, stride_dkk,
                    stride_dvz, stride_dvh, stride_dvn, stride_dvk,
                    H, GROUP, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
+                   LEN_BUCKET_Q, LEN_BUCKET_K,  # autotune key only: length buckets
                    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, Q_MASK_ID, PM,
                    stride_bz, stride_bh, stride_bn,  # block-mask counts (Z, H, NKB)
                    stride_iz, stride_ih, stride_in,  # partial lists (Z, H, NKB, QMAX)
@@ -719,9 +772,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     if HEAD_DIM_V != BLOCK_DV:
         vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
     k = tl.load(K + off_z.to(tl.int64) * stride_kz + off_hk.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kmask, other=0.0)
+                + _off2(offs_n, offs_d, stride_kn, stride_kk), mask=kmask, other=0.0)
     v = tl.load(V + off_z.to(tl.int64) * stride_vz + off_hk.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
+                + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -744,31 +797,33 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
             lay = off_z * stride_bz + off_h * stride_bh + kb * stride_bn
             lay_i = off_z * stride_iz + off_h * stride_ih + kb * stride_in
             lay_f = off_z * stride_fz + off_h * stride_fh + kb * stride_fn
-            for i in range(0, tl.load(FULL_Q_NUM + lay)):
+            for j in range(0, tl.load(FULL_Q_NUM + lay) * (MASK_BM // BLOCK_M)):
+                i = j // (MASK_BM // BLOCK_M)  # the i-th listed block
+                sub = (j % (MASK_BM // BLOCK_M)) * BLOCK_M
                 qb_ = tl.load(FULL_Q_IDX + lay_f + i)
-                for sub in range(0, MASK_BM, BLOCK_M):
-                    start_m = qb_ * MASK_BM + sub
-                    dk, dv = _attn_bwd_dkdv_inner(
-                        dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
-                        stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
-                        N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
-                        DOT_UPCAST, DOT_PRECISION, PART,
-                        mods, dhash, SOFTCAP, ALIBI, DROPOUT)
-            for i in range(0, tl.load(Q_NUM + lay)):
+                start_m = qb_ * MASK_BM + sub
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
+                    stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
+                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
+                    DOT_UPCAST, DOT_PRECISION, PART,
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+            for j in range(0, tl.load(Q_NUM + lay) * (MASK_BM // BLOCK_M)):
+                i = j // (MASK_BM // BLOCK_M)  # the i-th listed block
+                sub = (j % (MASK_BM // BLOCK_M)) * BLOCK_M
                 qb_ = tl.load(Q_IDX + lay_i + i)
                 mask_id = -1
                 if BITMASK:
                     mask_id = tl.load(Q_MASK_ID + lay_i + i)
-                for sub in range(0, MASK_BM, BLOCK_M):
-                    start_m = qb_ * MASK_BM + sub
-                    dk, dv = _attn_bwd_dkdv_inner(
-                        dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
-                        stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
-                        N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, sub, mcol0,
-                        HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
-                        BITMASK, DOT_UPCAST, DOT_PRECISION, PART,
-                        mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+                start_m = qb_ * MASK_BM + sub
+                dk, dv = _attn_bwd_dkdv_inner(
+                    dk, dv, k, v, Qh, DOh, Lh, Dh, start_m, offs_n, offs_d, offs_dv,
+                    stride_qm, stride_qk, stride_dom, stride_dok, qk_scale,
+                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, sub, mcol0,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT,
+                    BITMASK, DOT_UPCAST, DOT_PRECISION, PART,
+                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
         else:
             lo, full_lo, full_hi, hi = _q_range(n0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                                 BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -800,13 +855,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     if PART != 1:
         dk *= sm_scale  # dS carries no scale; dK = scale * dS^T Q
         tl.store(DK + off_z.to(tl.int64) * stride_dkz + off_hk.to(tl.int64) * stride_dkh
-                 + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkk,
+                 + _off2(offs_n, offs_d, stride_dkn, stride_dkk),
                  dk.to(DK.dtype.element_ty), mask=kmask)
     if PART != 2:
         if DROPOUT:
             dv *= drop_scale
         tl.store(DV + off_z.to(tl.int64) * stride_dvz + off_hk.to(tl.int64) * stride_dvh
-                 + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvk,
+                 + _off2(offs_n, offs_dv, stride_dvn, stride_dvk),
                  dv.to(DV.dtype.element_ty), mask=vmask)
 
 
@@ -827,11 +882,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, of
     kmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM != offs_d.shape[0]:
         kmask = kmask & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kk, mask=kmask, other=0.0)
+    k = tl.load(K + _off2(offs_n, offs_d, stride_kn, stride_kk), mask=kmask, other=0.0)
     vmask = offs_n[:, None] < N_CTX_K
     if HEAD_DIM_V != offs_dv.shape[0]:
         vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk, mask=vmask, other=0.0)
+    v = tl.load(V + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
     qk = _dot(q, tl.trans(k), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
     s, t = _score_mods(qk, offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, qk_scale, mods,
@@ -864,6 +919,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
                  stride_doz, stride_doh, stride_dom, stride_dok,
                  stride_dqz, stride_dqh, stride_dqm, stride_dqk,
                  H, GROUP, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
+                 LEN_BUCKET_Q, LEN_BUCKET_K,  # autotune key only: length buckets
                  KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, KV_MASK_ID, PM,
                  stride_bz, stride_bh, stride_bm,
                  stride_iz, stride_ih, stride_im,
@@ -897,9 +953,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     if HEAD_DIM_V != BLOCK_DV:
         domask = domask & (offs_dv[None, :] < HEAD_DIM_V)
     q = tl.load(Q + off_z.to(tl.int64) * stride_qz + off_h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qk, mask=qmask, other=0.0)
+                + _off2(offs_m, offs_d, stride_qm, stride_qk), mask=qmask, other=0.0)
     do = tl.load(DO + off_z.to(tl.int64) * stride_doz + off_h.to(tl.int64) * stride_doh
-                 + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
+                 + _off2(offs_m, offs_dv, stride_dom, stride_dok),
                  mask=domask, other=0.0)
     row = off_hz.to(tl.int64) * N_CTX_Q + offs_m
     lse2 = _load_lse2(Lse, row, row_ok)
@@ -914,37 +970,42 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
 
     if SPARSE:
         # kernel tiles divide the mask's blocks: this program is rows [mrow0, mrow0 + BLOCK_M)
-        # of mask block qb, and each listed key block is walked in BLOCK_N sub-tiles
+        # of mask block qb, and each listed key block is walked in BLOCK_N sub-tiles, in one
+        # flat loop per list over (listed block, sub-tile) pairs as FlexAttention does: every
+        # step derives its key offset from the list, so the software pipeline runs across
+        # block boundaries instead of restarting at each block
         qb = m0 // MASK_BM
         mrow0 = m0 - qb * MASK_BM
         lay = off_z * stride_bz + off_h * stride_bh + qb * stride_bm
         lay_i = off_z * stride_iz + off_h * stride_ih + qb * stride_im
         lay_f = off_z * stride_fz + off_h * stride_fh + qb * stride_fm
-        for i in range(0, tl.load(FULL_KV_NUM + lay)):
+        for j in range(0, tl.load(FULL_KV_NUM + lay) * (MASK_BN // BLOCK_N)):
+            i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
+            sub = (j % (MASK_BN // BLOCK_N)) * BLOCK_N
             kb_ = tl.load(FULL_KV_IDX + lay_f + i)
-            for sub in range(0, MASK_BN, BLOCK_N):
-                start_n = kb_ * MASK_BN + sub
-                dq = _attn_bwd_dq_inner(
-                    dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
-                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
-                    DOT_UPCAST, DOT_PRECISION,
-                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
-        for i in range(0, tl.load(KV_NUM + lay)):
+            start_n = kb_ * MASK_BN + sub
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
+                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
+                N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
+                DOT_UPCAST, DOT_PRECISION,
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+        for j in range(0, tl.load(KV_NUM + lay) * (MASK_BN // BLOCK_N)):
+            i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
+            sub = (j % (MASK_BN // BLOCK_N)) * BLOCK_N
             kb_ = tl.load(KV_IDX + lay_i + i)
             mask_id = -1
             if BITMASK:
                 mask_id = tl.load(KV_MASK_ID + lay_i + i)
-            for sub in range(0, MASK_BN, BLOCK_N):
-                start_n = kb_ * MASK_BN + sub
-                dq = _attn_bwd_dq_inner(
-                    dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
-                    N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
-                    DOT_UPCAST, DOT_PRECISION,
-                    mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+            start_n = kb_ * MASK_BN + sub
+            dq = _attn_bwd_dq_inner(
+                dq, q, do, lse2, delta, K, V, start_n, offs_m, offs_d, offs_dv,
+                stride_kn, stride_kk, stride_vn, stride_vk, qk_scale,
+                N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
+                DOT_UPCAST, DOT_PRECISION,
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -975,7 +1036,7 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
 
     dq *= sm_scale
     tl.store(DQ + off_z.to(tl.int64) * stride_dqz + off_h.to(tl.int64) * stride_dqh
-             + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqk,
+             + _off2(offs_m, offs_d, stride_dqm, stride_dqk),
              dq.to(DQ.dtype.element_ty), mask=qmask)
 
 

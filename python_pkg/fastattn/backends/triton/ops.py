@@ -140,14 +140,37 @@ def _constexprs(q, k, v, wl, wr, bm, mbn, interpret):
     )
 
 
-def _tiles(kern, bm, mbm, mbn, interpret, dense_name, sparse_name, raw_name):
-    """(kernel, extra constexprs). Compiled: the autotuner picks BLOCK_M/BLOCK_N (for block
-    masks among tiles that divide the mask's blocks). Interpreter: INTERPRET_TILE, clipped
-    to the mask's blocks."""
+_NAMES = {"fwd": ("attn_fwd_dense", "attn_fwd_sparse", "_attn_fwd"),
+          "dkdv": ("attn_bwd_dkdv_dense", "attn_bwd_dkdv_sparse", "_attn_bwd_dkdv"),
+          "dq": ("attn_bwd_dq_dense", "attn_bwd_dq_sparse", "_attn_bwd_dq")}
+AUTOTUNE_ENV = "FASTATTN_TRITON_AUTOTUNE"
+
+
+def autotune_on() -> bool:
+    """FASTATTN_TRITON_AUTOTUNE=0 launches the first table tile without tuning (one compile
+    per problem class instead of one per candidate: what the GPU test suites use)."""
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _tiles(kern, kernel, bm, mbm, mbn, interpret, meta, elem_bytes):
+    """(kernel, extra constexprs and launch options). Compiled: the autotuner picks
+    BLOCK_M/BLOCK_N (for block masks among tiles that divide the mask's blocks), or, with
+    autotuning off, the first tile of kernels.default_tiles. Interpreter: INTERPRET_TILE,
+    clipped to the mask's blocks."""
+    dense_name, sparse_name, raw_name = _NAMES[kernel]
     if interpret:
         fn, tiles = getattr(kern, raw_name), dict(kern.INTERPRET_TILE)
         if bm:
             tiles = dict(BLOCK_M=min(tiles["BLOCK_M"], mbm), BLOCK_N=min(tiles["BLOCK_N"], mbn))
+    elif not autotune_on():
+        mods = bool(meta.get("SOFTCAP") or meta.get("ALIBI") or meta.get("DROPOUT"))
+        t_m, t_n, warps, stages, maxnreg = kern.default_tiles(
+            kernel, meta["BLOCK_D"], meta["BLOCK_DV"], elem_bytes, kern._device_smem(),
+            (mbm, mbn) if bm else None, mods)[0]
+        fn = getattr(kern, raw_name)
+        tiles = dict(BLOCK_M=t_m, BLOCK_N=t_n, num_warps=warps, num_stages=stages)
+        if maxnreg:
+            tiles["maxnreg"] = maxnreg
     else:
         fn, tiles = getattr(kern, sparse_name if bm else dense_name), {}
     # dense calls never read MASK_BM/MASK_BN; 16 keeps them valid constexprs
@@ -177,14 +200,15 @@ def attention_forward(q, k, v, scale, window_left, window_right, block_mask, mas
     bm = list(block_mask)
     ptrs, lstrides = _layout_args(bm, True, B, H, q.device)
     meta = _constexprs(q, k, v, window_left, window_right, bm, mask_block_n, interpret)
-    fn, tiles = _tiles(kern, bm, mask_block_m, mask_block_n, interpret,
-                       "attn_fwd_dense", "attn_fwd_sparse", "_attn_fwd")
-    grid = lambda META: (_cdiv(Nq, META["BLOCK_M"]), B * H)
     margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, B, H,
                              q.device)
+    fn, tiles = _tiles(kern, "fwd", bm, mask_block_m, mask_block_n, interpret,
+                       {**meta, **mmeta}, q.element_size())
+    grid = lambda META: (_cdiv(Nq, META["BLOCK_M"]), B * H)
     fn[grid](q, k, v, out, lse, scale,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(),
              H, H // Hkv, Nq, Nk, window_left, window_right,
+             kern.len_bucket(Nq), kern.len_bucket(Nk),
              *ptrs, *lstrides, *margs, **meta, **mmeta, **tiles)
     return out, lse
 
@@ -220,22 +244,24 @@ def attention_backward(dout, q, k, v, out, lse, dlse, scale, window_left, window
         HEAD_DIM_V=Dv, BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=pre_m, HAS_DLSE=has_dlse)
 
     ptrs, lstrides = _layout_args(bm, False, B, H, q.device)
-    fn, tiles = _tiles(kern, bm, mask_block_m, mask_block_n, interpret,
-                       "attn_bwd_dkdv_dense", "attn_bwd_dkdv_sparse", "_attn_bwd_dkdv")
+    fn, tiles = _tiles(kern, "dkdv", bm, mask_block_m, mask_block_n, interpret, meta,
+                       q.element_size())
     grid = lambda META: (_cdiv(Nk, META["BLOCK_N"]), B * Hkv)
     for part in kern.dkdv_parts(meta["BLOCK_D"], meta["BLOCK_DV"]):
         fn[grid](q, k, v, dout, lse, delta, dk, dv, scale,
                  *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
                  *dv.stride(), H, H // Hkv, Nq, Nk, window_left, window_right,
+                 kern.len_bucket(Nq), kern.len_bucket(Nk),
                  *ptrs, *lstrides, *margs, **meta, **tiles, PART=part)
 
     ptrs, lstrides = _layout_args(bm, True, B, H, q.device)
-    fn, tiles = _tiles(kern, bm, mask_block_m, mask_block_n, interpret,
-                       "attn_bwd_dq_dense", "attn_bwd_dq_sparse", "_attn_bwd_dq")
+    fn, tiles = _tiles(kern, "dq", bm, mask_block_m, mask_block_n, interpret, meta,
+                       q.element_size())
     grid = lambda META: (_cdiv(Nq, META["BLOCK_M"]), B * H)
     fn[grid](q, k, v, dout, lse, delta, dq, scale,
              *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
              H, H // Hkv, Nq, Nk, window_left, window_right,
+             kern.len_bucket(Nq), kern.len_bucket(Nk),
              *ptrs, *lstrides, *margs, **meta, **tiles)
     return dq, dk, dv
 

@@ -1,0 +1,15 @@
+"""The cuda backend (csrc/cuda, the fastattn._cuda extension) on a real GPU against the
+float64 oracle (cases: gpu_cases.py; the ones it does not serve, e.g. head dim 256, skip with
+its reason). Run by `make gpu-check` after it builds the extension; skipped without a GPU."""
+
+import pytest
+
+from gpu_cases import first_tile_without_autotuning  # noqa: F401  (autouse fixture)
+from gpu_cases import CASES, check_attention, requires_gpu
+
+pytestmark = requires_gpu
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_attention(name):
+    check_attention("cuda", name)
