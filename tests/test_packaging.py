@@ -45,7 +45,7 @@ def test_sdist_carries_every_build_source(sdist):
               for f in files if f.endswith(BUILD_SOURCES)}
     wanted |= {f"python_pkg/fastattn/{os.path.relpath(os.path.join(d, f), fastattn.__path__[0])}"
                for d, _, files in os.walk(fastattn.__path__[0])
-               for f in files if f.endswith(".py")}
+               for f in files if f.endswith(".py") or os.path.basename(d) == "data"}
     wanted |= {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "DESIGN.md"}
     assert any(w.startswith("csrc/cpu/isa/") for w in wanted)  # the walk found the kernels
     missing = sorted(wanted - inside)
