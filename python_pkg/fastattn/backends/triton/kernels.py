@@ -255,44 +255,21 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
     v = tl.load(V + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
     if DROPOUT:  # l_i sums the undropped P; dropped entries leave P.V (1/(1-p): epilogue)
         p = tl.where(_dropout_keep(dhash[:, None], _col_hash(offs_n, mods)[None, :], mods), p, 0.0)
-    if MASKED:  # non-finite policy: a NaN/inf in v reaches only the rows that see its key
-        bad = (v != v) | (v == float("inf")) | (v == float("-inf"))
-        nbad = tl.reduce(tl.reduce(bad.to(tl.int32), 1, tl.standard._elementwise_max), 0,
-                         tl.standard._elementwise_max)
-        if nbad > 0:
-            acc = _pv_nonfinite(acc, p, v, vis, bad, BLOCK_M, offs_dv.shape[0], DOT_UPCAST,
-                                DOT_PRECISION)
+    if MASKED:  # non-finite policy (DESIGN.md): a NaN/inf v row reaches only the rows that
+        # see its key. A plain P V gives 0 * NaN = NaN to every row of the block, so on a
+        # block with such rows they are zeroed for the product, and the rows that see one
+        # become NaN (whole rows: the triton kernels are exact per row, not per column).
+        badrow = _row_max(((v != v) | (v == float("inf")) | (v == float("-inf"))).to(tl.int32))
+        if tl.reduce(badrow, 0, tl.standard._elementwise_max) > 0:
+            acc = _dot(p.to(v.dtype), tl.where(badrow[:, None] > 0, 0.0, v).to(v.dtype), acc,
+                       DOT_UPCAST, DOT_PRECISION)
+            seen = _row_max((vis & (badrow[None, :] > 0)).to(tl.int32))
+            acc = tl.where(seen[:, None] > 0, float("nan"), acc)
         else:
             acc = _dot(p.to(v.dtype), v, acc, DOT_UPCAST, DOT_PRECISION)
     else:
         acc = _dot(p.to(v.dtype), v, acc, DOT_UPCAST, DOT_PRECISION)
     return acc, l_i, m_ij
-
-
-@triton.jit
-def _pv_nonfinite(acc, p, v, vis, bad, BLOCK_M: tl.constexpr, DV: tl.constexpr,
-                  DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # acc += P V on a masked block whose V holds NaN/inf (DESIGN.md, non-finite inputs): the
-    # finite part as one product with the bad entries zeroed; the bad entries by counting,
-    # per output (row, column), the visible keys whose v there is NaN, or inf times p == 0
-    # (NaN), or +inf / -inf times p > 0. A plain P V would give 0 * NaN = NaN in rows that
-    # do not see the key. Only runs when the block holds such a value.
-    acc = _dot(p.to(v.dtype), tl.where(bad, 0.0, v.to(tl.float32)).to(v.dtype), acc,
-               DOT_UPCAST, DOT_PRECISION)
-    vf = v.to(tl.float32)
-    isnan = (vf != vf).to(tl.float32)
-    pinf = (vf == float("inf")).to(tl.float32)
-    ninf = (vf == float("-inf")).to(tl.float32)
-    zero = tl.full([BLOCK_M, DV], 0.0, tl.float32)
-    nan_hits = tl.dot(vis.to(tl.float32), isnan, zero, input_precision="ieee")
-    nan_hits = tl.dot((vis & (p == 0.0)).to(tl.float32), pinf + ninf, nan_hits,
-                      input_precision="ieee")
-    pos = (vis & (p > 0.0)).to(tl.float32)
-    n_pinf = tl.dot(pos, pinf, zero, input_precision="ieee")
-    n_ninf = tl.dot(pos, ninf, zero, input_precision="ieee")
-    acc = tl.where(n_pinf > 0.0, float("inf"), acc)
-    acc = tl.where(n_ninf > 0.0, float("-inf"), acc)
-    return tl.where((nan_hits > 0.0) | ((n_pinf > 0.0) & (n_ninf > 0.0)), float("nan"), acc)
 
 
 # --------------------------------------------------------------------------- configs
