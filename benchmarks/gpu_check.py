@@ -8,20 +8,20 @@ run of about ten minutes, written to one results directory.
 Steps, each under its own time cap (seconds, scaled by --budget-scale); a failure or a
 timeout in one step does not stop the others:
 
-  build_cuda    (150) the CUDA extension for this GPU's arch only (FASTATTN_CUDA_ARCHS=<XY>;
+  build_cuda    (130) the CUDA extension for this GPU's arch only (FASTATTN_CUDA_ARCHS=<XY>;
                       its instantiations are head dims 64 and 128, fp16 and bf16, dense and
                       sparse), then an import check
-  tests_triton  (100) tests/gpu/test_gpu_triton.py: fp16/bf16, head dims 40/64/128/256,
+  tests_triton  (180) tests/gpu/test_gpu_triton.py: fp16/bf16, head dims 40/64/128/256,
                       dense/causal/window/block-sparse, GQA/MQA, ragged lengths, softcap,
                       ALiBi, dropout, decode; forward + backward against the float64 oracle
   tests_cuda     (40) tests/gpu/test_gpu_cuda.py (same cases, those the cuda backend serves)
                       and the GPU tests of tests/test_cuda_backend.py
-  sanitizer      (60) compute-sanitizer memcheck, racecheck, synccheck on one small causal
+  sanitizer      (90) compute-sanitizer memcheck, racecheck, synccheck on one small causal
                       forward + backward per kernel family (and a decode call for triton)
   int64          (30) a strided (B, N, H, D) view past 2^31 elements through each family
                       (windowed, so the work stays small) and a KV cache of >= 2^31 elements
                       through triton decode, checked on slices against the float64 oracle
-  bench         (200) TFLOP/s forward and forward+backward, bf16, head dims 64/128,
+  bench         (140) TFLOP/s forward and forward+backward, bf16, head dims 64/128,
                       N 1k-16k, causal and not: triton, cuda, torch SDPA, FlexAttention
 
 Results directory (default gpu_check_results/<UTC time>_<GPU>): results.json (versions, GPU,
@@ -52,8 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SCRIPT = str(Path(__file__).resolve())
-CAPS = {"build_cuda": 150, "tests_triton": 100, "tests_cuda": 40, "sanitizer": 60,
-        "int64": 30, "bench": 200}
+CAPS = {"build_cuda": 130, "tests_triton": 180, "tests_cuda": 40, "sanitizer": 90,
+        "int64": 30, "bench": 140}
 STEPS = tuple(CAPS)
 TEST_MODULES = {"tests_triton": ["tests/gpu/test_gpu_triton.py"],
                 "tests_cuda": ["tests/gpu/test_gpu_cuda.py", "tests/test_cuda_backend.py"]}

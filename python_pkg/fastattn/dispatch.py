@@ -155,6 +155,8 @@ def _gpu_auto(p: Problem | DecodeProblem, names) -> Backend | None:
       the first that does, with a one-time warning naming `make gpu-check`;
     - None otherwise: the priority ranking decides (e.g. sdpa with a boolean mask).
     """
+    if not torch.cuda.is_available():  # no GPU to ask: the ranking says why nothing serves it
+        return None
     arch = gpu_validation.device_arch(p.device)
     families = [n for n in GPU_FAMILIES if n in names and not reasons(n, p)]
     if isinstance(p, Problem) and gpu_validation.sdpa_native(p) and not reasons("sdpa", p):

@@ -153,8 +153,9 @@ def _decode_combine_kernel(
 
 
 # Split-kernel tiles per padded head dim: (row-tile cap BLOCK_M, BLOCK_N, num_warps), chosen
-# by ahead-of-time compiles (benchmarks/results/triton_compile_report.md, "decode"): every
-# BLOCK_M up to the cap compiles with 0 spills on sm_80 and sm_90 with softcap and ALiBi on.
+# by ahead-of-time compiles (fastattn.bench.triton_compile.decode_compile; the caps are
+# re-checked by tests/test_triton_compile.py): every BLOCK_M of 16, 32 and the cap compiled
+# with 0 spills on sm_80 and sm_90, fp16 and bf16, with softcap and ALiBi on.
 # Its fp32 accumulator is BLOCK_M x BLOCK_DV and q BLOCK_M x BLOCK_D per program, so a row
 # tile of 128 (e.g. GQA group 8 x 16 queries) spilled kilobytes at head dim 128; head dim 256
 # also needs the shorter key tile and 8 warps. The interpreter runs 16 x 16 tiles, so CPU tests
