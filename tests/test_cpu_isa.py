@@ -27,7 +27,7 @@ pytestmark = requires_cpu_ext
 from fastattn.backends.cpu import _C  # noqa: E402  (None when the extension is absent)
 
 RUNNABLE = list(_C.cpu_isas()) if _C is not None else []
-ALL = ["generic", "avx2", "avx512"]
+ALL = ["generic", "avx2", "avx512", "avx512bf16"]
 
 
 @pytest.fixture(params=ALL)
@@ -67,8 +67,9 @@ def test_variant_matches_oracle(isa, B, Hq, Hkv, Nq, Nk, D, Dv, masks, dtype):
     check_against_oracle(_call(**masks), q, k, v, window=window)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("pattern", ["bigbird", "sliding_window_tall", "from_mask_fn"])
-def test_variant_block_sparse_matches_oracle(isa, pattern):
+def test_variant_block_sparse_matches_oracle(isa, pattern, dtype):
     N = 320
     bm = {
         "bigbird": lambda: fs.bigbird(N, bigbird_block_size=32, num_random_blocks=2, seed=1),
@@ -76,8 +77,62 @@ def test_variant_block_sparse_matches_oracle(isa, pattern):
         "from_mask_fn": lambda: fs.from_mask_fn(lambda b, h, i, j: (i + 2 * j) % 7 != 0, N, N,
                                                 block_size=(32, 48)),
     }[pattern]()
-    q, k, v = make_qkv(1, 2, 1, N, N, 48, torch.float32)
+    q, k, v = make_qkv(1, 2, 1, N, N, 48, dtype)
     check_against_oracle(_call(block_mask=bm), q, k, v, mask=bm.to_dense())
+
+
+# ---------------------------------------------------------------- the bfloat16 dot-product path
+
+def _bf16_dot_calls(fn):
+    from fastattn.backends.cpu import kernel_stats
+    kernel_stats(reset=True)
+    fn()
+    st = kernel_stats(reset=True)
+    return st["fwd_bf16_dot"], st["bwd_bf16_dot"]
+
+
+def test_bf16_dot_path_serves_bfloat16_only_on_its_variant(isa):
+    """The avx512bf16 variant runs bfloat16 inputs through its vdpbf16ps products (forward
+    and backward); every other variant, and other dtypes, take the float32 products."""
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        q, k, v = make_qkv(1, 2, 1, 70, 90, 32, dtype)
+        calls = _bf16_dot_calls(lambda: fastattn.attention(q, k, v, causal=True, backend="cpu").sum().backward())
+        want = 1 if isa == "avx512bf16" and dtype == torch.bfloat16 else 0
+        assert calls == (want, want), (dtype, calls)
+
+
+def test_bf16_dot_path_steps_aside_for_odd_tiles():
+    """Odd block-mask tile sizes (a pair would straddle two tiles) run the float32 products,
+    correctly. (Non-finite inputs stay on the bf16 path: test_nonfinite.py runs its bf16
+    cases on the best variant.)"""
+    if "avx512bf16" not in RUNNABLE:
+        pytest.skip(f"this CPU cannot run the avx512bf16 variant (runnable: {RUNNABLE})")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTATTN_CPU_ISA", "avx512bf16")
+    try:
+        q, k, v = make_qkv(1, 2, 1, 99, 99, 32, torch.bfloat16)
+        bm = fs.from_mask_fn(lambda b, h, i, j: j <= i, 99, 99, block_size=(33, 33))
+        fn = _call(block_mask=bm)
+        assert _bf16_dot_calls(lambda: fn(q, k, v)[0].sum().backward()) == (0, 0)
+        check_against_oracle(fn, q, k, v, mask=bm.to_dense())
+    finally:
+        mp.undo()
+
+
+def test_bf16_dot_path_matches_oracle_on_long_rows():
+    """Dense and causal rows spanning several merged forward spans (> 512 keys), head dim 128,
+    GQA, odd lengths: the P V and dS K pairs cross span and tile edges."""
+    if "avx512bf16" not in RUNNABLE:
+        pytest.skip(f"this CPU cannot run the avx512bf16 variant (runnable: {RUNNABLE})")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FASTATTN_CPU_ISA", "avx512bf16")
+    try:
+        for causal, (Nq, Nk) in ((False, (131, 1301)), (True, (1001, 1001))):
+            q, k, v = make_qkv(1, 4, 2, Nq, Nk, 128, torch.bfloat16)
+            check_against_oracle(_call(causal=causal), q, k, v,
+                                 window=fastattn._validate.normalize_window(None, causal))
+    finally:
+        mp.undo()
 
 
 @pytest.mark.parametrize("mods", [dict(softcap=5.0), dict(alibi_slopes=torch.tensor([0.3, 0.05])),
@@ -142,10 +197,11 @@ def _fwd_bwd(q, k, v, **kw):
                                 dict(block_mask=fs.sliding_window(333, 333, 60, causal=True,
                                                                   block_size=(64, 32)))],
                          ids=["causal", "window", "block_mask"])
-def test_bitwise_identical_across_runs_and_thread_counts(isa, kw):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bitwise_identical_across_runs_and_thread_counts(isa, kw, dtype):
     # B * Hkv = 1 < 8: the backward splits dQ over key tiles; the split count must not
     # follow the thread count, or dQ's summation order (and its bits) would.
-    q, k, v = make_qkv(1, 4, 1, 333, 333, 40, torch.float32)
+    q, k, v = make_qkv(1, 4, 1, 333, 333, 40, dtype)
     n = torch.get_num_threads()
     runs = []
     try:
@@ -226,12 +282,22 @@ def test_avx_instructions_only_inside_the_per_isa_variants():
     avx = {f for f, (any_avx, _) in funcs.items() if any_avx}
     avx512 = {f for f, (_, z) in funcs.items() if z}
     in_avx2 = lambda f: "fastattn::cpu::avx2::" in f
-    in_avx512 = lambda f: "fastattn::cpu::avx512::" in f
+    in_avx512 = lambda f: "fastattn::cpu::avx512::" in f or "fastattn::cpu::avx512bf16::" in f
     # the variants exist and really use their ISA
     assert any(in_avx2(f) for f in avx) and any(in_avx512(f) for f in avx512)
     assert not any(in_avx2(f) for f in avx512), "the avx2 variant holds AVX-512 instructions"
     stray = sorted(f for f in avx if not (in_avx2(f) or in_avx512(f)))
     assert not stray, f"AVX instructions outside the per-ISA variants: {stray[:10]}"
+    # bfloat16 dot products only in the avx512bf16 variant
+    bf16_funcs = set()
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if m:
+            name = m.group(1)
+        elif name is not None and re.search(r"\bvdpbf16ps\b", line):
+            bf16_funcs.add(name)
+    assert bf16_funcs and all("fastattn::cpu::avx512bf16::" in f for f in bf16_funcs), sorted(bf16_funcs)[:5]
     # no AMX anywhere (no AMX variant is built)
     assert not re.search(r"\b(tdpbf16ps|tileloadd|tilestored|ldtilecfg)\b", text)
 

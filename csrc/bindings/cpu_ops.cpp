@@ -192,6 +192,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     s += ", kernel variants built: generic";
     if (fastattn::cpu::kernels_avx2()) s += ", avx2";
     if (fastattn::cpu::kernels_avx512()) s += ", avx512";
+    if (fastattn::cpu::kernels_avx512bf16()) s += ", avx512bf16";
     return s;
   });
   m.def("kernel_stats", []() {
@@ -207,6 +208,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["bwd_visits"] = st.bwd_visits;
     d["fwd_threads"] = bits(st.fwd_threads);
     d["bwd_threads"] = bits(st.bwd_threads);
+    d["fwd_bf16_dot"] = st.fwd_bf16_dot;
+    d["bwd_bf16_dot"] = st.bwd_bf16_dot;
     return d;
   }, "block visits of the cpu forward/backward since the last reset, and the threads that "
      "ran the last call's tasks (csrc/cpu/kernel_stats.h)");

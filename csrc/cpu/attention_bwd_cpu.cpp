@@ -48,12 +48,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   auto rows_f32 = [](const at::Tensor& x, int64_t cols) {
     return x.scalar_type() == at::kFloat && x.size(3) == cols ? x.contiguous() : padded_f32(x, x.size(2), cols);
   };
-  at::Tensor q32 = rows_f32(q, s.Dp);                         // (B, Hq, Nq, Dp)
-  at::Tensor qs = padded_f32(q, s.Nq, s.Dp, scale * log2e);   // scaled, log2 units
-  at::Tensor kt = key_panels(k, s.NKB, BN, s.BNp);            // (B, Hkv, NKB, D, BNp)
-  at::Tensor k32 = rows_f32(k, s.Dp);                         // (B, Hkv, Nk, Dp)
-  at::Tensor vt = key_panels(v, s.NKB, BN, s.BNp);            // (B, Hkv, NKB, Dv, BNp)
-  at::Tensor do32 = rows_f32(dout, s.Dvp);                    // (B, Hq, Nq, Dvp)
+  a.bf16 = use_bf16_dot(kern, q, k, v, BM, BN);
+  at::Tensor q32, qs, kt, k32, vt, do32, doT;
+  if (a.bf16) {  // bfloat16 paired operands (kernel_args.h)
+    q32 = padded_as(q, s.Nq, s.Dp, at::kBFloat16);               // qb  (B, Hq, Nq, Dp)
+    qs = transposed_bf16(q, s.Dp);                                // qT  (B, Hq, Dp, NqE)
+    kt = key_panels_paired_bf16(k, s.NKB, BN, s.BNp, s.Dp);       // kt2 (B, Hkv, NKB, Dp/2, BNp, 2)
+    k32 = row_pairs_bf16(k, s.NKB * BN, s.Dp);                    // k2  (B, Hkv, NKB*BN/2, Dp, 2)
+    vt = key_panels_paired_bf16(v, s.NKB, BN, s.BNp, s.Dvp);      // vt2 (B, Hkv, NKB, Dvp/2, BNp, 2)
+    do32 = padded_as(dout, s.Nq, s.Dvp, at::kBFloat16);          // dob (B, Hq, Nq, Dvp)
+    doT = transposed_bf16(dout, s.Dvp);                           // doT (B, Hq, Dvp, NqE)
+    a.qb = u16(q32), a.qT = u16(qs), a.kt2 = u16(kt), a.k2 = u16(k32), a.vt2 = u16(vt), a.dob = u16(do32);
+    a.doT = u16(doT);
+  } else {
+    q32 = rows_f32(q, s.Dp);                          // (B, Hq, Nq, Dp)
+    qs = padded_f32(q, s.Nq, s.Dp, scale * log2e);    // scaled, log2 units
+    kt = key_panels(k, s.NKB, BN, s.BNp);             // (B, Hkv, NKB, D, BNp)
+    k32 = rows_f32(k, s.Dp);                          // (B, Hkv, Nk, Dp)
+    vt = key_panels(v, s.NKB, BN, s.BNp);             // (B, Hkv, NKB, Dv, BNp)
+    do32 = rows_f32(dout, s.Dvp);                     // (B, Hq, Nq, Dvp)
+    a.q = q32.data_ptr<float>();
+    a.qs = qs.data_ptr<float>();
+    a.kt = kt.data_ptr<float>();
+    a.k = k32.data_ptr<float>();
+    a.vt = vt.data_ptr<float>();
+    a.dout = do32.data_ptr<float>();
+  }
   at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);  // (B, Hq, Nq)
   if (dlse.has_value() && dlse->defined()) delta = delta - dlse->to(at::kFloat);
   delta = delta.contiguous();
@@ -64,12 +84,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor dq_acc = at::zeros({a.S, s.B, s.Hq, s.Nq, s.Dp}, q.options().dtype(at::kFloat));
   at::Tensor dk32 = at::empty({s.B, s.Hkv, s.Nk, s.Dp}, q.options().dtype(at::kFloat));
   at::Tensor dv32 = at::empty({s.B, s.Hkv, s.Nk, s.Dvp}, q.options().dtype(at::kFloat));
-  a.q = q32.data_ptr<float>();
-  a.qs = qs.data_ptr<float>();
-  a.kt = kt.data_ptr<float>();
-  a.k = k32.data_ptr<float>();
-  a.vt = vt.data_ptr<float>();
-  a.dout = do32.data_ptr<float>();
   a.delta = delta.data_ptr<float>();
   a.lse2 = lse2.data_ptr<float>();
   a.dq = dq_acc.data_ptr<float>();
@@ -79,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const int64_t scratch = kern.bwd_scratch_floats(a);
   KernelStats& stats = kernel_stats();
   a.visits = &stats.bwd_visits;
+  if (a.bf16) add_visits(&stats.bwd_bf16_dot, 1);
   __atomic_store_n(&stats.bwd_threads, uint64_t{0}, __ATOMIC_RELAXED);
   at::parallel_for(0, units * a.S, 1, [&](int64_t begin, int64_t end) {
     Scratch buf(scratch);

@@ -46,18 +46,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   a.q = qc.data_ptr();
   a.sq_b = qc.stride(0), a.sq_h = qc.stride(1), a.sq_n = qc.stride(2);
   a.scale_log2 = static_cast<float>(scale) * 1.4426950408889634f;
-  at::Tensor kt = key_panels(k, s.NKB, BN, s.BNp);  // (B, Hkv, NKB, D, BNp)
-  const bool f32 = q.scalar_type() == at::kFloat, whole = s.Dv == s.Dvp;
-  at::Tensor v32 = f32 && whole && v.stride(3) == 1 ? v : padded_f32(v, s.Nk, s.Dvp);
-  at::Tensor out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
-  at::Tensor out32 = f32 && whole ? out : at::empty({s.B, s.Hq, s.Nq, s.Dvp}, q.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options().dtype(at::kFloat));
-  a.kt = kt.data_ptr<float>();
-  a.v = v32.data_ptr<float>();
-  a.ldv = v32.stride(2), a.sv_b = v32.stride(0), a.sv_h = v32.stride(1);
-  a.out = out32.data_ptr<float>();
-  a.ldo = out32.stride(2), a.so_b = out32.stride(0), a.so_h = out32.stride(1);
-  a.lse = lse.data_ptr<float>();
   // Non-finite policy (DESIGN.md): V rows holding NaN/inf reach only the rows that see them.
   // One O(N * Dv) check; the per-key flags exist only when some value is not finite.
   at::Tensor vbad;
@@ -65,10 +53,32 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     vbad = at::logical_not(at::isfinite(v)).any(-1).contiguous();  // (B, Hkv, Nk) bool
     a.vbad = reinterpret_cast<const uint8_t*>(vbad.data_ptr<bool>());
   }
+  a.bf16 = use_bf16_dot(kern, q, k, v, BM, BN);
+  const bool f32 = q.scalar_type() == at::kFloat, whole = s.Dv == s.Dvp;
+  at::Tensor kt, v32;
+  if (a.bf16) {  // bfloat16 paired operands (kernel_args.h)
+    kt = key_panels_paired_bf16(k, s.NKB, BN, s.BNp, s.Dp);  // (B, Hkv, NKB, Dp/2, BNp, 2)
+    v32 = row_pairs_bf16(v, s.NKB * BN, s.Dvp);              // (B, Hkv, NKB*BN/2, Dvp, 2)
+    a.kt2 = u16(kt);
+    a.v2 = u16(v32);
+  } else {
+    kt = key_panels(k, s.NKB, BN, s.BNp);  // (B, Hkv, NKB, D, BNp)
+    v32 = f32 && whole && v.stride(3) == 1 ? v : padded_f32(v, s.Nk, s.Dvp);
+    a.kt = kt.data_ptr<float>();
+    a.v = v32.data_ptr<float>();
+    a.ldv = v32.stride(2), a.sv_b = v32.stride(0), a.sv_h = v32.stride(1);
+  }
+  at::Tensor out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
+  at::Tensor out32 = f32 && whole ? out : at::empty({s.B, s.Hq, s.Nq, s.Dvp}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options().dtype(at::kFloat));
+  a.out = out32.data_ptr<float>();
+  a.ldo = out32.stride(2), a.so_b = out32.stride(0), a.so_h = out32.stride(1);
+  a.lse = lse.data_ptr<float>();
 
   const int64_t scratch = kern.fwd_scratch_floats(a);
   KernelStats& stats = kernel_stats();
   a.visits = &stats.fwd_visits;
+  if (a.bf16) add_visits(&stats.fwd_bf16_dot, 1);
   __atomic_store_n(&stats.fwd_threads, uint64_t{0}, __ATOMIC_RELAXED);
   at::parallel_for(0, s.B * s.Hq * a.NQT, 1, [&](int64_t begin, int64_t end) {
     Scratch buf(scratch);

@@ -29,6 +29,14 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 struct Variant {
   const char* name;
   const KernelTable* (*table)();
@@ -42,6 +50,7 @@ const Variant kVariants[] = {
     {"generic", &kernels_generic, &always},
     {"avx2", &kernels_avx2, &cpu_has_avx2},
     {"avx512", &kernels_avx512, &cpu_has_avx512},
+    {"avx512bf16", &kernels_avx512bf16, &cpu_has_avx512bf16},
 };
 
 }  // namespace
@@ -87,6 +96,7 @@ std::string isa_report() {
   std::string s = "cpu features:";
   s += cpu_has_avx2() ? " avx2+fma" : "";
   s += cpu_has_avx512() ? " avx512(f,bw,vl,dq)" : "";
+  s += cpu_has_avx512bf16() ? " avx512_bf16" : "";
   s += "; kernel variants runnable: ";
   std::string r;
   for (const auto& n : runnable_isas()) r += (r.empty() ? "" : ", ") + n;

@@ -39,6 +39,18 @@ struct SparseLists {
 //   k   (B, Hkv, Nk, Dp)         rows of K (backward: dQ += dS K)
 //   v   (B, Hkv, NKB*BN, Dvp)    rows of V: O += P V
 //   vt  (B, Hkv, NKB, Dv, BNp)   V^T panels (backward: dP = dO V^T)
+// The bfloat16 dot-product path (variants with bf16_dot, bfloat16 inputs; isa/gemm_bf16.h)
+// takes bfloat16 operands instead, "paired": element pairs along the product's summed
+// dimension sit next to each other, one 32-bit word per output column (the VNNI layout
+// vdpbf16ps reads). NqE = Nq rounded up to even; NKB*BN is even (BN is):
+//   kt2 (B, Hkv, NKB, Dp/2, BNp, 2)   K^T panels, pairs of d          S = Q K^T
+//   v2  (B, Hkv, NKB*BN/2, Dvp, 2)    V, pairs of keys                O += P V
+//   qb  (B, Hq, Nq, Dp)               Q rows (A operand of S)
+//   qT  (B, Hq, Dp, NqE)              Q^T rows (A operand of dK^T += Q^T dS)
+//   k2  (B, Hkv, NKB*BN/2, Dp, 2)     K, pairs of keys                dQ += dS K
+//   vt2 (B, Hkv, NKB, Dvp/2, BNp, 2)  V^T panels, pairs of dv         dP = dO V^T
+//   dob (B, Hq, Nq, Dvp)              dO rows (A operand of dP)
+//   doT (B, Hq, Dvp, NqE)             dO^T rows (A operand of dV^T += dO^T P)
 constexpr int64_t kPad = 16;
 
 struct Shape {
@@ -64,6 +76,9 @@ struct FwdArgs {
   SparseLists lists;
   ScoreMods mods;
   int64_t* visits = nullptr;  // += blocks computed (kernel_stats.h), or null
+  // bfloat16 dot-product path (only with a bf16_dot table; then kt and v are unused)
+  bool bf16 = false;
+  const uint16_t *kt2 = nullptr, *v2 = nullptr;
 };
 
 struct BwdArgs {
@@ -80,6 +95,11 @@ struct BwdArgs {
   SparseLists lists;
   ScoreMods mods;
   int64_t* visits = nullptr;  // += blocks computed (kernel_stats.h), or null
+  // bfloat16 dot-product path (only with a bf16_dot table; then q, qs, kt, k, vt, dout are
+  // unused): the paired layouts above
+  bool bf16 = false;
+  const uint16_t *qb = nullptr, *qT = nullptr, *kt2 = nullptr, *k2 = nullptr, *vt2 = nullptr, *dob = nullptr,
+                 *doT = nullptr;
 };
 
 // Split-KV decode (decode_cpu.cpp drives, isa/decode_kernels.h computes phase 1): a task is
@@ -101,7 +121,7 @@ struct DecodeArgs {
 
 // Per-thread scratch the drivers allocate: scratch_floats(...) floats, 64-byte aligned.
 struct KernelTable {
-  const char* name;      // "generic", "avx2", "avx512"
+  const char* name;      // "generic", "avx2", "avx512", "avx512bf16"
   // forward: tasks [begin, end) of B * Hq * NQT
   void (*fwd_tasks)(const FwdArgs&, int64_t begin, int64_t end, float* scratch);
   int64_t (*fwd_scratch_floats)(const FwdArgs&);
@@ -111,6 +131,8 @@ struct KernelTable {
   // decode phase 1: tasks [begin, end) of B * Hkv * S
   void (*decode_tasks)(const DecodeArgs&, int64_t begin, int64_t end, float* scratch);
   int64_t (*decode_scratch_floats)(const DecodeArgs&);
+  // true: fwd/bwd take the bfloat16 paired operands (args.bf16) for bfloat16 inputs
+  bool bf16_dot = false;
 };
 
 }  // namespace fastattn::cpu

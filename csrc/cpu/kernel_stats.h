@@ -2,7 +2,8 @@
 // (fastattn.backends.cpu.kernel_stats()): how many mask blocks the forward and backward
 // computed -- one per (batch, head, query block, key block) visited, so a block-sparse call
 // counts exactly its listed blocks -- and which at::parallel_for threads ran the tasks of the
-// last call. Relaxed atomics, one update per task chunk: free next to the tile products.
+// last call, and how many forward/backward calls took the bfloat16 dot-product path
+// (kernel_args.h). Relaxed atomics, one update per task chunk: free next to the tile products.
 // Concurrent calls add into the same counters (the thread sets then mix).
 #pragma once
 
@@ -15,6 +16,7 @@ namespace fastattn::cpu {
 struct KernelStats {
   int64_t fwd_visits = 0, bwd_visits = 0;
   uint64_t fwd_threads = 0, bwd_threads = 0;  // bit t: thread t ran a task of the last call
+  int64_t fwd_bf16_dot = 0, bwd_bf16_dot = 0;  // calls that ran the bfloat16 products
 };
 
 inline KernelStats& kernel_stats() {

@@ -37,6 +37,46 @@ inline at::Tensor key_panels(const at::Tensor& x, int64_t NKB, int64_t BN, int64
   return out;
 }
 
+// ---- bfloat16 paired layouts (kernel_args.h) for the bf16 dot-product kernels
+
+// x (B, H, N, C) -> dtype (B, H, rows, cols), zero-padded.
+inline at::Tensor padded_as(const at::Tensor& x, int64_t rows, int64_t cols, at::ScalarType dt) {
+  at::Tensor out = at::zeros({x.size(0), x.size(1), rows, cols}, x.options().dtype(dt));
+  out.narrow(2, 0, x.size(2)).narrow(3, 0, x.size(3)).copy_(x);
+  return out;
+}
+
+// x (B, H, N, C) -> (B, H, rows/2, cols, 2) bfloat16: pairs of consecutive rows (rows even).
+inline at::Tensor row_pairs_bf16(const at::Tensor& x, int64_t rows, int64_t cols) {
+  const int64_t B = x.size(0), H = x.size(1);
+  return padded_as(x, rows, cols, at::kBFloat16).view({B, H, rows / 2, 2, cols}).transpose(3, 4).contiguous();
+}
+
+// x (B, H, N, C) -> (B, H, NKB, Cp/2, BNp, 2) bfloat16: per key tile, x^T with pairs of C.
+inline at::Tensor key_panels_paired_bf16(const at::Tensor& x, int64_t NKB, int64_t BN, int64_t BNp, int64_t Cp) {
+  const int64_t B = x.size(0), H = x.size(1);
+  at::Tensor t = at::zeros({B, H, NKB, BNp, Cp}, x.options().dtype(at::kBFloat16));
+  t.narrow(3, 0, BN).copy_(padded_as(x, NKB * BN, Cp, at::kBFloat16).view({B, H, NKB, BN, Cp}));
+  return t.view({B, H, NKB, BNp, Cp / 2, 2}).permute({0, 1, 2, 4, 3, 5}).contiguous();
+}
+
+// x (B, H, N, C) -> (B, H, Cp, round_up(N, 2)) bfloat16: x^T rows, zero-padded.
+inline at::Tensor transposed_bf16(const at::Tensor& x, int64_t Cp) {
+  return padded_as(x, pad_to(x.size(2), 2), Cp, at::kBFloat16).transpose(2, 3).contiguous();
+}
+
+// The bfloat16 dot-product kernels serve a call when the variant has them, q, k and v are
+// all bfloat16 and tiles have even sizes (a key or query pair never straddles two tiles or
+// slices; a tile's odd last key pairs with zero padding). Forward and backward decide alike,
+// so both compute the same S.
+inline bool use_bf16_dot(const KernelTable& kern, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         int64_t BM, int64_t BN) {
+  return kern.bf16_dot && q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+         v.scalar_type() == at::kBFloat16 && BM % 2 == 0 && BN % 2 == 0;
+}
+
+inline const uint16_t* u16(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+
 inline Elem elem_of(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? Elem::kF32 : (t.scalar_type() == at::kBFloat16 ? Elem::kBF16 : Elem::kF16);
 }

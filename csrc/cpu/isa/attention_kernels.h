@@ -30,6 +30,9 @@
 
 #include "cpu/isa/gemm.h"
 #include "cpu/isa/vec.h"
+#ifdef FASTATTN_BF16_DOT
+#include "cpu/isa/gemm_bf16.h"  // the bfloat16 products (avx512bf16 variant only)
+#endif
 #include "cpu/kernel_args.h"
 #include "cpu/kernel_math.h"
 #include "cpu/score_mods.h"
@@ -39,6 +42,16 @@ namespace fastattn::cpu {
 inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// True in variants built with the bfloat16 products (isa/gemm_bf16.h): with args.bf16 set,
+// the tile products take bfloat16 operands (Q, K, V as given; P and dS rounded to bfloat16,
+// as FlashAttention does for 16-bit inputs) and accumulate in float32. The softmax, masks,
+// score modifiers and every accumulator stay float32, the same code as the float32 path.
+#ifdef FASTATTN_BF16_DOT
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
+#endif
 
 // Zigzag order of query tiles so contiguous task ranges mix light and heavy causal tiles.
 inline int64_t zigzag(int64_t k, int64_t n) { return (k & 1) ? n - 1 - (k >> 1) : (k >> 1); }
@@ -185,6 +198,35 @@ inline void to_f32(float* dst, const void* src, int64_t off, int64_t n, Elem e) 
   }
 }
 
+#ifdef FASTATTN_BF16_DOT
+// pv_nonfinite_keys for the bfloat16 products: p is the tile's bfloat16 P (row stride ld), v2
+// its paired V (pairs of keys from j0, Dvp words each). Bad keys get their p * v added in
+// float32 to the rows that see them (the same bfloat16 p the product would use),
+// and the product then runs on a copy (vtmp2) with those keys' lanes zeroed. Returns the
+// paired V the tile's product should read (v2 itself when no key of the tile is bad).
+inline const uint16_t* pv_nonfinite_keys_bf16(const uint16_t* p, int64_t ld, int64_t i0, int64_t m, int64_t j0,
+                                              int64_t n, const WindowRule& w, const uint8_t* bits,
+                                              int64_t bits_ld, const uint8_t* bad, const uint16_t* v2,
+                                              float* acc, int64_t Dvp, uint16_t* vtmp2) {
+  if (std::none_of(bad, bad + n, [](uint8_t x) { return x != 0; })) return v2;
+  std::copy(v2, v2 + (n + 1) / 2 * Dvp * 2, vtmp2);
+  for (int64_t c = 0; c < n; ++c) {
+    if (!bad[c]) continue;
+    const uint16_t* vc = v2 + (c / 2) * Dvp * 2 + (c & 1);  // element d at vc[2 d]
+    for (int64_t d = 0; d < Dvp; ++d) vtmp2[(c / 2) * Dvp * 2 + 2 * d + (c & 1)] = 0;
+    for (int64_t r = 0; r < m; ++r) {
+      int64_t a, b;
+      w.row_range(i0 + r, j0, j0 + n, a, b);
+      if (j0 + c < a || j0 + c >= b || (bits != nullptr && !bits[r * bits_ld + c])) continue;
+      const float pr = bf16_bits_to_float(p[r * ld + c]);
+      float* ar = acc + r * Dvp;
+      for (int64_t d = 0; d < Dvp; ++d) ar[d] += pr * bf16_bits_to_float(vc[2 * d]);
+    }
+  }
+  return vtmp2;
+}
+#endif
+
 // One online-softmax step of a score row (log2 units, nW columns, mx = its maximum): the
 // running max m and sum l move on, the output row acc (dv floats) is rescaled, and the row
 // becomes its probabilities exp2(S - m') (all 0 while the row has seen nothing visible).
@@ -211,6 +253,7 @@ inline int64_t span_ld(const Shape& s) { return span_merge(s) ? kSpanKeys : s.BN
 inline int64_t fwd_scratch_floats(const FwdArgs& a) {
   return a.TM * span_ld(a.s) + a.TM * a.s.Dvp + 2 * round_up(a.TM, kPad) + a.TM * kW + a.TM * a.s.Dp +
          (a.vbad != nullptr ? a.s.BN * a.s.Dvp : 0) +  // V tile copy for non-finite V
+         (a.bf16 ? a.TM * (a.s.Dp + span_ld(a.s)) / 2 + kPad : 0) +  // bfloat16 Q rows and P
          4 * (a.s.NKB + 1);  // + the visit list (16 bytes a visit)
 }
 
@@ -236,7 +279,12 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
   float* qp = rmax + TM * kW;               // (TM, Dp) this task's scaled queries
   std::fill(qp, qp + TM * Dp, 0.f);
   float* vtmp = qp + TM * Dp;                // (BN, Dvp) V tile copy, only with a.vbad
-  Visit* visits = reinterpret_cast<Visit*>(vtmp + (a.vbad != nullptr ? s.BN * Dvp : 0));  // (NKB)
+  float* bfs = vtmp + (a.vbad != nullptr ? s.BN * Dvp : 0);
+  const bool bf = kBf16Dot && a.bf16;       // bfloat16 products
+  uint16_t* qb = reinterpret_cast<uint16_t*>(bfs);  // (TM, Dp) bfloat16 Q rows, unscaled
+  [[maybe_unused]] uint16_t* pb = qb + TM * Dp;                       // (TM, LS) bfloat16 P
+  if (bf) std::fill(qb, qb + TM * Dp, uint16_t{0});
+  Visit* visits = reinterpret_cast<Visit*>(bfs + (bf ? TM * (Dp + LS) / 2 + kPad : 0));  // (NKB)
   const WindowRule w(s.Nq, s.Nk, s.left, s.right);
   const ScoreMods& mods = a.mods;
   const bool has_mods = mods.softcap > 0.f || mods.slopes != nullptr;  // score changes
@@ -249,8 +297,13 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
     const int64_t b = bh / s.Hq, h = bh % s.Hq, hk = h / group;
     const int64_t m = std::min(TM, s.Nq - i0);
     for (int64_t r = 0; r < m; ++r) {  // Q rows in log2 units: (Q * scale * log2e)
+      const int64_t off = b * a.sq_b + h * a.sq_h + (i0 + r) * a.sq_n;
+      if (bf) {  // bfloat16 path: rows as given; the S product scales its float32 result
+        std::memcpy(qb + r * Dp, static_cast<const uint16_t*>(a.q) + off, D * sizeof(uint16_t));
+        continue;
+      }
       float* qr = qp + r * Dp;
-      to_f32(qr, a.q, b * a.sq_b + h * a.sq_h + (i0 + r) * a.sq_n, D, a.q_elem);
+      to_f32(qr, a.q, off, D, a.q_elem);
       for (int64_t d = 0; d < D; ++d) qr[d] *= a.scale_log2;
     }
     const float* kt_h = a.kt + (b * s.Hkv + hk) * s.NKB * D * BNp;
@@ -288,6 +341,15 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         for (int64_t r = 0; r < m; ++r) vstore(rmax + r * kW, vsplat(kNegInf));
       for (int64_t u = 0; u < tiles; ++u) {
         const int64_t nu = tiles == 1 ? n : std::min(s.BN, s.Nk - (vis.t + u) * s.BN);
+        if (bf) {
+#ifdef FASTATTN_BF16_DOT
+          const uint16_t* panel = a.kt2 + (((b * s.Hkv + hk) * s.NKB + vis.t + u) * (Dp / 2) * BNp + skip) * 2;
+          if (fused_max)
+            gemm_bf16<false, true, true>(m, nu, Dp / 2, qb, Dp, panel, BNp, st + u * s.BN, LS, a.scale_log2, rmax);
+          else gemm_bf16<false, true>(m, nu, Dp / 2, qb, Dp, panel, BNp, st + u * s.BN, LS, a.scale_log2);
+#endif
+          continue;
+        }
         const float* panel = kt_h + (vis.t + u) * D * BNp + skip;
         if (fused_max) gemm<false, false, true>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS, rmax);
         else gemm<false, false>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS);
@@ -303,6 +365,18 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         online_softmax_row(row, nW, mx, m_i[r], l_i[r], acc + r * Dvp, Dvp);
       }
       if (dropout) apply_dropout_rows(st, LS, i0, m, j0, n, mods, bh, s.Nq);
+      if (bf) {
+#ifdef FASTATTN_BF16_DOT
+        // acc += P V with P rounded to bfloat16: (m, n) x (n, Dv), key pairs from j0 (even)
+        rows_to_bf16(st, LS, m, n, pb, LS);
+        const uint16_t* v2 = a.v2 + ((b * s.Hkv + hk) * (s.NKB * s.BN / 2) + j0 / 2) * Dvp * 2;
+        if (!vis.full && a.vbad != nullptr)  // non-finite V rows: only to the rows that see them
+          v2 = pv_nonfinite_keys_bf16(pb, LS, i0, m, j0, n, w, bits, s.BN, a.vbad + (b * s.Hkv + hk) * s.Nk + j0,
+                                      v2, acc, Dvp, reinterpret_cast<uint16_t*>(vtmp));
+        gemm_bf16<true>(m, Dvp, (n + 1) / 2, pb, LS, v2, Dvp, acc, Dvp);
+#endif
+        continue;
+      }
       const float* vj = v_h + j0 * a.ldv;
       int64_t ldv = a.ldv;
       if (!vis.full && a.vbad != nullptr &&  // non-finite V rows: only to the rows that see them
@@ -333,7 +407,8 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
 inline int64_t bwd_scratch_floats(const BwdArgs& a) {
   const Shape& s = a.s;
   const bool softcap = a.mods.softcap > 0.f, dropout = has_dropout(a.mods);
-  return a.TM * s.BNp * (2 + softcap + dropout) + s.BN * (s.Dp + s.Dvp) + round_up(a.TM, kPad);
+  return a.TM * s.BNp * (2 + softcap + dropout) + s.BN * (s.Dp + s.Dvp) + round_up(a.TM, kPad) +
+         (a.bf16 ? (a.TM + 2) * s.BNp * 3 / 2 + (s.Dp + s.Dvp) * s.BNp + kPad : 0);  // bfloat16 path
 }
 
 inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scratch) {
@@ -352,6 +427,17 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
   float* dk_acc = pdrop + (dropout ? TM * BNp : 0);  // (BN, Dp)
   float* dv_acc = dk_acc + BN * Dp;              // (BN, Dvp)
   uint32_t* rowh = reinterpret_cast<uint32_t*>(dv_acc + BN * Dvp);  // (TM) dropout row hashes
+  // bfloat16 path: dK and dV accumulate transposed (dK^T += Q^T dS, dV^T += dO^T P), so
+  // every A operand is a row-major bfloat16 array the driver made once, and only P and dS
+  // are converted per tile (paired along rows, or plain rows for dQ += dS K)
+  const bool bf = kBf16Dot && a.bf16;
+  [[maybe_unused]] const int64_t NqE = round_up(s.Nq, 2), TME = round_up(TM, 2);
+  float* dkT = reinterpret_cast<float*>(rowh) + round_up(TM, kPad);  // (Dp, BNp)
+  float* dvT = dkT + Dp * BNp;                                         // (Dvp, BNp)
+  uint16_t* pp = reinterpret_cast<uint16_t*>(dvT + Dvp * BNp);        // (TME/2, BNp, 2) P paired
+  uint16_t* dsp = pp + TME * BNp;                                      // (TME/2, BNp, 2) dS paired
+  [[maybe_unused]] uint16_t* dsb = dsp + TME * BNp;                                     // (TM, BNp) dS rows
+  [[maybe_unused]] const float scale_log2 = a.scale * 1.4426950408889634f;  // the forward's float product
   int64_t visited = 0;  // blocks computed
 
   for (int64_t task = begin; task < end; ++task) {
@@ -363,8 +449,13 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
     float* dq_split = a.dq + split * s.B * s.Hq * s.Nq * Dp;
     for (int64_t kt = split; kt < s.NKB; kt += a.S) {
       const int64_t j0 = kt * BN, n = std::min(BN, s.Nk - j0);
-      vzero(dk_acc, n * Dp);
-      vzero(dv_acc, n * Dvp);
+      if (bf) {
+        vzero(dkT, Dp * BNp);
+        vzero(dvT, Dvp * BNp);
+      } else {
+        vzero(dk_acc, n * Dp);
+        vzero(dv_acc, n * Dvp);
+      }
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g, bh = b * s.Hq + h;
         for_each_q_tile(w, a.lists, b, h, kt, s.BM, BN, [&](const Visit& vis) {
@@ -380,7 +471,15 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
             const int64_t nW = round_up(ns, kW);
             const int64_t row0 = bh * s.Nq + i0;
             // S = Qs K^T: (m, D) x (D, ns), log2 units
-            gemm<false, false>(m, ns, D, a.qs + row0 * Dp, Dp, kt_h + kt * D * BNp + skip, BNp, st, BNp);
+            if (bf) {
+#ifdef FASTATTN_BF16_DOT
+              gemm_bf16<false, true>(m, ns, Dp / 2, a.qb + row0 * Dp, Dp,
+                                     a.kt2 + ((bhk * s.NKB + kt) * (Dp / 2) * BNp + skip) * 2, BNp, st, BNp,
+                                     scale_log2);
+#endif
+            } else {
+              gemm<false, false>(m, ns, D, a.qs + row0 * Dp, Dp, kt_h + kt * D * BNp + skip, BNp, st, BNp);
+            }
             if (softcap) {  // S <- C tanh(S / C), keeping tanh for the chain rule
               for (int64_t r = 0; r < m; ++r)
                 for (int64_t c = 0; c < ns; ++c) {
@@ -425,10 +524,22 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
               }
               pv = pdrop;
             }
-            // dV += P^T dO: (ns, m) x (m, Dv)
-            gemm<true, true>(ns, Dvp, m, pv, BNp, a.dout + row0 * Dvp, Dvp, dv_acc + skip * Dvp, Dvp);
-            // dP = dO V^T: (m, Dv) x (Dv, ns)
-            gemm<false, false>(m, ns, Dv, a.dout + row0 * Dvp, Dvp, vt_h + kt * Dv * BNp + skip, BNp, dp, BNp);
+            if (bf) {
+#ifdef FASTATTN_BF16_DOT
+              // dV^T += dO^T P: (Dv, m) x (m, ns); rows i0.. of dO^T, i0 even (the driver
+              // requires even block rows), a missing last row of P reads as zero
+              rows_to_bf16_pairs(pv, BNp, m, ns, pp, BNp);
+              gemm_bf16<true>(Dvp, ns, (m + 1) / 2, a.doT + bh * Dvp * NqE + i0, NqE, pp, BNp, dvT + skip, BNp);
+              // dP = dO V^T: (m, Dv) x (Dv, ns)
+              gemm_bf16<false>(m, ns, Dvp / 2, a.dob + row0 * Dvp, Dvp,
+                               a.vt2 + ((bhk * s.NKB + kt) * (Dvp / 2) * BNp + skip) * 2, BNp, dp, BNp);
+#endif
+            } else {
+              // dV += P^T dO: (ns, m) x (m, Dv)
+              gemm<true, true>(ns, Dvp, m, pv, BNp, a.dout + row0 * Dvp, Dvp, dv_acc + skip * Dvp, Dvp);
+              // dP = dO V^T: (m, Dv) x (Dv, ns)
+              gemm<false, false>(m, ns, Dv, a.dout + row0 * Dvp, Dvp, vt_h + kt * Dv * BNp + skip, BNp, dp, BNp);
+            }
             const float* dl = a.delta + row0;
             const vf sc = vsplat(a.scale);
             for (int64_t r = 0; r < m; ++r) {  // dS = P * (dP - delta) * scale
@@ -446,12 +557,33 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
                 for (int64_t c = 0; c < ns; ++c) dr[c] *= 1.f - t[c] * t[c];
               }
             }
+            if (bf) {
+#ifdef FASTATTN_BF16_DOT
+              // dK^T += Q^T dS: (D, m) x (m, ns)
+              rows_to_bf16_pairs(dp, BNp, m, ns, dsp, BNp);
+              gemm_bf16<true>(Dp, ns, (m + 1) / 2, a.qT + bh * Dp * NqE + i0, NqE, dsp, BNp, dkT + skip, BNp);
+              // dQ += dS K: (m, ns) x (ns, D); key pairs from j0s (even); dS is 0 past ns
+              rows_to_bf16(dp, BNp, m, ns, dsb, BNp);
+              gemm_bf16<true>(m, Dp, (ns + 1) / 2, dsb, BNp,
+                              a.k2 + (bhk * (s.NKB * BN / 2) + j0s / 2) * Dp * 2, Dp, dq_split + row0 * Dp, Dp);
+#endif
+              continue;
+            }
             // dK += dS^T Q: (ns, m) x (m, D)
             gemm<true, true>(ns, Dp, m, dp, BNp, a.q + row0 * Dp, Dp, dk_acc + skip * Dp, Dp);
             // dQ += dS K: (m, ns) x (ns, D)
             gemm<true, false>(m, Dp, ns, dp, BNp, k_h + j0s * Dp, Dp, dq_split + row0 * Dp, Dp);
           }
         });
+      }
+      if (bf) {  // transpose the tile's dK^T / dV^T into rows
+        float* dk = a.dk + (bhk * s.Nk + j0) * Dp;
+        float* dv = a.dv + (bhk * s.Nk + j0) * Dvp;
+        for (int64_t c = 0; c < n; ++c) {
+          for (int64_t d = 0; d < Dp; ++d) dk[c * Dp + d] = dkT[d * BNp + c];
+          for (int64_t d = 0; d < Dvp; ++d) dv[c * Dvp + d] = dvT[d * BNp + c];
+        }
+        continue;
       }
       std::copy(dk_acc, dk_acc + n * Dp, a.dk + (bhk * s.Nk + j0) * Dp);
       std::copy(dv_acc, dv_acc + n * Dvp, a.dv + (bhk * s.Nk + j0) * Dvp);

@@ -12,9 +12,10 @@ namespace fastattn::cpu {
 const KernelTable* kernels_generic();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx512bf16();
 
 // The variant for this call: the best one the running CPU supports, or the one
-// FASTATTN_CPU_ISA names (generic | avx2 | avx512 | auto). The variable is read on every
+// FASTATTN_CPU_ISA names (generic | avx2 | avx512 | avx512bf16 | auto). The variable is read on every
 // call, so tests and A/B runs can switch paths inside one process. Forcing a variant the
 // CPU cannot run raises (never an illegal instruction).
 const KernelTable& active_kernels();

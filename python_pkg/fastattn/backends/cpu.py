@@ -149,7 +149,9 @@ def kernel_stats(reset: bool = False) -> dict:
     blocks computed since the last reset (one per (batch, head, query block, key block); a
     block-sparse call counts exactly its listed blocks, clipped by causal/window), and
     fwd_threads / bwd_threads, the at::parallel_for thread numbers that ran the last call's
-    tasks. reset=True zeroes them after reading. For tests and debugging."""
+    tasks, and fwd_bf16_dot / bwd_bf16_dot, the calls that ran the bfloat16 dot-product
+    products (the avx512bf16 variant with bfloat16 inputs). reset=True zeroes them after
+    reading. For tests and debugging."""
     if _C is None:
         raise RuntimeError(f"the compiled extension fastattn._C is not usable: {_LOAD_ERROR}")
     stats = dict(_C.kernel_stats())
@@ -160,7 +162,7 @@ def kernel_stats(reset: bool = False) -> dict:
 
 def kernel_info() -> dict:
     """What the cpu backend runs on this machine: the CPU model, the kernel variant a call
-    takes now (generic / avx2 / avx512; FASTATTN_CPU_ISA forces a lower one), the variants
+    takes now (generic / avx2 / avx512 / avx512bf16; FASTATTN_CPU_ISA forces a lower one), the variants
     the CPU can run, the features the dispatcher saw and the build flags."""
     info = {"cpu": cpu_model(), "variant": None, "runnable": [], "features": "", "build": ""}
     if _C is None:
