@@ -342,3 +342,22 @@ def test_kernels_compile_for_aarch64_through_the_generic_variant(tmp_path):
         syms = subprocess.run(["aarch64-linux-gnu-nm", "-C", str(objs[stub])], capture_output=True,
                               text=True).stdout
         assert "fastattn::cpu::kernels_" in syms and "::avx" not in syms.replace("kernels_avx", "")
+
+
+# ---------------------------------------------------------------- reused operand buffers
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_reused_operand_buffers_leave_no_trace(isa, dtype):
+    """The drivers keep their K^T panels and padded copies per calling thread between calls
+    (operands.h workspace): a small odd-shaped call after a larger one (whose values are
+    still in the buffers, padding included) gives bitwise the same forward and backward as
+    before it."""
+    small = make_qkv(1, 2, 1, 77, 141, 40, dtype, Dv=24)
+    first = _fwd_bwd(*small, causal=True)
+    big = make_qkv(2, 4, 2, 700, 700, 64, dtype, seed=5)
+    for t in big:
+        t.data.mul_(1e3)  # large stale values: any read of a stale pad would show
+    _fwd_bwd(*big, window=(100, 0))
+    again = _fwd_bwd(*small, causal=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, again):
+        assert torch.equal(a, b), f"{name} changed after a larger call on {isa}"

@@ -45,28 +45,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const double log2e = 1.4426950408889634;
   // float32 inputs whose rows are whole vectors (D, Dv multiples of 16) are used in place
   // (contiguous); others get zero-padded float32 copies. The kernels read only real rows.
-  auto rows_f32 = [](const at::Tensor& x, int64_t cols) {
-    return x.scalar_type() == at::kFloat && x.size(3) == cols ? x.contiguous() : padded_f32(x, x.size(2), cols);
+  auto rows_f32 = [](const at::Tensor& x, int64_t cols, int slot) {
+    return x.scalar_type() == at::kFloat && x.size(3) == cols ? x.contiguous()
+                                                               : padded_f32(x, x.size(2), cols, 1.0, slot);
   };
   a.bf16 = use_bf16_dot(kern, q, k, v, BM, BN);
   at::Tensor q32, qs, kt, k32, vt, do32, doT;
   if (a.bf16) {  // bfloat16 paired operands (kernel_args.h)
-    q32 = padded_as(q, s.Nq, s.Dp, at::kBFloat16);               // qb  (B, Hq, Nq, Dp)
-    qs = transposed_bf16(q, s.Dp);                                // qT  (B, Hq, Dp, NqE)
-    kt = key_panels_paired_bf16(k, s.NKB, BN, s.BNp, s.Dp);       // kt2 (B, Hkv, NKB, Dp/2, BNp, 2)
-    k32 = row_pairs_bf16(k, s.NKB * BN, s.Dp);                    // k2  (B, Hkv, NKB*BN/2, Dp, 2)
-    vt = key_panels_paired_bf16(v, s.NKB, BN, s.BNp, s.Dvp);      // vt2 (B, Hkv, NKB, Dvp/2, BNp, 2)
-    do32 = padded_as(dout, s.Nq, s.Dvp, at::kBFloat16);          // dob (B, Hq, Nq, Dvp)
-    doT = transposed_bf16(dout, s.Dvp);                           // doT (B, Hq, Dvp, NqE)
+    q32 = padded_as(q, s.Nq, s.Dp, at::kBFloat16, kSlotQ);               // qb  (B, Hq, Nq, Dp)
+    qs = transposed_bf16(q, s.Dp, kSlotQs);                               // qT  (B, Hq, Dp, NqE)
+    kt = key_panels_paired_bf16(k, s.NKB, BN, s.BNp, s.Dp, kSlotKt);      // kt2 (B, Hkv, NKB, Dp/2, BNp, 2)
+    k32 = row_pairs_bf16(k, s.NKB * BN, s.Dp, kSlotK);                    // k2  (B, Hkv, NKB*BN/2, Dp, 2)
+    vt = key_panels_paired_bf16(v, s.NKB, BN, s.BNp, s.Dvp, kSlotVt);     // vt2 (B, Hkv, NKB, Dvp/2, BNp, 2)
+    do32 = padded_as(dout, s.Nq, s.Dvp, at::kBFloat16, kSlotDo);         // dob (B, Hq, Nq, Dvp)
+    doT = transposed_bf16(dout, s.Dvp, kSlotDoT);                         // doT (B, Hq, Dvp, NqE)
     a.qb = u16(q32), a.qT = u16(qs), a.kt2 = u16(kt), a.k2 = u16(k32), a.vt2 = u16(vt), a.dob = u16(do32);
     a.doT = u16(doT);
   } else {
-    q32 = rows_f32(q, s.Dp);                          // (B, Hq, Nq, Dp)
-    qs = padded_f32(q, s.Nq, s.Dp, scale * log2e);    // scaled, log2 units
-    kt = key_panels(k, s.NKB, BN, s.BNp);             // (B, Hkv, NKB, D, BNp)
-    k32 = rows_f32(k, s.Dp);                          // (B, Hkv, Nk, Dp)
-    vt = key_panels(v, s.NKB, BN, s.BNp);             // (B, Hkv, NKB, Dv, BNp)
-    do32 = rows_f32(dout, s.Dvp);                     // (B, Hq, Nq, Dvp)
+    q32 = rows_f32(q, s.Dp, kSlotQ);                             // (B, Hq, Nq, Dp)
+    qs = padded_f32(q, s.Nq, s.Dp, scale * log2e, kSlotQs);      // scaled, log2 units
+    kt = key_panels(k, s.NKB, BN, s.BNp, kSlotKt);               // (B, Hkv, NKB, D, BNp)
+    k32 = rows_f32(k, s.Dp, kSlotK);                             // (B, Hkv, Nk, Dp)
+    vt = key_panels(v, s.NKB, BN, s.BNp, kSlotVt);               // (B, Hkv, NKB, Dv, BNp)
+    do32 = rows_f32(dout, s.Dvp, kSlotDo);                       // (B, Hq, Nq, Dvp)
     a.q = q32.data_ptr<float>();
     a.qs = qs.data_ptr<float>();
     a.kt = kt.data_ptr<float>();

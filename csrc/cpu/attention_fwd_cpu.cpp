@@ -4,6 +4,7 @@
 // supports (isa/attention_kernels.h has the algorithm; isa_dispatch.cpp the choice).
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <vector>
 
 #include "cpu/attention_cpu.h"
@@ -47,9 +48,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   a.sq_b = qc.stride(0), a.sq_h = qc.stride(1), a.sq_n = qc.stride(2);
   a.scale_log2 = static_cast<float>(scale) * 1.4426950408889634f;
   // Non-finite policy (DESIGN.md): V rows holding NaN/inf reach only the rows that see them.
-  // One O(N * Dv) check; the per-key flags exist only when some value is not finite.
+  // One O(N * Dv) read (min and max are finite iff every value is; NaN propagates through
+  // both); the per-key flags exist only when some value is not finite.
   at::Tensor vbad;
-  if (v.numel() && !at::isfinite(v).all().item<bool>()) {
+  const auto v_finite = [&] {
+    if (v.numel() == 0) return true;
+    const auto mm = at::aminmax(v);
+    return std::isfinite(std::get<0>(mm).item<double>()) && std::isfinite(std::get<1>(mm).item<double>());
+  };
+  if (!v_finite()) {
     vbad = at::logical_not(at::isfinite(v)).any(-1).contiguous();  // (B, Hkv, Nk) bool
     a.vbad = reinterpret_cast<const uint8_t*>(vbad.data_ptr<bool>());
   }
@@ -57,13 +64,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const bool f32 = q.scalar_type() == at::kFloat, whole = s.Dv == s.Dvp;
   at::Tensor kt, v32;
   if (a.bf16) {  // bfloat16 paired operands (kernel_args.h)
-    kt = key_panels_paired_bf16(k, s.NKB, BN, s.BNp, s.Dp);  // (B, Hkv, NKB, Dp/2, BNp, 2)
-    v32 = row_pairs_bf16(v, s.NKB * BN, s.Dvp);              // (B, Hkv, NKB*BN/2, Dvp, 2)
+    kt = key_panels_paired_bf16(k, s.NKB, BN, s.BNp, s.Dp, kSlotKt);  // (B, Hkv, NKB, Dp/2, BNp, 2)
+    v32 = row_pairs_bf16(v, s.NKB * BN, s.Dvp, kSlotV);              // (B, Hkv, NKB*BN/2, Dvp, 2)
     a.kt2 = u16(kt);
     a.v2 = u16(v32);
   } else {
-    kt = key_panels(k, s.NKB, BN, s.BNp);  // (B, Hkv, NKB, D, BNp)
-    v32 = f32 && whole && v.stride(3) == 1 ? v : padded_f32(v, s.Nk, s.Dvp);
+    kt = key_panels(k, s.NKB, BN, s.BNp, kSlotKt);  // (B, Hkv, NKB, D, BNp)
+    v32 = f32 && whole && v.stride(3) == 1 ? v : padded_f32(v, s.Nk, s.Dvp, 1.0, kSlotV);
     a.kt = kt.data_ptr<float>();
     a.v = v32.data_ptr<float>();
     a.ldv = v32.stride(2), a.sv_b = v32.stride(0), a.sv_h = v32.stride(1);

@@ -265,6 +265,30 @@ inline float lanes_max(const float* rm) {
   return hmax(v);
 }
 
+// Rows per sub-slice of a partial tile under a causal/window rule (two 6-row micro-kernel
+// blocks): each sub-slice's S and P V products run only over the 16-key groups its own rows
+// see, so the staircase of a diagonal or window-edge tile costs about half a tile instead of
+// a whole one. The entries a sub-slice skips are outside all its rows' ranges, which the
+// token mask then sets to -inf (so P = 0 there, exactly what the products would add).
+constexpr int64_t kSubM = 12;
+
+// Calls f(r0, mr, sk, nn) for each sub-slice of rows [r0, r0 + mr) of a partial tile whose
+// rows see some key of [j0, j0 + n): sk, nn = its narrowed key range relative to j0.
+// Without a rule (bitmask only) or when the slice is short, one call with the whole tile.
+template <typename F>
+inline void for_each_sub_slice(const WindowRule& w, int64_t i0, int64_t m, int64_t j0, int64_t n, F&& f) {
+  if (w.trivial() || m <= kSubM) {
+    f(int64_t{0}, m, int64_t{0}, n);
+    return;
+  }
+  for (int64_t r0 = 0; r0 < m; r0 += kSubM) {
+    const int64_t mr = std::min(kSubM, m - r0);
+    int64_t js = j0, nn = n;
+    const int64_t sk = narrow_keys(w, i0 + r0, i0 + r0 + mr, js, nn);
+    if (sk >= 0) f(r0, mr, sk, nn);
+  }
+}
+
 inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scratch) {
   const Shape& s = a.s;
   const int64_t TM = a.TM, BNp = s.BNp, Dp = s.Dp, Dvp = s.Dvp, D = s.D;
@@ -339,20 +363,35 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
       const bool fused_max = vis.full && !has_mods && n == nW;
       if (fused_max)
         for (int64_t r = 0; r < m; ++r) vstore(rmax + r * kW, vsplat(kNegInf));
-      for (int64_t u = 0; u < tiles; ++u) {
-        const int64_t nu = tiles == 1 ? n : std::min(s.BN, s.Nk - (vis.t + u) * s.BN);
-        if (bf) {
+      if (vis.full) {
+        for (int64_t u = 0; u < tiles; ++u) {
+          const int64_t nu = tiles == 1 ? n : std::min(s.BN, s.Nk - (vis.t + u) * s.BN);
+          if (bf) {
 #ifdef FASTATTN_BF16_DOT
-          const uint16_t* panel = a.kt2 + (((b * s.Hkv + hk) * s.NKB + vis.t + u) * (Dp / 2) * BNp + skip) * 2;
-          if (fused_max)
-            gemm_bf16<false, true, true>(m, nu, Dp / 2, qb, Dp, panel, BNp, st + u * s.BN, LS, a.scale_log2, rmax);
-          else gemm_bf16<false, true>(m, nu, Dp / 2, qb, Dp, panel, BNp, st + u * s.BN, LS, a.scale_log2);
+            const uint16_t* panel = a.kt2 + ((b * s.Hkv + hk) * s.NKB + vis.t + u) * (Dp / 2) * BNp * 2;
+            if (fused_max)
+              gemm_bf16<false, true, true>(m, nu, Dp / 2, qb, Dp, panel, BNp, st + u * s.BN, LS, a.scale_log2, rmax);
+            else gemm_bf16<false, true>(m, nu, Dp / 2, qb, Dp, panel, BNp, st + u * s.BN, LS, a.scale_log2);
 #endif
-          continue;
+            continue;
+          }
+          const float* panel = kt_h + (vis.t + u) * D * BNp;
+          if (fused_max) gemm<false, false, true>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS, rmax);
+          else gemm<false, false>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS);
         }
-        const float* panel = kt_h + (vis.t + u) * D * BNp + skip;
-        if (fused_max) gemm<false, false, true>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS, rmax);
-        else gemm<false, false>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS);
+      } else {  // a partial tile (never merged): per sub-slice, only the keys its rows see
+        for_each_sub_slice(w, i0, m, j0, n, [&](int64_t r0, int64_t mr, int64_t sk, int64_t nn) {
+          if (bf) {
+#ifdef FASTATTN_BF16_DOT
+            const uint16_t* panel = a.kt2 + (((b * s.Hkv + hk) * s.NKB + vis.t) * (Dp / 2) * BNp + skip + sk) * 2;
+            gemm_bf16<false, true>(mr, nn, Dp / 2, qb + r0 * Dp, Dp, panel, BNp, st + r0 * LS + sk, LS,
+                                   a.scale_log2);
+#endif
+            return;
+          }
+          const float* panel = kt_h + vis.t * D * BNp + skip + sk;
+          gemm<false, false>(mr, nn, D, qp + r0 * Dp, Dp, panel, BNp, st + r0 * LS + sk, LS);
+        });
       }
       if (has_mods) apply_score_mods_rows(st, LS, i0, m, j0, n, s.Nk - s.Nq, mods, b, h);
       const uint8_t* bits = !vis.full && vis.mask_id >= 0
@@ -373,7 +412,14 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         if (!vis.full && a.vbad != nullptr)  // non-finite V rows: only to the rows that see them
           v2 = pv_nonfinite_keys_bf16(pb, LS, i0, m, j0, n, w, bits, s.BN, a.vbad + (b * s.Hkv + hk) * s.Nk + j0,
                                       v2, acc, Dvp, reinterpret_cast<uint16_t*>(vtmp));
-        gemm_bf16<true>(m, Dvp, (n + 1) / 2, pb, LS, v2, Dvp, acc, Dvp);
+        if (vis.full) {
+          gemm_bf16<true>(m, Dvp, (n + 1) / 2, pb, LS, v2, Dvp, acc, Dvp);
+        } else {
+          for_each_sub_slice(w, i0, m, j0, n, [&](int64_t r0, int64_t mr, int64_t sk, int64_t nn) {
+            gemm_bf16<true>(mr, Dvp, (nn + 1) / 2, pb + r0 * LS + sk, LS, v2 + (sk / 2) * Dvp * 2, Dvp,
+                            acc + r0 * Dvp, Dvp);
+          });
+        }
 #endif
         continue;
       }
@@ -386,7 +432,13 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         ldv = Dvp;
       }
       // acc += P V: (m, n) x (n, Dv)
-      gemm<true, false>(m, Dvp, n, st, LS, vj, ldv, acc, Dvp);
+      if (vis.full) {
+        gemm<true, false>(m, Dvp, n, st, LS, vj, ldv, acc, Dvp);
+      } else {
+        for_each_sub_slice(w, i0, m, j0, n, [&](int64_t r0, int64_t mr, int64_t sk, int64_t nn) {
+          gemm<true, false>(mr, Dvp, nn, st + r0 * LS + sk, LS, vj + sk * ldv, ldv, acc + r0 * Dvp, Dvp);
+        });
+      }
     }
 
     float* op = a.out + b * a.so_b + h * a.so_h + i0 * a.ldo;
