@@ -205,3 +205,12 @@ def test_auto_picks_cpu_on_cpu():
                 D=16, Dv=16, window=(-1, -1), block_mask=None, scale=0.25, needs_grad=True,
                 return_lse=False)
     assert dispatch.select(p, "auto").name == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (300, 7)], ids=["full", "causal", "window"])
+def test_cpu_long_keys_use_tall_tiles(window, dtype):
+    """From 12288 keys on the dense forward uses 128-row query tiles (attention_fwd_cpu.cpp):
+    odd query and key counts, more than one query tile, Dv != D."""
+    q, k, v = make_qkv(1, 2, 1, 261, 12301, 32, dtype, Dv=24)
+    check_against_oracle(_call("cpu", window=window), q, k, v, window=window)
