@@ -361,3 +361,12 @@ def test_reused_operand_buffers_leave_no_trace(isa, dtype):
     again = _fwd_bwd(*small, causal=True)
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, again):
         assert torch.equal(a, b), f"{name} changed after a larger call on {isa}"
+
+
+def test_release_workspace_then_calls_still_match():
+    from fastattn.backends.cpu import release_workspace
+    q, k, v = make_qkv(1, 2, 1, 77, 141, 40, torch.float32)
+    first = _fwd_bwd(q, k, v, causal=True)
+    release_workspace()
+    again = _fwd_bwd(q, k, v, causal=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

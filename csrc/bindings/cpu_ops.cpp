@@ -16,6 +16,7 @@
 #include "common/block_mask_fields.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/kernel_stats.h"
+#include "cpu/operands.h"
 #include "cpu/isa/kernel_tables.h"
 
 namespace {
@@ -214,6 +215,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "block visits of the cpu forward/backward since the last reset, and the threads that "
      "ran the last call's tasks (csrc/cpu/kernel_stats.h)");
   m.def("reset_kernel_stats", []() { fastattn::cpu::kernel_stats() = fastattn::cpu::KernelStats(); });
+  m.def("release_workspace", &fastattn::cpu::release_workspace,
+        "Frees the operand buffers the cpu kernels keep for the calling thread between calls "
+        "(csrc/cpu/operands.h: at most 128 MB per thread)");
   m.def("native_build", []() {
 #if defined(__AVX2__)
     return true;

@@ -21,6 +21,12 @@ namespace fastattn::cpu {
 namespace {
 constexpr int64_t kDenseBM = 64;   // query rows per tile
 constexpr int64_t kDenseBN = 128;  // keys per tile
+// From kWideKeys keys on, 256-key tiles: each pass over a key tile's query rows (Q, dO,
+// lse, delta) then serves twice the keys: 3-8% faster backward at N=4096..16384 (fp32/bf16,
+// causal/full; in-process A/B, AMD EPYC Zen 4 class, 2 threads). Shorter sequences keep 128
+// so that B * Hkv = 1 still splits into enough tasks.
+constexpr int64_t kDenseBNWide = 256;
+constexpr int64_t kWideKeys = 2048;
 // Split dQ until there are at least this many (batch, kv head, split) tasks: enough to
 // keep a many-core CPU busy at batch 1, and a constant, so thread counts never change S.
 constexpr int64_t kMinBwdTasks = 8;
@@ -31,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& lse, const c10::optional<at::Tensor>& dlse, double scale, int64_t window_left,
     int64_t window_right, const std::vector<at::Tensor>& block_mask, const ScoreMods& mods) {
   const KernelTable& kern = active_kernels();
-  int64_t BM = kDenseBM, BN = kDenseBN;
+  int64_t BM = kDenseBM, BN = k.size(2) >= kWideKeys ? kDenseBNWide : kDenseBN;
   BwdArgs a;
   a.lists = sparse_lists_from(block_mask, BM, BN);
   a.s = make_shape(q, k, v, BM, BN, window_left, window_right);

@@ -14,23 +14,41 @@ namespace fastattn::cpu {
 inline int64_t pad_to(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Operand buffers the drivers reuse across calls: one set per calling thread, each slot kept
-// while it is at most kWorkspaceCap bytes. A fresh multi-MB tensor pays a page fault per
+// while it is at most kWorkspaceCap bytes and the thread's slots together at most
+// kWorkspaceTotalCap (release_workspace() frees the calling thread's set). A fresh multi-MB tensor pays a page fault per
 // 4 KiB on first touch (about 0.4 ms per MB on the development host): at N=16384, H=8 the
 // float32 K^T panels alone (32 MB) cost as much as a sliding-window forward's arithmetic.
 // A slot's tensor is only used within one call on its thread (the kernels finish before the
 // driver returns, and nothing returned to the caller lives in a slot). Larger operands are
 // allocated per call as before.
 constexpr int64_t kWorkspaceCap = int64_t{64} << 20;
+constexpr int64_t kWorkspaceTotalCap = int64_t{128} << 20;
 enum Slot : int { kSlotKt = 0, kSlotK, kSlotV, kSlotVt, kSlotQ, kSlotQs, kSlotDo, kSlotDoT, kNumSlots };
+
+inline std::array<at::Tensor, kNumSlots>& workspace_slots() {
+  thread_local std::array<at::Tensor, kNumSlots> slots;
+  return slots;
+}
+
+inline void release_workspace() {
+  for (auto& t : workspace_slots()) t.reset();
+}
 
 inline at::Tensor workspace(int slot, at::IntArrayRef shape, const at::TensorOptions& opt) {
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(opt.dtype().toScalarType()));
   if (slot < 0 || bytes > kWorkspaceCap) return at::empty(shape, opt);
-  thread_local std::array<at::Tensor, kNumSlots> slots;
+  auto& slots = workspace_slots();
   at::Tensor& w = slots[slot];
-  if (!w.defined() || w.numel() < bytes) w = at::empty({std::max<int64_t>(bytes, 64)}, opt.dtype(at::kByte));
+  if (!w.defined() || w.numel() < bytes) {
+    int64_t others = 0;
+    for (int s = 0; s < kNumSlots; ++s)
+      if (s != slot && slots[s].defined()) others += slots[s].numel();
+    w.reset();
+    if (others + bytes > kWorkspaceTotalCap) return at::empty(shape, opt);  // over the total: not kept
+    w = at::empty({std::max<int64_t>(bytes, 64)}, opt.dtype(at::kByte));
+  }
   return w.narrow(0, 0, bytes).view(opt.dtype().toScalarType()).view(shape);
 }
 

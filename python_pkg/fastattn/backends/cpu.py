@@ -144,6 +144,15 @@ def cpu_model() -> str:
     return name
 
 
+def release_workspace() -> None:
+    """Frees the operand buffers (K^T panels, padded copies) the cpu kernels keep between
+    calls for the calling thread: at most 64 MB each and 128 MB per thread, kept so that
+    repeated calls do not page-fault fresh multi-MB buffers every time (csrc/cpu/operands.h)."""
+    if _C is None:
+        raise RuntimeError(f"the compiled extension fastattn._C is not usable: {_LOAD_ERROR}")
+    _C.release_workspace()
+
+
 def kernel_stats(reset: bool = False) -> dict:
     """What the cpu kernels did (csrc/cpu/kernel_stats.h): fwd_visits / bwd_visits, the mask
     blocks computed since the last reset (one per (batch, head, query block, key block); a
