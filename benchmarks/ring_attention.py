@@ -70,15 +70,15 @@ def _one(rank, world, N, a, init_file, result_q):
 
     def run(n_local, seed):
         g = torch.Generator().manual_seed(seed)
-        q = torch.randn(1, a.heads, n_local, a.dim, generator=g, requires_grad=True)
-        k = torch.randn(1, a.heads, n_local, a.dim, generator=g, requires_grad=True)
-        v = torch.randn(1, a.heads, n_local, a.dim, generator=g, requires_grad=True)
+        dt = getattr(torch, a.dtype)
+        q, k, v = (torch.randn(1, a.heads, n_local, a.dim, generator=g).to(dt).requires_grad_(True)
+                   for _ in range(3))
         if world > 1:
             out = ring_attention(q, k, v, causal=True, layout="zigzag", backend="cpu",
                                  chunk_size=a.chunk_size)
         else:
             out = fastattn.attention(q, k, v, causal=True, backend="cpu")
-        out.backward(torch.randn(out.shape, generator=g))
+        out.backward(torch.randn(out.shape, generator=g).to(dt))
         return out.shape
 
     run(64, 0)  # warm-up: kernels, threads, gloo buffers
@@ -162,6 +162,7 @@ def main():
     ap.add_argument("--step", type=int, default=256, help="length granularity")
     ap.add_argument("--probes", type=int, nargs="+", default=[1024, 2048, 3072],
                     help="whole-sequence lengths the per-token slope is fitted over (>= 3)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--chunk-size", type=int, default=None,
                     help="ring_attention(chunk_size=...) (default: the function's)")
     ap.add_argument("--threads", type=int, default=2, help="total threads (split over the ring)")
@@ -196,7 +197,7 @@ def main():
         f"- machine: {cpu} (lscpu), {platform.machine()}, {os.cpu_count()} cores shared with "
         f"other jobs (this run under nice -n 19) "
         f"(load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}), "
-        f"torch {torch.__version__}, backend cpu, float32",
+        f"torch {torch.__version__}, backend cpu, {a.dtype}",
         f"- shape: B=1, H={a.heads}, D={a.dim}, causal; ring: zigzag shards, gloo, chunk_size "
         f"{a.chunk_size or 'default'}; {a.threads} threads in total, split over the processes "
         f"(at least 1 each)",

@@ -20,8 +20,9 @@ from fastattn.distributed import (contiguous_shard, contiguous_unshard, merge_at
                                   ring_attention, zigzag_shard, zigzag_unshard)
 from oracle import assert_by_rule, make_qkv, oracle
 
-# (name, B, Hq, Hkv, n_local, D, Dv, causal, layout, dtype[, window, chunk_size]); n_local is
-# per rank; window is over global positions (None: none); chunk_size None: the default.
+# (name, B, Hq, Hkv, n_local, D, Dv, causal, layout, dtype[, window, chunk_size, backend]);
+# n_local is per rank; window is over global positions (None: none); chunk_size None: the
+# default; backend "cpu" unless given (another backend takes the recompute backward).
 CASES = [
     ("noncausal-odd", 2, 2, 2, 13, 16, 16, False, "zigzag", torch.float32),
     ("noncausal-mqa-d40", 1, 4, 1, 9, 40, 40, False, "zigzag", torch.float32),
@@ -48,6 +49,8 @@ CASES = [
     ("window-causal-zigzag-bf16", 1, 4, 2, 16, 64, 64, True, "zigzag", torch.bfloat16,
      (9, 0), 5),
     ("causal-zigzag-chunked-f16", 1, 2, 1, 12, 64, 64, True, "zigzag", torch.float16, None, 4),
+    ("window-causal-zigzag-reference", 1, 4, 2, 12, 16, 24, True, "zigzag", torch.float32,
+     (7, 0), 4, "reference"),
 ]
 
 
@@ -59,7 +62,8 @@ def _shard(x, rank, world, positional, layout):
 
 def _check_case(case, rank, world):
     name, B, Hq, Hkv, n, D, Dv, causal, layout, dtype = case[:10]
-    win, chunk = (tuple(case[10:]) + (None, None))[:2]
+    win, chunk, backend = (tuple(case[10:]) + (None, None, None))[:3]
+    backend = backend or "cpu"
     N = n * world
     q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype, Dv=Dv, seed=7)
     dout = torch.randn(B, Hq, N, Dv, generator=torch.Generator().manual_seed(8))
@@ -73,7 +77,7 @@ def _check_case(case, rank, world):
 
     sq, sk, sv = (_shard(t.detach(), rank, world, pos, layout).clone().requires_grad_(True)
                   for t in (q, k, v))
-    out = ring_attention(sq, sk, sv, causal=causal, window=win, layout=layout, backend="cpu",
+    out = ring_attention(sq, sk, sv, causal=causal, window=win, layout=layout, backend=backend,
                          chunk_size=chunk)
     assert out.dtype == dtype and out.shape == (B, Hq, n, Dv), f"{name}: {out.dtype} {out.shape}"
     sdout = _shard(dout, rank, world, pos, layout).to(dtype)
