@@ -20,7 +20,9 @@ from fastattn.distributed import (contiguous_shard, contiguous_unshard, merge_at
                                   ring_attention, zigzag_shard, zigzag_unshard)
 from oracle import assert_by_rule, make_qkv, oracle
 
-# (name, B, Hq, Hkv, n_local, D, Dv, causal, layout, dtype); n_local is per rank.
+# (name, B, Hq, Hkv, n_local, D, Dv, causal, layout, dtype[, window, chunk_size, backend]);
+# n_local is per rank; window is over global positions (None: none); chunk_size None: the
+# default; backend "cpu" unless given (another backend takes the recompute backward).
 CASES = [
     ("noncausal-odd", 2, 2, 2, 13, 16, 16, False, "zigzag", torch.float32),
     ("noncausal-mqa-d40", 1, 4, 1, 9, 40, 40, False, "zigzag", torch.float32),
@@ -30,41 +32,66 @@ CASES = [
     ("causal-contiguous-gqa-odd", 1, 4, 2, 7, 16, 16, True, "contiguous", torch.float32),
     ("causal-zigzag-bf16", 1, 4, 2, 16, 64, 64, True, "zigzag", torch.bfloat16),
     ("noncausal-f16", 1, 2, 1, 11, 64, 64, False, "zigzag", torch.float16),
+    # K/V cut into several chunks per shard (chunks never straddle the two zigzag halves)
+    ("causal-zigzag-chunked-gqa-dv", 2, 4, 2, 14, 32, 24, True, "zigzag", torch.float32,
+     None, 3),
+    ("causal-contiguous-chunked-odd", 1, 2, 1, 13, 16, 16, True, "contiguous", torch.float32,
+     None, 4),
+    ("noncausal-chunked-odd", 1, 2, 2, 11, 16, 16, False, "zigzag", torch.float32, None, 2),
+    # sliding windows over the ring: empty blocks (and whole steps) are skipped
+    ("window-causal-zigzag", 1, 4, 2, 12, 16, 16, True, "zigzag", torch.float32, (5, -1), 4),
+    ("window-causal-contiguous", 1, 2, 1, 10, 16, 16, True, "contiguous", torch.float32,
+     (6, 0), 3),
+    ("window-bidir-contiguous-odd", 1, 2, 1, 11, 16, 16, False, "contiguous", torch.float32,
+     (4, 3), 3),
+    ("window-bidir-zigzag-long-left", 2, 2, 2, 8, 16, 16, False, "zigzag", torch.float32,
+     (17, 2), 3),
+    ("window-causal-zigzag-bf16", 1, 4, 2, 16, 64, 64, True, "zigzag", torch.bfloat16,
+     (9, 0), 5),
+    ("causal-zigzag-chunked-f16", 1, 2, 1, 12, 64, 64, True, "zigzag", torch.float16, None, 4),
+    ("window-causal-zigzag-reference", 1, 4, 2, 12, 16, 24, True, "zigzag", torch.float32,
+     (7, 0), 4, "reference"),
 ]
 
 
-def _shard(x, rank, world, causal, layout):
-    if causal and layout == "zigzag":
+def _shard(x, rank, world, positional, layout):
+    if positional and layout == "zigzag":
         return zigzag_shard(x, rank, world, dim=2)
     return contiguous_shard(x, rank, world, dim=2)
 
 
 def _check_case(case, rank, world):
-    name, B, Hq, Hkv, n, D, Dv, causal, layout, dtype = case
+    name, B, Hq, Hkv, n, D, Dv, causal, layout, dtype = case[:10]
+    win, chunk, backend = (tuple(case[10:]) + (None, None, None))[:3]
+    backend = backend or "cpu"
     N = n * world
     q, k, v = make_qkv(B, Hq, Hkv, N, N, D, dtype, Dv=Dv, seed=7)
     dout = torch.randn(B, Hq, N, Dv, generator=torch.Generator().manual_seed(8))
-    window = (-1, 0) if causal else (-1, -1)
+    window = win or (-1, -1)
+    if causal:
+        window = (window[0], 0 if window[1] == -1 else min(window[1], 0))
+    pos = causal or win is not None  # shards where positions matter follow the layout
     ref = oracle(q, k, v, window=window, dout=dout)                  # float64
     low = oracle(q, k, v, window=window, dout=dout,                 # torch in dtype
                  compute_dtype=dtype)
 
-    sq, sk, sv = (_shard(t.detach(), rank, world, causal, layout).clone().requires_grad_(True)
+    sq, sk, sv = (_shard(t.detach(), rank, world, pos, layout).clone().requires_grad_(True)
                   for t in (q, k, v))
-    out = ring_attention(sq, sk, sv, causal=causal, layout=layout, backend="cpu")
+    out = ring_attention(sq, sk, sv, causal=causal, window=win, layout=layout, backend=backend,
+                         chunk_size=chunk)
     assert out.dtype == dtype and out.shape == (B, Hq, n, Dv), f"{name}: {out.dtype} {out.shape}"
-    sdout = _shard(dout, rank, world, causal, layout).to(dtype)
+    sdout = _shard(dout, rank, world, pos, layout).to(dtype)
     dq, dk, dv = torch.autograd.grad(out, (sq, sk, sv), sdout)
 
     # Single-process fastattn on the full sequence, sharded the same way.
     qf, kf, vf = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    of = fastattn.attention(qf, kf, vf, causal=causal, backend="cpu")
+    of = fastattn.attention(qf, kf, vf, causal=causal, window=win, backend="cpu")
     single = (of, *torch.autograd.grad(of, (qf, kf, vf), dout.to(dtype)))
 
     for i, (tag, got) in enumerate((("out", out), ("dq", dq), ("dk", dk), ("dv", dv))):
         j = 0 if i == 0 else i + 1  # oracle tuples are (out, lse, dq, dk, dv)
-        r64, lo = (_shard(t, rank, world, causal, layout) for t in (ref[j], low[j]))
-        sp = _shard(single[i].detach(), rank, world, causal, layout)
+        r64, lo = (_shard(t, rank, world, pos, layout) for t in (ref[j], low[j]))
+        sp = _shard(single[i].detach(), rank, world, pos, layout)
         label = f"{name} world={world} rank={rank} {tag}"
         assert_by_rule(label + " vs float64 oracle", got.detach(), r64.double(), lo, dtype)
         # as close to single-process fastattn as fastattn is to the oracle (+ floor)
@@ -90,6 +117,18 @@ def _check_errors(rank, world):
                                          rf"the sequence does not divide evenly.*ranges from 4 "
                                          rf"to {3 + world}"):
         ring_attention(y, y, y)
+    # a window needs the layout too, and the ranks must agree on it and on chunk_size
+    with pytest.raises(ValueError, match=r"layout: ring_attention\(window=...\) needs to know"):
+        ring_attention(x, x, x, window=(2, 2))
+    with pytest.raises(ValueError, match="window must be a pair of ints"):
+        ring_attention(x, x, x, window=(-3, 0), layout="zigzag")
+    with pytest.raises(ValueError, match="chunk_size must be None or an int >= 1"):
+        ring_attention(x, x, x, chunk_size=0)
+    with pytest.raises(ValueError, match=r"disagree.*window left \(-1 unbounded\) ranges from "
+                                         r"2 to 3"):
+        ring_attention(x, x, x, window=(2 + (rank == 0), 0), layout="zigzag")
+    with pytest.raises(ValueError, match=r"disagree.*chunk_size \(0 None\) ranges from 0 to 2"):
+        ring_attention(x, x, x, chunk_size=2 if rank == 0 else None)
     with pytest.raises(ValueError, match="layout must be 'zigzag' or 'contiguous'"):
         ring_attention(x, x, x, layout="striped")
     # ranks that claim different layouts, or disagree on causal or heads: every rank raises
@@ -209,3 +248,49 @@ def test_merge_equals_attention_over_concatenated_keys():
     o, lo = fastattn.attention(q, k, v, return_lse=True, backend="cpu")
     torch.testing.assert_close(out, o, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse, lo, atol=2e-6, rtol=1e-5)
+
+
+def test_window_plan_skips_empty_steps():
+    """A sliding window shorter than a shard talks only to its neighbours: with contiguous
+    shards rank r receives only from r-1 (step 1) and sends only to r+1; every other step
+    of the ring exchanges nothing. Blocks are trimmed to the visible rectangle."""
+    from fastattn.distributed import _Plan
+
+    world, n = 4, 16
+    plan = _Plan(world, n, True, (6, -1), "contiguous", 4)
+    for r in range(world):
+        items = plan.items(r)
+        assert {s for _, s, _, _ in items} <= {0, 1}, (r, items)
+        assert all(recv == (s == 0 or r > 0) for _, s, recv, _ in items if s in (0, 1))
+    # zigzag: the neighbours of chunk r are held by ranks r-1 and r+1 (steps 1 and world-1)
+    plan = _Plan(world, n, True, (3, 0), "zigzag", 8)
+    steps = {s for r in range(world) for _, s, recv, _ in plan.items(r) if recv}
+    assert steps == {0, 1, world - 1}, steps
+    # without a window every step is used (causal zigzag: every rank sees every other one)
+    plan = _Plan(world, n, True, (-1, -1), "zigzag", 8)
+    assert {s for _, s, _, _ in plan.items(0)} == set(range(world))
+
+
+def test_visible_block_trimming_matches_the_token_rule():
+    """_visible: the trimmed rectangle and its kernel window (bottom-right aligned) show
+    exactly the (query, key) pairs the global window shows."""
+    import random
+
+    from fastattn.distributed import _visible
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        qa, ka = rng.randrange(0, 40), rng.randrange(0, 40)
+        nq, nk = rng.randrange(1, 12), rng.randrange(1, 12)
+        L, R = rng.choice([-1, 0, 1, 2, 5, 30]), rng.choice([-1, 0, 0, 1, 4, 9])
+        want = {(i, j) for i in range(qa, qa + nq) for j in range(ka, ka + nk)
+                if (L < 0 or j >= i - L) and (R < 0 or j <= i + R)}
+        vis = _visible(qa, nq, ka, nk, L, R)
+        if vis is None:
+            assert not want
+            continue
+        qo, qn, ko, kn, (wl, wr) = vis
+        off = kn - qn
+        got = {(qa + qo + i, ka + ko + j) for i in range(qn) for j in range(kn)
+               if (wl < 0 or j >= i + off - wl) and (wr < 0 or j <= i + off + wr)}
+        assert got == want, (qa, nq, ka, nk, L, R, vis)
