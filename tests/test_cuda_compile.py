@@ -38,8 +38,9 @@ def test_every_kernel_compiles_for_sm80_sm90_without_spills(tmp_path):
 
 
 @needs_nvcc
-def test_emulator_selftest_kernels_are_valid_cuda(tmp_path):
-    src = os.path.join(ROOT, "tests", "cuda_emu", "selftest_kernels.cu")
+@pytest.mark.parametrize("name", ["selftest_kernels.cu", "selftest_ptx.cu"])
+def test_emulator_selftest_kernels_are_valid_cuda(tmp_path, name):
+    src = os.path.join(ROOT, "tests", "cuda_emu", name)
     r = subprocess.run(["nvcc", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
                         "-I", os.path.join(ROOT, "csrc"), "-c", src, "-o",
                         str(tmp_path / "selftest.o")], capture_output=True, text=True)
