@@ -200,9 +200,9 @@ def test_nan_input_propagates_without_crash():
 needs_sparse = pytest.mark.skipif(fs is None, reason="fastattn.sparse is not importable")
 
 
-def sparse_patterns(Nq, Nk, H):
-    """name -> BlockMask with 64 x 64 blocks (the cuda kernels' requirement)."""
-    bs = 64
+def sparse_patterns(Nq, Nk, H, bs=64):
+    """name -> BlockMask with 64 x 64 blocks (the cuda kernels' requirement: multiples of 64;
+    BLOCK_M a multiple of 128 selects the FlashAttention-2 class forward)."""
     g = torch.Generator().manual_seed(0)
     rand = torch.rand(H, Nq, Nk, generator=g) < 0.4
     return {
@@ -325,6 +325,20 @@ def test_sweep_sparse(dtype, D, pattern):
     Nq = Nk = 257
     bm = sparse_patterns(Nq, Nk, 2)[pattern]()
     run_case(1, 2, 2, Nq, Nk, D, dtype, block_mask=bm, seed=8)
+
+
+@pytest.mark.slow
+@needs_sparse
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("pattern", ["causal", "sliding_window", "document",
+                                     "per_head_random_bitmask", "strided", "streaming",
+                                     "prefix_lm", "causal_and_window"])
+def test_sweep_sparse_fa2_tiles(dtype, D, pattern):
+    # 128-row mask blocks: the FlashAttention-2 class forward (and the wmma backward)
+    Nq = Nk = 300
+    bm = sparse_patterns(Nq, Nk, 2, bs=(128, 64))[pattern]()
+    run_case(1, 2, 2, Nq, Nk, D, dtype, block_mask=bm, seed=10)
 
 
 # A fast sample of the sweeps for the default suite: patterns and shapes otherwise covered
