@@ -42,8 +42,14 @@ NVCC_FLAGS = [
 SMEM_PROGRAM = r"""
 #include <cstdio>
 #include "cuda/kernel_traits.h"
+#include "cuda/fa2_fwd_kernel.h"
 using namespace fastattn::cuda;
 template <int D, typename T> void row(const char* t) {
+  using F = typename Fa2FwdConfig<D, T>::type;
+  std::printf("fa2_fwd_kernel %d %s %d\n", D, t, F::kSmemBytes);
+  std::printf("INTENSITY fa2_fwd_kernel %d %s %d %d %d %d %ld %ld %ld\n", D, t, F::kBlockM,
+              F::kBlockN, F::kNWarps, F::kStages, F::kFlopsPerTile, F::kSmemWriteBytesPerTile,
+              F::kSmemReadBytesPerTile);
   std::printf("flash_fwd_kernel %d %s %d\n", D, t, FwdConfig<D, T>::type::kSmemBytes);
   std::printf("flash_bwd_dkdv_kernel %d %s %d\n", D, t, BwdDkdvConfig<D, T>::type::kSmemBytes);
   std::printf("flash_bwd_dq_kernel %d %s %d\n", D, t, BwdDqConfig<D, T>::type::kSmemBytes);
@@ -54,6 +60,24 @@ int main() {
   row<128, __half>("fp16"); row<128, __nv_bfloat16>("bf16");
 }
 """
+
+
+# Static counts per forward tile (filled by dynamic_smem from the tile constants of
+# fa2_fwd_kernel.h): FLOPs of S = Q K^T and O += P V for one (query tile, key tile), bytes
+# written to shared memory (cp.async of the K and V tiles) and read from it (ldmatrix of the K
+# and V tiles by every warp, and of each warp's Q rows).
+INTENSITY: list[dict] = []
+SMEM_PER_SM = {"80": 164 * 1024, "90": 228 * 1024}
+
+
+def blocks_per_sm(arch: str, regs: int, threads: int, smem: int) -> int:
+    """Resident blocks per SM: registers (allocated per warp in units of 256), shared memory
+    (plus 1 KB reserved per block), threads (2048) and the 32-block cap, whichever binds."""
+    warps = threads // 32
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // warps if per_warp else 32
+    by_smem = SMEM_PER_SM[arch] // (smem + 1024)
+    return max(0, min(by_regs, by_smem, 2048 // threads, 32))
 
 
 def find_nvcc() -> str | None:
@@ -76,7 +100,7 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 def short_name(demangled: str) -> tuple[str, str]:
     """('flash_fwd_kernel', 'hdim128 bf16 dense') from a demangled template name."""
-    m = re.search(r"(flash_\w+_kernel)<(.*)>\(", demangled)
+    m = re.search(r"((?:flash|fa2)_\w+_kernel)<(.*)>\(", demangled)
     if not m:
         return demangled, ""
     kern, args = m.group(1), m.group(2)
@@ -129,7 +153,14 @@ def dynamic_smem(nvcc: str, tmp: str) -> dict[tuple[str, str, str], int]:
         raise RuntimeError("could not build the shared-memory size program:\n" + r.stderr)
     out = subprocess.run([exe], capture_output=True, text=True, check=True).stdout
     table = {}
+    INTENSITY.clear()
     for line in out.splitlines():
+        if line.startswith("INTENSITY "):
+            kern, d, t, bm, bn, nw, st, flops, wr, rd = line.split()[1:]
+            INTENSITY.append({"kernel": kern, "hdim": int(d), "dtype": t, "block_m": int(bm),
+                              "block_n": int(bn), "warps": int(nw), "stages": int(st),
+                              "flops": int(flops), "smem_write": int(wr), "smem_read": int(rd)})
+            continue
         kern, d, t, b = line.split()
         table[(kern, f"hdim{d}", t)] = int(b)
     return table
@@ -151,7 +182,7 @@ def read_registers(path: str) -> dict[tuple[str, str, str], int]:
         return {}
     regs = {}
     for line in text.splitlines():
-        if line.startswith("| flash_"):
+        if line.startswith("| flash_") or line.startswith("| fa2_"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             try:
                 regs[(cells[0], cells[1], cells[2])] = int(cells[3])
@@ -244,6 +275,35 @@ def main(argv=None) -> int:
     ]
     for t in table:
         lines.append(f"| {t[0]} | {t[1]} | sm_{t[2]} | {t[3]} | {t[4]} | {t[5]} | {t[6]} | {t[7]} | {t[8]} | {delta(t)} |")
+    if INTENSITY:
+        lines += [
+            "",
+            "## FlashAttention-2 class forward: occupancy and static intensity per tile",
+            "",
+            "Per (query tile, key tile), all warps, from the tile constants (fa2_fwd_kernel.h): "
+            "FLOPs of Q K^T and P V (4 M N d); shared-memory bytes written (cp.async of the K and V "
+            "tiles) and read (ldmatrix of K and V by every warp, and of each warp's Q rows: Q is "
+            "re-read per key tile, not held in registers). No st.shared/ld.shared on the main path "
+            "(S, P and O stay in registers). The wmma forward moves about 6 FLOP per byte "
+            "(issue 16's count); A100 needs ~16, H100 ~32 to be compute-bound. Blocks/SM from "
+            "ptxas registers and the requested shared memory (not measured on a GPU).",
+            "",
+            "| kernel | config | tile (M x N, warps, stages) | FLOP / tile | smem write (B) | smem read (B) | FLOP / smem byte | blocks/SM sm_80 | blocks/SM sm_90 |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+        ]
+        for it in INTENSITY:
+            occ = []
+            for arch in ("80", "90"):
+                cells = [t for t in table if t[0] == it["kernel"] and t[2] == arch
+                         and t[1].startswith(f"hdim{it['hdim']} {it['dtype']}") and t[3] > 0]
+                occ.append(", ".join(
+                    f"{t[1].split()[-1]} {blocks_per_sm(arch, t[3], it['warps'] * 32, t[8])}"
+                    for t in cells) or "-")
+            ratio = it["flops"] / (it["smem_write"] + it["smem_read"])
+            lines.append(
+                f"| {it['kernel']} | hdim{it['hdim']} {it['dtype']} | {it['block_m']} x "
+                f"{it['block_n']}, {it['warps']} warps, {it['stages']} stages | {it['flops']} | "
+                f"{it['smem_write']} | {it['smem_read']} | {ratio:.1f} | {occ[0]} | {occ[1]} |")
     for src, arch, text in failures:
         lines += ["", f"## FAILED: {os.path.relpath(src, ROOT)} sm_{arch}", "", "```", text.strip()[-4000:], "```"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

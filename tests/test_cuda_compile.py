@@ -26,11 +26,20 @@ def test_every_kernel_compiles_for_sm80_sm90_without_spills(tmp_path):
     rc = cuda_compile_report.main(["--archs", "80,90", "--check", "--out", str(out)])
     text = out.read_text()
     assert rc == 0, text
-    rows = [line for line in text.splitlines() if line.startswith("| flash_")]
-    # 3 kernels x 2 head dims x 2 dtypes x {dense, sparse} + preprocess x 2 dtypes, per arch
+    rows = [line for line in text.splitlines()
+            if (line.startswith("| flash_") or line.startswith("| fa2_")) and "| sm_" in line]
+    # 3 wmma kernels x 2 head dims x 2 dtypes x {dense, sparse} + preprocess x 2 dtypes, and the
+    # FlashAttention-2 class forward x 2 head dims x 2 dtypes x {dense, sparse}, per arch
     for arch in ("sm_80", "sm_90"):
         got = [r for r in rows if f"| {arch} |" in r]
-        assert len(got) == 26, (arch, len(got))
+        assert len(got) == 34, (arch, len(got))
+    # the FA2 forward's static intensity: >= 16 FLOP per shared-memory byte at d = 64 and 128
+    fa2 = [line for line in text.splitlines()
+           if line.startswith("| fa2_fwd_kernel | hdim") and " warps, " in line]
+    assert len(fa2) == 4
+    for r in fa2:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[6]) >= 16.0, r
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert cells[4] == "0" and cells[5] == "0", f"spills: {r}"
@@ -38,8 +47,9 @@ def test_every_kernel_compiles_for_sm80_sm90_without_spills(tmp_path):
 
 
 @needs_nvcc
-def test_emulator_selftest_kernels_are_valid_cuda(tmp_path):
-    src = os.path.join(ROOT, "tests", "cuda_emu", "selftest_kernels.cu")
+@pytest.mark.parametrize("name", ["selftest_kernels.cu", "selftest_ptx.cu"])
+def test_emulator_selftest_kernels_are_valid_cuda(tmp_path, name):
+    src = os.path.join(ROOT, "tests", "cuda_emu", name)
     r = subprocess.run(["nvcc", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
                         "-I", os.path.join(ROOT, "csrc"), "-c", src, "-o",
                         str(tmp_path / "selftest.o")], capture_output=True, text=True)

@@ -1,7 +1,10 @@
 """Tests of the CUDA emulation layer (tests/cuda_emu) itself: a shared-memory reduction, warp
 shuffles and votes, atomics, wmma products in every layout, 16-bit conversions, and the bugs it
 must report (divergent barrier, missing barrier, uninitialized shared memory, misaligned or
-non-uniform wmma arguments, >48 KiB shared memory without opt-in)."""
+non-uniform wmma arguments, >48 KiB shared memory without opt-in); and the PTX layer
+(csrc/cuda/ptx_ops.h): mma.sync m16n8k16 against a matmul with fragments indexed as the PTX ISA
+documents them, ldmatrix layouts (plain and .trans), a cp.async + ldmatrix + mma GEMM, a missing
+cp.async.wait_group (stale/NaN reads) and shared-memory races caught by the hazard detector."""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ P = ctypes.c_void_p
 def lib():
     L = build.load("cuda_emu_selftest")
     for name in ("st_block_sum_static", "st_block_sum_dynamic", "st_warp_ops", "st_atomics",
-                 "st_wmma_gemm", "st_convert", "st_bug"):
+                 "st_wmma_gemm", "st_convert", "st_bug", "st_ptx_mma", "st_ptx_ldmatrix",
+                 "st_ptx_gemm", "st_ptx_bug"):
         getattr(L, name).restype = ctypes.c_char_p
     L.st_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
     yield L
@@ -161,3 +165,97 @@ def test_large_dynamic_smem_needs_opt_in(lib):
     assert err and "cudaFuncSetAttribute" in err
     err, out = bug(lib, 6)
     assert err is None and (out[:32] == 1).all()
+
+
+# ---- PTX layer (csrc/cuda/ptx_ops.h) ----------------------------------------------------------
+# The per-lane layouts below are written from the PTX ISA ("Matrix Fragments for mma.m16n8k16
+# with floating point type", "ldmatrix"), independently of the emulator's code:
+# g = lane // 4, t = lane % 4.
+
+def _bits(x):
+    return x.view(torch.int16).to(torch.int32) & 0xFFFF
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ptx_mma_m16n8k16_matches_matmul(lib, dtype):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(16, 16, generator=g).to(dtype)
+    B = torch.randn(16, 8, generator=g).to(dtype)
+    C = torch.randn(16, 8, generator=g)
+    D = torch.zeros(16, 8)
+    ok(lib.st_ptx_mma(ptr(A.contiguous()), ptr(B.contiguous()), ptr(C), ptr(D),
+                      int(dtype == torch.bfloat16)))
+    expect = A.double() @ B.double() + C.double()
+    torch.testing.assert_close(D.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num", [1, 2, 4])
+@pytest.mark.parametrize("trans", [0, 1])
+def test_ptx_ldmatrix_layout(lib, num, trans):
+    src = torch.arange(4 * 64, dtype=torch.int16)  # matrix i, row r, col c -> 64 i + 8 r + c
+    out = torch.zeros(32 * 4, dtype=torch.int32)
+    ok(lib.st_ptx_ldmatrix(ptr(src), ptr(out), num, trans))
+    out = out.view(32, 4).to(torch.int64) & 0xFFFFFFFF
+    for lane in range(32):
+        gq, t = lane // 4, lane % 4
+        for i in range(num):
+            if trans:   # rows 2t, 2t+1 of column g
+                lo, hi = 64 * i + 8 * (2 * t) + gq, 64 * i + 8 * (2 * t + 1) + gq
+            else:       # row g, columns 2t, 2t+1
+                lo, hi = 64 * i + 8 * gq + 2 * t, 64 * i + 8 * gq + 2 * t + 1
+            assert out[lane, i].item() == lo | (hi << 16), (lane, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ptx_cp_async_ldmatrix_mma_gemm(lib, dtype):
+    M, N, K = 128, 64, 96
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(M, K, generator=g).to(dtype)
+    B = torch.randn(K, N, generator=g).to(dtype)
+    C = torch.zeros(M, N)
+    ok(lib.st_ptx_gemm(ptr(A), ptr(B), ptr(C), M, N, K, int(dtype == torch.bfloat16)))
+    torch.testing.assert_close(C.double(), A.double() @ B.double(), rtol=1e-5, atol=1e-4)
+
+
+def ptx_bug(lib, which):
+    src = torch.arange(1024, dtype=torch.float32)
+    out = torch.zeros(64)
+    err = lib.st_ptx_bug(which, ptr(src), ptr(out))
+    return (None if err is None else err.decode()), out, src
+
+
+def test_ptx_missing_cp_async_wait_reads_unlanded_memory(lib):
+    # Read before the wait_group: the values are the NaN fill, and the late landing is a race
+    # with the other threads' reads.
+    err, out, src = ptx_bug(lib, 0)
+    assert err and "shared-memory race" in err and "cp.async (lands at wait_group)" in err
+    assert out[:32].isnan().any()
+    # No wait_group at all: the copy never lands (reported when the thread exits).
+    err, out, src = ptx_bug(lib, 9)
+    assert err and "no cp.async.wait_group covered" in err
+    err, out, src = ptx_bug(lib, 1)
+    assert err is None
+    torch.testing.assert_close(out[:32], src[(torch.arange(32) * 4 + 4) % 128])
+
+
+def test_ptx_race_detector(lib):
+    err, _, _ = ptx_bug(lib, 2)
+    assert err and "shared-memory race" in err and "st.shared" in err
+    err, out, _ = ptx_bug(lib, 3)       # __syncthreads between: fine
+    assert err is None and out[63].item() == 0.0 and out[0].item() == 1.0
+    err, _, _ = ptx_bug(lib, 4)         # __syncwarp orders the lanes of one warp
+    assert err is None
+    err, _, _ = ptx_bug(lib, 5)         # but not two warps
+    assert err and "shared-memory race" in err
+
+
+def test_ptx_race_detector_write_after_read_by_cp_async(lib):
+    err, _, _ = ptx_bug(lib, 6)
+    assert err and "shared-memory race" in err and "cp.async" in err
+    err, _, _ = ptx_bug(lib, 7)
+    assert err is None
+
+
+def test_ptx_divergent_warp_collective_is_reported(lib):
+    err, _, _ = ptx_bug(lib, 8)
+    assert err and "divergent ldmatrix" in err

@@ -235,6 +235,21 @@ def test_all_mods_block_sparse_causal_window():
              alibi_slopes=alibi_slopes(2, 2, False), dropout_p=0.1, dropout_seed=9, seed=8)
 
 
+# BLOCK_M = 128 masks run the FlashAttention-2 class forward (fa2_fwd_kernel.h) with the mask's
+# partial-block bitmasks; 64-row masks the wmma forward (both are tested).
+@needs_sparse
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 64), (torch.float16, 128)],
+                         ids=["bf16-d64", "fp16-d128"])
+def test_all_mods_block_sparse_fa2_blocks(dtype, D):
+    Nq, Nk = 200, 230
+    H = 2
+    rand = torch.rand(H, Nq, Nk, generator=torch.Generator().manual_seed(1)) < 0.5
+    bm = fs.from_mask_fn(lambda b, h, i, j: rand[h, i, j] & (j <= i + Nk - Nq), Nq, Nk, H=H,
+                         block_size=(128, 64))
+    run_case(1, H, 1, Nq, Nk, D, dtype, block_mask=bm, softcap=5.0, q_scale=3.0,
+             alibi_slopes=alibi_slopes(1, H, True), dropout_p=0.2, dropout_seed=8, seed=7)
+
+
 def test_check_params_rejects_bad_mods():
     q = torch.randn(1, 1, 10, 64).half()
     assert "softcap" in emu.check_params_reason(q, q, q, softcap=float("inf"))

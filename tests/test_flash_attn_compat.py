@@ -1021,3 +1021,30 @@ def test_options_are_validated_once_per_public_call(monkeypatch):
     counts.update(check=0, run=0)
     attention_varlen(*t, cu_q, cu_k, causal=True)
     assert counts == {"check": 1, "run": 3}
+
+
+# ---- deterministic (issue 16) -------------------------------------------------------------
+
+def test_deterministic_flag_passes_through(monkeypatch):
+    """FlashAttention's `deterministic` reaches fastattn.attention's option unchanged (its
+    default False allows an atomic dQ backward; fastattn's own default is True)."""
+    from fastattn import api as fa_api
+
+    seen = []
+    real_run = fa_api.run
+
+    def spy(*args, **kw):
+        seen.append(args[3].deterministic)
+        return real_run(*args, **kw)
+
+    monkeypatch.setattr(fa_api, "run", spy)
+    q, k, v = (torch.randn(1, 9, 2, 16) for _ in range(3))
+    flash_attn_func(q, k, v)
+    flash_attn_func(q, k, v, deterministic=True)
+    flash_attn_func(q, k, v, deterministic=False)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 5, 5, deterministic=True)
+    assert seen[:3] == [False, True, False]
+    assert len(seen) > 3 and all(seen[3:])  # varlen: one api.run per kernel call
+    with pytest.raises(TypeError, match="deterministic"):
+        flash_attn_func(q, k, v, deterministic=1)

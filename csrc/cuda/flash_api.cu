@@ -75,7 +75,12 @@ void run_fwd(FlashParams& p, void* stream) {
   FP16_SWITCH(p.is_bf16, [&] {
     HEADDIM_SWITCH(p.d, [&] {
       BOOL_SWITCH(p.block_sparse, kSparse, [&] {
-        run_fwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
+        // The FlashAttention-2 class kernel serves every dense call and the block masks whose
+        // BLOCK_M is a multiple of its 128-row query tile; the wmma kernel the other masks.
+        if (!kSparse || p.mask_block_m % kFa2FwdBlockM == 0)
+          run_fa2_fwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
+        else
+          run_fwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
       });
     });
   });

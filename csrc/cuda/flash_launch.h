@@ -14,4 +14,10 @@ void run_fwd_(FlashParams& p, cudaStream_t stream);
 template <typename T, int kHeadDim, bool kSparse>
 void run_bwd_(FlashParams& p, cudaStream_t stream);
 
+// The FlashAttention-2 class forward (fa2_fwd_kernel.h), in fa2_fwd_hdim*_*.cu. Its query tile
+// is kFa2FwdBlockM rows: block-sparse calls use it when the mask's BLOCK_M is a multiple of that.
+constexpr int64_t kFa2FwdBlockM = 128;
+template <typename T, int kHeadDim, bool kSparse>
+void run_fa2_fwd_(FlashParams& p, cudaStream_t stream);
+
 }  // namespace fastattn::cuda

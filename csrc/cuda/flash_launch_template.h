@@ -2,6 +2,7 @@
 // Launches go through FA_LAUNCH (cuda_compat.h), so this compiles under nvcc and the emulator.
 #pragma once
 
+#include "fa2_fwd_kernel.h"
 #include "flash_bwd_kernel.h"
 #include "flash_fwd_kernel.h"
 #include "flash_launch.h"
@@ -21,6 +22,17 @@ template <typename T, int kHeadDim, bool kSparse>
 void run_fwd_(FlashParams& p, cudaStream_t stream) {
   using Kt = typename FwdConfig<kHeadDim, T>::type;
   auto kernel = &flash_fwd_kernel<Kt, kSparse>;
+  allow_smem(kernel, Kt::kSmemBytes);
+  const dim3 grid(ceil_div(p.nq, Kt::kBlockM), static_cast<unsigned>(p.b * p.hq));
+  FA_LAUNCH(kernel, grid, dim3(Kt::kNThreads), Kt::kSmemBytes, stream, p);
+  FA_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, int kHeadDim, bool kSparse>
+void run_fa2_fwd_(FlashParams& p, cudaStream_t stream) {
+  using Kt = typename Fa2FwdConfig<kHeadDim, T>::type;
+  static_assert(Kt::kBlockM == kFa2FwdBlockM, "flash_launch.h names the query tile");
+  auto kernel = &fa2_fwd_kernel<Kt, kSparse>;
   allow_smem(kernel, Kt::kSmemBytes);
   const dim3 grid(ceil_div(p.nq, Kt::kBlockM), static_cast<unsigned>(p.b * p.hq));
   FA_LAUNCH(kernel, grid, dim3(Kt::kNThreads), Kt::kSmemBytes, stream, p);

@@ -45,7 +45,7 @@ def _empty_result(q, k, v, lse_fill: float):
 
 def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None,
               softcap=None, alibi_slopes=None, dropout_p=None, dropout_seed=None,
-              backend="auto", return_lse=False):
+              backend="auto", return_lse=False, deterministic=True):
     """Fused attention over q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv).
 
     Hq must be a multiple of Hkv (GQA/MQA: query head h reads kv head h // (Hq // Hkv)).
@@ -72,10 +72,16 @@ def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None
     "cuda", "sdpa" or "reference". Returns out (B, Hq, Nq, Dv) in q's dtype, and with
     return_lse=True also lse (B, Hq, Nq) float32, the natural-log log-sum-exp of the
     scaled, modified, masked scores.
+
+    deterministic=True (the default) asks for a bitwise reproducible backward pass; False
+    allows one that accumulates dQ with floating-point atomics (FlashAttention's default).
+    Every backend accepts both. Today every fastattn backward (cpu, triton, cuda) is
+    atomic-free, so both give reproducible results; the CUDA family's atomic dQ backward
+    (issue 16) is what False will select once it exists.
     """
     opts = check_options(causal=causal, window=window, scale=scale, softcap=softcap,
                          dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend,
-                         return_lse=return_lse)
+                         return_lse=return_lse, deterministic=deterministic)
     return run(q, k, v, opts, block_mask=block_mask, alibi_slopes=alibi_slopes)
 
 
@@ -92,10 +98,12 @@ class Options:
     dropout_seed: int | None  # drawn when dropout_p > 0 and none was given
     backend: str  # a backend name or "auto" (FASTATTN_BACKEND resolved)
     return_lse: bool
+    deterministic: bool = True  # False allows an atomic (non-reproducible) backward
 
 
 def check_options(*, causal=False, window=None, scale=None, softcap=None, dropout_p=None,
-                  dropout_seed=None, backend="auto", return_lse=False) -> Options:
+                  dropout_seed=None, backend="auto", return_lse=False,
+                  deterministic=True) -> Options:
     """Validates attention()'s scalar options (the arguments as attention() takes them)."""
     backend = dispatch.validate_backend_name(backend)
     left_right = normalize_window(window, causal)
@@ -107,8 +115,11 @@ def check_options(*, causal=False, window=None, scale=None, softcap=None, dropou
         dropout_seed = draw_seed()
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     return Options(window=left_right, scale=scale, softcap=softcap, dropout_p=dropout_p,
-                   dropout_seed=dropout_seed, backend=backend, return_lse=return_lse)
+                   dropout_seed=dropout_seed, backend=backend, return_lse=return_lse,
+                   deterministic=deterministic)
 
 
 def run(q, k, v, opts: Options, *, block_mask=None, alibi_slopes=None):
@@ -131,6 +142,7 @@ def run(q, k, v, opts: Options, *, block_mask=None, alibi_slopes=None):
         needs_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         return_lse=opts.return_lse, softcap=opts.softcap, alibi_slopes=alibi_slopes,
         dropout_p=opts.dropout_p, dropout_seed=int(opts.dropout_seed or 0),
+        deterministic=opts.deterministic,
     )
     impl = dispatch.select(p, opts.backend)  # raises before any kernel runs
     if B == 0 or Hq == 0 or Nq == 0 or Nk == 0:

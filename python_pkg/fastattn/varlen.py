@@ -155,7 +155,8 @@ def _bhnd(t, lo=None, hi=None):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                      *, causal=False, window=None, scale=None, softcap=0.0, alibi_slopes=None,
-                     dropout_p=0.0, dropout_seed=None, backend="auto", return_lse=False):
+                     dropout_p=0.0, dropout_seed=None, backend="auto", return_lse=False,
+                     deterministic=True):
     """Attention over packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D),
     v (total_k, Hkv, Dv); cu_seqlens_q / cu_seqlens_k int32 (batch + 1,) cumulative lengths
     starting at 0 and ending at total_q / total_k. max_seqlen_*: optional upper bounds
@@ -170,7 +171,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     # validated once for the whole call; each kernel call below reuses them (api.run)
     opts = api.check_options(causal=causal, window=window, scale=scale, softcap=softcap,
                              dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend,
-                             return_lse=return_lse)
+                             return_lse=return_lse, deterministic=deterministic)
     plan = _Plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                  opts.window, alibi_slopes)
     dropout_seed = opts.dropout_seed

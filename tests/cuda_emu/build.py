@@ -1,7 +1,7 @@
 """Builds emulated CUDA code into shared libraries for ctypes, with a content-hash cache.
 
     lib = build.load("fastattn_cuda_emu")     # csrc/cuda/*.cu + emu_api.cpp
-    lib = build.load("cuda_emu_selftest")     # selftest_kernels.cu
+    lib = build.load("cuda_emu_selftest")     # selftest_kernels.cu + selftest_ptx.cu
 
 Sources compile as C++ (g++ -x c++) with tests/cuda_emu/include first on the include path, so
 <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h> and <mma.h> resolve to the emulator. Objects
@@ -30,7 +30,8 @@ FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wno-un
 LIBS = {
     "fastattn_cuda_emu": lambda: sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     + [os.path.join(HERE, "emu_api.cpp")],
-    "cuda_emu_selftest": lambda: [os.path.join(HERE, "selftest_kernels.cu")],
+    "cuda_emu_selftest": lambda: [os.path.join(HERE, "selftest_kernels.cu"),
+                                  os.path.join(HERE, "selftest_ptx.cu")],
 }
 
 _loaded: dict[str, ctypes.CDLL] = {}

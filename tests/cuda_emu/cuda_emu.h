@@ -37,9 +37,18 @@
 //     the pointer is 256-bit aligned, ldm is a multiple of 16 bytes, and every lane of the
 //     warp calls the same operations with the same pointer and ldm, in the same order.
 //
+//   - The PTX device functions of csrc/cuda/ptx_ops.h (mma.sync m16n8k16, ldmatrix, cp.async,
+//     instrumented ld/st.shared) run here with the PTX ISA's per-lane fragment layouts; see the
+//     "PTX" section at the end of this file: warp-collective ops meet all 32 lanes and are
+//     computed once from every lane's registers, cp.async copies land only at the
+//     cp.async.wait_group that covers their group, and every shared-memory access made through
+//     those functions is checked by a hazard detector (two threads, one writing, the same
+//     4-byte word, no __syncthreads / __syncwarp between them).
+//
 // Not emulated: memory-model races between blocks (blocks never overlap), clusters,
-// cp.async / inline PTX, texture memory, streams (launches are synchronous), printf formats
-// beyond the C library's.
+// inline PTX other than ptx_ops.h's, texture memory, streams (launches are synchronous),
+// printf formats beyond the C library's. The hazard detector sees only the shared-memory
+// accesses made through ptx_ops.h (plain C++ pointer accesses are invisible to it).
 #pragma once
 
 #ifdef __CUDACC__
@@ -115,7 +124,17 @@ namespace detail {
 
 enum class State { Ready, WaitBlock, WaitWarp, Done };
 
+struct PendingCopy {  // one cp.async of 16 bytes, not landed yet
+  char* dst;
+  unsigned char data[16];
+  long group;  // -1: not committed yet
+  const char* file;
+  int line;
+};
+
 struct Fiber {
+  std::vector<PendingCopy> pending;  // cp.async copies issued by this thread, not landed
+  long committed = 0;                // cp.async groups committed by this thread
   ucontext_t ctx;
   char* stack = nullptr;
   int tid = 0;  // linear thread index within the block
@@ -135,6 +154,8 @@ struct WarpState {
   const char* site_file = nullptr;
   int site_line = 0;
   uint64_t slots[32];
+  void* ptrs[32];                // per-lane arguments of a warp-collective PTX op
+  bool fence = false;            // the pending meeting is a __syncwarp (orders shared memory)
   std::vector<CollectiveRecord> log;  // wmma ops since the last point every lane agreed on
   int count[32];
 };
@@ -152,6 +173,19 @@ struct Launch {
   int bar_line = 0;
   char* dyn_smem = nullptr;
   size_t dyn_smem_bytes = 0;
+  // Shared-memory hazard detector: barrier generations and one shadow record per 4-byte word.
+  uint32_t block_gen = 0;
+  std::vector<uint32_t> warp_gen;
+  struct Shadow {
+    int32_t w_tid = -1;  // last writer
+    uint32_t w_gen = 0, w_wgen = 0;
+    int32_t r_tid = -1;  // first reader since the write in generation r_gen
+    uint32_t r_gen = 0, r_wgen_max = 0;
+    int32_t r_warp = -1;  // warp of every such reader, -1 if several warps
+    bool r_multi = false;
+  };
+  std::vector<Shadow> shadow;
+  int bar_or = 0, bar_result = 0;  // __syncthreads_or
   std::function<void()> body;
   std::string error;
 };
@@ -194,6 +228,9 @@ inline void yield_to_scheduler() {
 
 inline void release_block_barrier(Launch& l) {
   l.arrived = 0;
+  ++l.block_gen;
+  l.bar_result = l.bar_or;
+  l.bar_or = 0;
   l.bar_file = nullptr;
   for (auto& f : l.fibers)
     if (f.state == State::WaitBlock) f.state = State::Ready;
@@ -203,6 +240,10 @@ inline void release_warp_barrier(Launch& l, int w) {
   WarpState& ws = l.warps[w];
   ws.arrived = 0;
   ws.site_file = nullptr;
+  if (ws.fence) {
+    ++l.warp_gen[w];
+    ws.fence = false;
+  }
   const int n = static_cast<int>(l.fibers.size());
   for (int t = w * 32; t < std::min(n, w * 32 + 32); ++t)
     if (l.fibers[t].state == State::WaitWarp) l.fibers[t].state = State::Ready;
@@ -299,6 +340,14 @@ inline void fiber_entry() {
   Fiber* self = l.cur;
   try {
     l.body();
+    if (!self->pending.empty()) {
+      char buf[200];
+      std::snprintf(buf, sizeof buf,
+                    "thread exited with %zu cp.async copies no cp.async.wait_group covered "
+                    "(first issued at %s:%d)",
+                    self->pending.size(), self->pending[0].file, self->pending[0].line);
+      fail(buf);
+    }
     WarpState& ws = l.warps[self->tid >> 5];
     if (ws.count[self->tid & 31] != static_cast<int>(ws.log.size()))
       fail("lane exited after " + std::to_string(ws.count[self->tid & 31]) +
@@ -354,11 +403,18 @@ inline void run_block(Launch& l, std::vector<int>& order, std::mt19937_64& rng) 
     ws.arrived = 0;
     ws.site_file = nullptr;
     ws.log.clear();
+    ws.fence = false;
     for (int& c : ws.count) c = 0;
   }
   if (l.dyn_smem_bytes) std::memset(l.dyn_smem, 0xFF, l.dyn_smem_bytes);
+  l.block_gen = 0;
+  l.bar_or = l.bar_result = 0;
+  l.warp_gen.assign(l.warps.size(), 0);
+  l.shadow.assign((l.dyn_smem_bytes + 3) / 4, Launch::Shadow{});
   for (Fiber& f : l.fibers) {
     f.state = State::Ready;
+    f.pending.clear();
+    f.committed = 0;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = config().stack_bytes;
@@ -505,7 +561,16 @@ inline void __syncthreads(const char* file = __builtin_FILE(), int line = __buil
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
                        int line = __builtin_LINE()) {
-  ::cuda_emu::detail::warp_barrier(mask, file, line);
+  using namespace ::cuda_emu::detail;
+  L().warps[warp_id()].fence = true;  // orders shared memory among the warp's lanes
+  warp_barrier(mask, file, line);
+}
+inline int __syncthreads_or(int pred, const char* file = __builtin_FILE(),
+                            int line = __builtin_LINE()) {
+  using namespace ::cuda_emu::detail;
+  L().bar_or |= pred != 0;
+  block_barrier(file, line);
+  return L().bar_result;
 }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
@@ -843,3 +908,256 @@ void mma_sync(fragment<accumulator, M, N, K, Tc>& d, const fragment<matrix_a, M,
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- PTX: the device functions of csrc/cuda/ptx_ops.h -----------------------------------------
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, ldmatrix.sync.aligned.m8n8
+// .x{1,2,4}[.trans].shared.b16, cp.async.cg.shared.global (16 B, zero-fill), commit_group,
+// wait_group, and ld/st.shared through which kernels make their shared-memory accesses visible to
+// the hazard detector. Fragment layouts are the PTX ISA's ("Matrix Fragments for mma.m16n8k16
+// with floating point type", "ldmatrix"): with g = lane / 4 and t = lane % 4,
+//   A (16x16, 4 regs of 2 halves): reg0 (g, 2t..2t+1), reg1 (g+8, 2t..), reg2 (g, 2t+8..),
+//                                  reg3 (g+8, 2t+8..)
+//   B (16x8,  2 regs):             reg0 (k = 2t..2t+1, n = g), reg1 (k = 2t+8.., n = g)
+//   C/D (16x8 fp32, 4 regs):       c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
+//   ldmatrix, matrix i (8x8 of b16, row r's address from lane 8i + r): lane gets reg i =
+//   (row g, cols 2t, 2t+1); with .trans, (rows 2t, 2t+1, col g). The low 16 bits hold the
+//   element of the lower column (row for .trans).
+namespace cuda_emu::ptx {
+using namespace ::cuda_emu::detail;
+
+inline bool in_smem(const void* p, size_t bytes) {
+  const Launch& l = L();
+  const char* c = static_cast<const char*>(p);
+  return l.dyn_smem && c >= l.dyn_smem && c + bytes <= l.dyn_smem + l.dyn_smem_bytes;
+}
+
+// The hazard detector: thread `tid` reads or writes [p, p + bytes) of dynamic shared memory.
+inline void smem_access(int tid, const void* p, size_t bytes, bool write, const char* what,
+                        const char* file, int line) {
+  Launch& l = L();
+  if (!in_smem(p, bytes)) return;
+  const size_t off = static_cast<size_t>(static_cast<const char*>(p) - l.dyn_smem);
+  const int w = tid >> 5;
+  const uint32_t G = l.block_gen, Wg = l.warp_gen[w];
+  auto separated = [&](int other, uint32_t gen, uint32_t wgen) {
+    return gen != G || ((other >> 5) == w && wgen != Wg);
+  };
+  auto race = [&](size_t word, int other, const char* other_did) {
+    char buf[400];
+    std::snprintf(buf, sizeof buf,
+                  "shared-memory race: thread %d %s shared byte %zu (%s at %s:%d) after thread "
+                  "%d %s it, with no __syncthreads/__syncwarp between them",
+                  tid, write ? "writes" : "reads", word * 4, what, file, line, other, other_did);
+    fail(buf);
+  };
+  for (size_t word = off / 4; word < (off + bytes + 3) / 4; ++word) {
+    Launch::Shadow& s = l.shadow[word];
+    if (s.w_tid >= 0 && s.w_tid != tid && !separated(s.w_tid, s.w_gen, s.w_wgen))
+      race(word, s.w_tid, "wrote");
+    if (write) {
+      if (s.r_tid >= 0 && s.r_gen == G && (s.r_multi || s.r_tid != tid)) {
+        const bool warp_ordered = s.r_warp == w && s.r_wgen_max != Wg;
+        if (!warp_ordered) race(word, s.r_tid, "read");
+      }
+      s.w_tid = tid;
+      s.w_gen = G;
+      s.w_wgen = Wg;
+      s.r_tid = -1;
+    } else if (s.r_tid < 0 || s.r_gen != G) {
+      s.r_tid = tid;
+      s.r_gen = G;
+      s.r_warp = w;
+      s.r_wgen_max = Wg;
+      s.r_multi = false;
+    } else {
+      if (s.r_tid != tid) s.r_multi = true;
+      if (s.r_warp != w) s.r_warp = -1;
+      s.r_wgen_max = std::max(s.r_wgen_max, Wg);
+    }
+  }
+}
+
+inline int my_tid() { return L().cur->tid; }
+
+// Warp-collective meeting: every lane publishes `args`; the last lane to arrive runs
+// compute(ptrs) once over all 32 lanes' arguments, then the warp is released. Needs all 32
+// lanes live and at the same source line.
+template <class F>
+void warp_collective(const char* op, void* args, const char* file, int line, F&& compute) {
+  Launch& l = L();
+  const int w = warp_id();
+  WarpState& ws = l.warps[w];
+  if (ws.live != 32 || live_lane_mask(l, w) != 0xffffffffu)
+    fail(std::string(op) + " is warp-collective (.sync.aligned): all 32 lanes must execute it");
+  if (ws.arrived == 0) {
+    ws.site_file = file;
+    ws.site_line = line;
+  } else if (ws.site_line != line || std::strcmp(ws.site_file, file) != 0) {
+    fail(std::string("divergent ") + op + ": lane at " + file + ":" + std::to_string(line) +
+         ", other lanes at " + ws.site_file + ":" + std::to_string(ws.site_line));
+  }
+  ws.ptrs[lane_id()] = args;
+  if (++ws.arrived == ws.live) {
+    compute(ws.ptrs, w);
+    release_warp_barrier(l, w);
+    return;
+  }
+  l.cur->state = State::WaitWarp;
+  yield_to_scheduler();
+}
+
+inline float bits_to_float(uint16_t b, bool bf16) {
+  if (bf16) {
+    __nv_bfloat16 h;
+    h.__x = b;
+    return __bfloat162float(h);
+  }
+  __half h;
+  h.__x = b;
+  return __half2float(h);
+}
+
+struct MmaArgs {
+  float* d;
+  const uint32_t* a;
+  const uint32_t* b;
+};
+
+// d[4] += A * B for the warp's m16n8k16 fragments (fp32 accumulate of 16-bit products).
+inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, bool bf16,
+                         const char* file, int line) {
+  MmaArgs args{d, a, b};
+  warp_collective("mma.sync.m16n8k16", &args, file, line, [&](void** ptrs, int) {
+    float A[16][16], B[16][8], C[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+      const MmaArgs& x = *static_cast<MmaArgs*>(ptrs[lane]);
+      const int g = lane >> 2, t = lane & 3;
+      for (int r = 0; r < 4; ++r) {
+        const int row = g + (r & 1) * 8, col = 2 * t + (r >> 1) * 8;
+        A[row][col] = bits_to_float(static_cast<uint16_t>(x.a[r] & 0xffffu), bf16);
+        A[row][col + 1] = bits_to_float(static_cast<uint16_t>(x.a[r] >> 16), bf16);
+      }
+      for (int r = 0; r < 2; ++r) {
+        const int k = 2 * t + r * 8;
+        B[k][g] = bits_to_float(static_cast<uint16_t>(x.b[r] & 0xffffu), bf16);
+        B[k + 1][g] = bits_to_float(static_cast<uint16_t>(x.b[r] >> 16), bf16);
+      }
+      for (int r = 0; r < 4; ++r) C[g + (r >> 1) * 8][2 * t + (r & 1)] = x.d[r];
+    }
+    for (int m = 0; m < 16; ++m)
+      for (int n = 0; n < 8; ++n) {
+        float acc = C[m][n];
+        for (int k = 0; k < 16; ++k) acc += A[m][k] * B[k][n];
+        C[m][n] = acc;
+      }
+    for (int lane = 0; lane < 32; ++lane) {
+      const MmaArgs& x = *static_cast<MmaArgs*>(ptrs[lane]);
+      const int g = lane >> 2, t = lane & 3;
+      for (int r = 0; r < 4; ++r) x.d[r] = C[g + (r >> 1) * 8][2 * t + (r & 1)];
+    }
+  });
+}
+
+struct LdmArgs {
+  uint32_t* r;
+  const void* addr;
+};
+
+// ldmatrix.sync.aligned.m8n8.x{num}[.trans].shared.b16: lanes 8i..8i+7 give the row addresses
+// of matrix i (16-byte aligned, in shared memory); every lane gets one register per matrix.
+inline void ldmatrix(int num, bool trans, uint32_t* r, const void* addr, const char* file,
+                     int line) {
+  LdmArgs args{r, addr};
+  warp_collective(trans ? "ldmatrix.trans" : "ldmatrix", &args, file, line,
+                  [&](void** ptrs, int w) {
+    uint16_t M[4][8][8];
+    for (int i = 0; i < num; ++i)
+      for (int row = 0; row < 8; ++row) {
+        const int src = 8 * i + row;
+        const void* p = static_cast<LdmArgs*>(ptrs[src])->addr;
+        if (reinterpret_cast<uintptr_t>(p) % 16 != 0 || !in_smem(p, 16)) {
+          char buf[200];
+          std::snprintf(buf, sizeof buf,
+                        "ldmatrix at %s:%d: lane %d's row address %p is not a 16-byte aligned "
+                        "address of dynamic shared memory",
+                        file, line, src, p);
+          fail(buf);
+        }
+        smem_access(w * 32 + src, p, 16, false, "ldmatrix", file, line);
+        std::memcpy(M[i][row], p, 16);
+      }
+    for (int lane = 0; lane < 32; ++lane) {
+      LdmArgs& x = *static_cast<LdmArgs*>(ptrs[lane]);
+      const int g = lane >> 2, t = lane & 3;
+      for (int i = 0; i < num; ++i) {
+        const uint16_t lo = trans ? M[i][2 * t][g] : M[i][g][2 * t];
+        const uint16_t hi = trans ? M[i][2 * t + 1][g] : M[i][g][2 * t + 1];
+        x.r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      }
+    }
+  });
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src_size (src_size 0: 16 zero bytes). The source
+// is read now; the destination is written only when a cp.async.wait_group covers the copy's
+// group (a read before that sees whatever shared memory held: NaN-filled or stale).
+inline void cp_async_16(void* dst, const void* src, bool pred, const char* file, int line) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || !in_smem(dst, 16) ||
+      (pred && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf,
+                  "cp.async at %s:%d: destination %p must be 16-byte aligned dynamic shared "
+                  "memory and the source 16-byte aligned",
+                  file, line, dst);
+    fail(buf);
+  }
+  const int tid = my_tid();
+  // The copy may write any time until its wait: it conflicts with reads not yet ordered.
+  smem_access(tid, dst, 16, true, "cp.async (issue)", file, line);
+  PendingCopy c;
+  c.dst = static_cast<char*>(dst);
+  if (pred)
+    std::memcpy(c.data, src, 16);
+  else
+    std::memset(c.data, 0, 16);
+  c.group = -1;
+  c.file = file;
+  c.line = line;
+  L().cur->pending.push_back(c);
+}
+
+inline void cp_async_commit() {
+  Fiber& f = *L().cur;
+  for (PendingCopy& c : f.pending)
+    if (c.group < 0) c.group = f.committed;
+  ++f.committed;
+}
+
+// cp.async.wait_group n: every committed group but the newest n has landed.
+inline void cp_async_wait(int n, const char* file, int line) {
+  Fiber& f = *L().cur;
+  const long upto = f.committed - n;  // groups [0, upto) must be complete
+  std::vector<PendingCopy> keep;
+  for (PendingCopy& c : f.pending) {
+    if (c.group >= 0 && c.group < upto) {
+      smem_access(f.tid, c.dst, 16, true, "cp.async (lands at wait_group)", file, line);
+      std::memcpy(c.dst, c.data, 16);
+    } else {
+      keep.push_back(c);
+    }
+  }
+  f.pending.swap(keep);
+}
+
+template <class V>
+V lds(const V* p, const char* file, int line) {
+  smem_access(my_tid(), p, sizeof(V), false, "ld.shared", file, line);
+  return *p;
+}
+template <class V>
+void sts(V* p, V v, const char* file, int line) {
+  smem_access(my_tid(), p, sizeof(V), true, "st.shared", file, line);
+  *p = v;
+}
+
+}  // namespace cuda_emu::ptx

@@ -42,6 +42,9 @@ class Problem:
     alibi_slopes: Any = None  # float32 tensor (B, Hq), contiguous, on the inputs' device
     dropout_p: float = 0.0
     dropout_seed: int = 0  # 64-bit seed of the counter-based dropout hash
+    # True: the backward must be bitwise reproducible (no floating-point atomics); False
+    # allows an atomic one. Every backend accepts both; all of today's are atomic-free.
+    deterministic: bool = True
 
     @property
     def mask(self) -> KernelMask:

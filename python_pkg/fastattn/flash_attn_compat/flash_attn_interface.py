@@ -28,8 +28,9 @@ Semantics shared by all functions (as in FlashAttention >= 2.1):
     time). The keep bits come from fastattn's counter-based hash (fastattn.score_mods)
     seeded from torch's default generator, so torch.manual_seed(s) reproduces the
     forward and the backward regenerates the same bits (no N x N mask is stored).
-  - deterministic: accepted for compatibility; every fastattn backward pass is already
-    deterministic (no atomics), so the flag changes nothing.
+  - deterministic: passed through to fastattn.attention(deterministic=...) (FlashAttention's
+    default False allows an atomic dQ backward). Every fastattn backward pass today is
+    atomic-free, so both values give bitwise reproducible gradients.
   - Scalars (softmax_scale, softcap, dropout_p, max_seqlen_*, num_splits, an int
     cache_seqlens) may also be numpy scalars or one-element tensors, as in FlashAttention.
   - return_attn_probs=True returns (out, softmax_lse, S_dmask): softmax_lse (batch, nheads,
@@ -200,7 +201,7 @@ def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alib
     # FlashAttention's argument forms converted above; fastattn's rules checked once here
     opts = api.check_options(causal=causal, window=win, scale=softmax_scale, softcap=softcap,
                              dropout_p=_float_like("dropout_p", dropout_p),
-                             return_lse=return_attn_probs)
+                             return_lse=return_attn_probs, deterministic=bool(deterministic))
     p, seed = opts.dropout_p, opts.dropout_seed
     res = api.run(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), opts,
                   alibi_slopes=alibi_slopes)
@@ -310,7 +311,8 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     kw = dict(causal=causal, window=win, scale=softmax_scale, softcap=softcap,
               alibi_slopes=alibi_slopes)
     res = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           dropout_p=p, dropout_seed=seed, return_lse=return_attn_probs, **kw)
+                           dropout_p=p, dropout_seed=seed, return_lse=return_attn_probs,
+                           deterministic=bool(deterministic), **kw)
     if not return_attn_probs:
         return res
     S = varlen_probs(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
