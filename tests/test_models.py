@@ -15,7 +15,7 @@ from oracle import FLOOR
 
 try:
     import fastattn.sparse  # noqa: F401
-    SPARSE = ("bigbird", "longformer:8")
+    SPARSE = ("bigbird", "longformer:8", "fixed:16:4", "blocklocal:24")
 except ImportError:  # block-sparse patterns land with fastattn.sparse
     SPARSE = ()
 
