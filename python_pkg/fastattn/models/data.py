@@ -455,10 +455,14 @@ class Compass(Task):
     n_dirs compass sectors does the green marker lie, seen from the red one?
 
         image_size x image_size RGB, background noise (std noise), a red square marker
-        (channel 0 only) and a green one (channel 1 only), marker x marker pixels, at least
-        min_dist * image_size apart; n_distractors yellow squares (channels 0 and 1, the
-        same size) and as many blue ones (channel 2) anywhere. Label: the sector of the angle
-        atan2(-(y_g - y_r), x_g - x_r) (up = north), sector 0 centred on east, counter-clockwise.
+        (channel 0 only) and a green one (channel 1 only), marker x marker pixels (default
+        image_size // 8), at least min_dist * image_size apart; n_distractors blue squares
+        (channel 2, the same size) anywhere, and n_yellow yellow ones (channels 0 and 1: a
+        harder variant, where telling a marker from a distractor needs both channels).
+        Label: the sector of the angle
+        atan2(-(y_g - y_r), x_g - x_r) (up = north), counter-clockwise; sector_offset=0.5
+        centres sector 0 on east, sector_offset=0 starts it there (with n_dirs=4: the
+        quadrant, i.e. whether the green marker is right of / above the red one).
 
     The answer needs the positions of two markers that are far apart (a quarter of the image
     or more), so it depends on long-range spatial structure; the sector boundaries and the
@@ -472,8 +476,8 @@ class Compass(Task):
     channels = 3
 
     def __init__(self, image_size: int = 64, patch: int = 4, n_dirs: int = 8, marker: int = 0,
-                 n_distractors: int = 4, noise: float = 0.3, min_dist: float = 0.25,
-                 n_train: int = 0):
+                 n_distractors: int = 2, n_yellow: int = 0, noise: float = 0.2,
+                 min_dist: float = 0.25, sector_offset: float = 0.5, n_train: int = 0):
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
         if patch < 1 or image_size % patch:
@@ -482,8 +486,9 @@ class Compass(Task):
         if n_dirs < 2:
             raise ValueError(f"n_dirs must be >= 2, got {n_dirs}")
         self.image_size, self.patch, self.n_classes = image_size, patch, n_dirs
-        self.marker = marker or max(2, image_size // 32)
-        self.n_distractors, self.noise, self.min_dist = n_distractors, noise, min_dist
+        self.marker = marker or max(2, image_size // 8)
+        self.n_distractors, self.n_yellow = n_distractors, n_yellow
+        self.noise, self.min_dist, self.sector_offset = noise, min_dist, sector_offset
         self.n_train = n_train
         self._pool = None
 
@@ -498,8 +503,8 @@ class Compass(Task):
             if not bool(bad.any()):
                 break
             pos[bad] = torch.randint(0, hi, (int(bad.sum()), 2, 2), generator=g)
-        nd = self.n_distractors
-        dis = torch.randint(0, hi, (n, 2 * nd, 2), generator=g)
+        nd, ny = self.n_distractors, self.n_yellow
+        dis = torch.randint(0, hi, (n, nd + ny, 2), generator=g)
         img = self.noise * torch.randn(n, 3, S, S, generator=g)
         yy = torch.arange(S).view(1, 1, S, 1)
         xx = torch.arange(S).view(1, 1, 1, S)
@@ -511,17 +516,19 @@ class Compass(Task):
         mk = squares(pos).float()
         img[:, 0] += mk[:, 0]
         img[:, 1] += mk[:, 1]
-        if nd:
+        if nd + ny:
             ds = squares(dis).float()
-            yellow, blue = ds[:, :nd].amax(1), ds[:, nd:].amax(1)
-            img[:, 0] += yellow
-            img[:, 1] += yellow
-            img[:, 2] += blue
+            if nd:
+                img[:, 2] += ds[:, :nd].amax(1)
+            if ny:
+                yellow = ds[:, nd:].amax(1)
+                img[:, 0] += yellow
+                img[:, 1] += yellow
         dy = (pos[:, 1, 0] - pos[:, 0, 0]).float()
         dx = (pos[:, 1, 1] - pos[:, 0, 1]).float()
         ang = torch.atan2(-dy, dx)  # up = north, counter-clockwise
         k = self.n_classes
-        label = torch.floor((ang / (2 * math.pi) * k + 0.5)).long() % k
+        label = torch.floor((ang / (2 * math.pi) * k + self.sector_offset)).long() % k
         return {"images": img, "labels": label}
 
     def batch(self, split, batch_size, seq_len, g):
