@@ -251,6 +251,27 @@ def listops_tree(rng: random.Random, depth: int = 1, max_depth: int = 10, max_ar
                                       for _ in range(n)])
 
 
+def listops_tree_capped(rng: random.Random, budget: int, depth: int = 1, max_depth: int = 10,
+                        max_args: int = 10, value_p: float = 0.25):
+    """listops_tree with the same random draws in the same order, abandoned (None) as soon
+    as its token count exceeds budget; else (tree, token count). A tree that fits is exactly
+    the tree listops_tree draws from the same state, so rejection sampling on the length
+    keeps its distribution, without generating the oversized trees to the end."""
+    r = rng.random() if depth < max_depth else 1.0
+    if r > value_p:
+        return (rng.randint(0, 9), 1) if budget >= 1 else None
+    n = rng.randint(2, max_args)
+    op = rng.choice(LISTOPS_OPS)
+    used, kids = 2, []  # the operator and "]"
+    for _ in range(n):
+        res = listops_tree_capped(rng, budget - used, depth + 1, max_depth, max_args, value_p)
+        if res is None:
+            return None
+        kids.append(res[0])
+        used += res[1]
+    return ((op, kids), used) if used <= budget else None
+
+
 def listops_eval(t) -> int:
     if isinstance(t, int):
         return t
@@ -288,11 +309,12 @@ class ListOps(Task):
     def sample(self, rng: random.Random, seq_len: int):
         value_p = 0.25 if seq_len <= 512 else min(0.45, 0.25 + 0.05 * math.log2(seq_len / 512))
         lo = int(self.min_frac * seq_len)
-        while True:
-            t = listops_tree(rng, 1, self.max_depth, self.max_args, value_p)
-            toks = listops_tokens(t)
-            if lo <= len(toks) <= seq_len - 1:
-                return toks, listops_eval(t)
+        while True:  # rejection on the length; oversized trees are abandoned early
+            res = listops_tree_capped(rng, seq_len - 1, 1, self.max_depth, self.max_args,
+                                      value_p)
+            if res is not None and res[1] >= lo:
+                toks = listops_tokens(res[0])
+                return toks, listops_eval(res[0])
 
     def batch(self, split, batch_size, seq_len, g):
         # a python RNG seeded from the torch generator keeps one state to save/resume
