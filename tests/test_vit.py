@@ -192,3 +192,17 @@ def test_pretrain_then_finetune_with_unfreeze(tmp_path):
                             out=str(tmp_path / "ft"), steps=4, init_from=str(tmp_path / "pre/ckpt.pt"),
                             freeze_backbone=True, unfreeze_at=2, warmup=0, resume=True, **kw))
     assert torch.equal(ft2["model"].state_dict()["patch_embed.weight"], after["patch_embed.weight"])
+
+
+def test_probe_norm_head_standardizes_the_pooled_state():
+    from fastattn.models.model import ModelConfig, Transformer
+
+    m = Transformer(ModelConfig(kind="bert", n_layer=1, n_embd=32, n_head=2, block_size=16,
+                                n_classes=3, probe_norm=True, backend="reference"))
+    assert isinstance(m.classifier[0], torch.nn.BatchNorm1d) and not m.classifier[0].affine
+    idx = torch.randint(0, 256, (4, 16))
+    out, loss = m(idx, labels=torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    m.freeze_backbone(True)
+    assert [p.requires_grad for p in m.classifier.parameters()] == [True, True]
+    assert not m.wte.weight.requires_grad

@@ -566,7 +566,8 @@ class Compass(Task):
 
 class CodeCorruption(Task):
     """A labelled downstream task for MLM pre-training (kind "bert"): is a 127-byte snippet
-    of stdlib source intact, or has one span of span bytes been reversed or shuffled?
+    of stdlib source intact, or has one span of span bytes (default 64) been reversed or
+    shuffled?
 
         [CLS] + seq_len - 1 bytes from a stdlib file; label 0: unchanged, 1: the bytes of one
         random span (length span) reversed, 2: the same span's bytes randomly permuted
@@ -580,7 +581,7 @@ class CodeCorruption(Task):
     name, kind = "corrupt", "bert"
     n_classes = 3
 
-    def __init__(self, span: int = 24, n_train: int = 0):
+    def __init__(self, span: int = 64, n_train: int = 0):
         if span < 2:
             raise ValueError(f"span must be >= 2 bytes, got {span}")
         self.span, self.n_train = span, n_train

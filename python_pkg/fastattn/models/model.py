@@ -255,6 +255,9 @@ class ModelConfig:
     n_global_tokens: int = 1  # Longformer global tokens / streaming sinks (first tokens)
     pattern_seed: int = 0  # BigBird's random blocks are fixed per model, like the paper's
     n_classes: int = 0  # > 0 adds a classification head on the mean final state (bert)
+    # the head starts with an affine-free BatchNorm (the linear probe of He et al. 2022, MAE
+    # sec. 4 / appendix: mean-pooled states vary little between inputs, standardized they do)
+    probe_norm: bool = False
     n_segments: int = 2  # bert token types (sentence A / B)
 
     def __post_init__(self):
@@ -314,7 +317,12 @@ class Transformer(nn.Module):
                 self.mlm_head.weight = self.wte.weight
             self.pooler = nn.Sequential(nn.Linear(C, C), nn.Tanh())  # on [CLS]
             self.nsp_head = nn.Linear(C, 2)
-            self.classifier = nn.Linear(C, cfg.n_classes) if cfg.n_classes > 0 else None
+            self.classifier = None
+            if cfg.n_classes > 0:
+                self.classifier = nn.Linear(C, cfg.n_classes)
+                if cfg.probe_norm:
+                    self.classifier = nn.Sequential(nn.BatchNorm1d(C, affine=False),
+                                                    self.classifier)
         self.apply(self._init)
         self._mask_cache: dict = {}
 

@@ -65,6 +65,7 @@ class TrainConfig:
     init_from: str = ""  # fine-tune: start from this checkpoint's weights and config
     freeze_backbone: bool = False
     unfreeze_at: int = -1  # step at which a frozen backbone starts training (-1: never)
+    probe_norm: bool = False  # classifier head = affine-free BatchNorm + linear (MAE's probe)
     max_time: float = 0.0  # seconds; 0 = no limit (stops cleanly, saving a checkpoint)
     stop_after: int = 0  # stop this invocation after this many steps (0: run to `steps`)
     progress: bool = True
@@ -138,7 +139,8 @@ def model_config_for(c: TrainConfig, task):
                        n_layer=c.n_layer, n_dec_layer=c.n_dec_layer, n_head=c.n_head,
                        n_kv_head=c.n_kv_head, n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout, pos=c.pos,
                        backend=c.backend, patterns=c.patterns, window=c.window,
-                       sparse_block=c.sparse_block, n_classes=task.n_classes)
+                       sparse_block=c.sparse_block, n_classes=task.n_classes,
+                       probe_norm=c.probe_norm)
 
 
 def make_optimizer(model, c: TrainConfig):
@@ -210,6 +212,8 @@ def train(c: TrainConfig) -> dict:
         ck = torch.load(c.init_from, map_location="cpu", weights_only=False)
         mc = dict(ck["model_config"], n_classes=task.n_classes, dropout=c.dropout,
                   attn_dropout=c.attn_dropout)
+        if mc.get("kind") != "vit":
+            mc["probe_norm"] = c.probe_norm
         if (mc.get("kind") == "vit") != (task.kind == "vit"):
             raise ValueError(f"--init-from {c.init_from} holds a {mc.get('kind')!r} model but "
                              f"task {c.task!r} trains a {task.kind!r} model")
@@ -381,6 +385,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         "init_from": ("fine-tune: start from this checkpoint's weights and model config", None),
         "freeze_backbone": ("fine-tune only the head (with --init-from)", None),
         "unfreeze_at": ("step at which a frozen backbone starts training (-1: never)", None),
+        "probe_norm": ("bert classifier head: affine-free BatchNorm, then the linear layer "
+                       "(the linear probe of MAE; standardizes mean-pooled features)", None),
         "max_time": ("stop cleanly (with a checkpoint) after this many seconds (0: no limit)", None),
         "stop_after": ("stop this invocation after N steps; --resume continues", None),
         "progress": ("show a progress bar", None),
