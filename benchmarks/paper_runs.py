@@ -10,6 +10,7 @@ skipped. After every row the result file is rewritten with what finished and wha
 
     --minutes M   stop (cleanly, with a checkpoint) after about M minutes of this sitting
     --only NAME   run only the rows whose name contains NAME
+    --report-only rewrite the result file from the run directories, run nothing
 
 Each training process runs on one thread (OMP_NUM_THREADS=1, --threads 1) under the
 caller's nice level: the machine is shared. Run directories: $FASTATTN_RUNS (default
@@ -531,11 +532,16 @@ def main():
         s.add_argument("--minutes", type=float, default=60.0,
                        help="stop this sitting after about this many minutes")
         s.add_argument("--only", default="", help="run only rows whose name contains this")
+        s.add_argument("--report-only", action="store_true",
+                       help="run nothing: rewrite the result file from the run directories")
     a = p.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    argv = sys.argv[1:]
+    argv = [x for x in sys.argv[1:] if x != "--report-only"]
+    if a.report_only:
+        {"listops": write_listops, "vit": write_vit, "pretrain": write_pretrain}[a.run](a, argv)
+        return
     {"listops": run_listops, "vit": run_vit, "pretrain": run_pretrain}[a.run](a, argv)
 
 
