@@ -15,7 +15,7 @@ from oracle import FLOOR
 
 try:
     import fastattn.sparse  # noqa: F401
-    SPARSE = ("bigbird", "longformer:8")
+    SPARSE = ("bigbird", "longformer:8", "fixed:16:4", "blocklocal:24")
 except ImportError:  # block-sparse patterns land with fastattn.sparse
     SPARSE = ()
 
@@ -233,6 +233,12 @@ def test_listops_rules():
     assert b["idx"].shape == (4, 128) and ((b["labels"] >= 0) & (b["labels"] < 10)).all()
     toks, val = task.sample(random.Random(0), 128)
     assert 64 <= len(toks) <= 127 and 0 <= val <= 9
+    # the capped generator draws the same tree when it fits and gives up when it does not
+    for seed in range(60):
+        tree = D.listops_tree(random.Random(seed), 1, 10, 10, 0.35)
+        n = len(D.listops_tokens(tree))
+        res = D.listops_tree_capped(random.Random(seed), 300, 1, 10, 10, 0.35)
+        assert (res == (tree, n)) if n <= 300 else res is None
 
 
 def test_recall_and_reverse_batches():

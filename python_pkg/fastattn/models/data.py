@@ -9,6 +9,9 @@ Tasks (each yields batches for Transformer.forward(**batch) and knows its metric
     mlm       bert    masked LM (15% of tokens: 80% [MASK], 10% random, 10% kept) + next
                       sentence prediction (50% the true next chunk, 50% a random one)
     classify  bert    which stdlib package a source snippet comes from (held-out files)
+    corrupt   bert    is a source snippet intact, or has one span been reversed / shuffled
+                      (a downstream task for MLM pre-training; same byte histogram per class)
+    compass   vit     images: the compass sector of the green marker seen from the red one
     listops   bert    LRA ListOps (Tay et al. 2021; Nangia & Bowman 2018): value of a nested
                       MIN/MAX/MED/SM expression, 10 classes
     recall    gpt     multi-query associative recall: key-value pairs, a long filler gap,
@@ -248,6 +251,27 @@ def listops_tree(rng: random.Random, depth: int = 1, max_depth: int = 10, max_ar
                                       for _ in range(n)])
 
 
+def listops_tree_capped(rng: random.Random, budget: int, depth: int = 1, max_depth: int = 10,
+                        max_args: int = 10, value_p: float = 0.25):
+    """listops_tree with the same random draws in the same order, abandoned (None) as soon
+    as its token count exceeds budget; else (tree, token count). A tree that fits is exactly
+    the tree listops_tree draws from the same state, so rejection sampling on the length
+    keeps its distribution, without generating the oversized trees to the end."""
+    r = rng.random() if depth < max_depth else 1.0
+    if r > value_p:
+        return (rng.randint(0, 9), 1) if budget >= 1 else None
+    n = rng.randint(2, max_args)
+    op = rng.choice(LISTOPS_OPS)
+    used, kids = 2, []  # the operator and "]"
+    for _ in range(n):
+        res = listops_tree_capped(rng, budget - used, depth + 1, max_depth, max_args, value_p)
+        if res is None:
+            return None
+        kids.append(res[0])
+        used += res[1]
+    return ((op, kids), used) if used <= budget else None
+
+
 def listops_eval(t) -> int:
     if isinstance(t, int):
         return t
@@ -285,11 +309,12 @@ class ListOps(Task):
     def sample(self, rng: random.Random, seq_len: int):
         value_p = 0.25 if seq_len <= 512 else min(0.45, 0.25 + 0.05 * math.log2(seq_len / 512))
         lo = int(self.min_frac * seq_len)
-        while True:
-            t = listops_tree(rng, 1, self.max_depth, self.max_args, value_p)
-            toks = listops_tokens(t)
-            if lo <= len(toks) <= seq_len - 1:
-                return toks, listops_eval(t)
+        while True:  # rejection on the length; oversized trees are abandoned early
+            res = listops_tree_capped(rng, seq_len - 1, 1, self.max_depth, self.max_args,
+                                      value_p)
+            if res is not None and res[1] >= lo:
+                toks = listops_tokens(res[0])
+                return toks, listops_eval(res[0])
 
     def batch(self, split, batch_size, seq_len, g):
         # a python RNG seeded from the torch generator keeps one state to save/resume
@@ -445,6 +470,154 @@ class Majority(Task):
         return {"acc": ok / n, "cls_acc": ok_cls / n_cls}
 
 
+# Images ----------------------------------------------------------------------------------
+
+class Compass(Task):
+    """Procedurally generated images for a vision transformer (kind "vit"): in which of
+    n_dirs compass sectors does the green marker lie, seen from the red one?
+
+        image_size x image_size RGB, background noise (std noise), a red square marker
+        (channel 0 only) and a green one (channel 1 only), marker x marker pixels (default
+        image_size // 8), at least min_dist * image_size apart; n_distractors blue squares
+        (channel 2, the same size) anywhere, and n_yellow yellow ones (channels 0 and 1: a
+        harder variant, where telling a marker from a distractor needs both channels).
+        Label: the sector of the angle
+        atan2(-(y_g - y_r), x_g - x_r) (up = north), counter-clockwise; sector_offset=0.5
+        centres sector 0 on east, sector_offset=0 starts it there (with n_dirs=4: the
+        quadrant, i.e. whether the green marker is right of / above the red one).
+
+    The answer needs the positions of two markers that are far apart (a quarter of the image
+    or more), so it depends on long-range spatial structure; the sector boundaries and the
+    noise keep it from being trivial. image_size and patch (the model's patch side) set the
+    token count: (image_size / patch)^2, e.g. image_size=128, patch=2 -> 4096 patches.
+    n_train > 0 fixes the training split to that many images (a small labelled set, cycled);
+    val is always fresh images from a stream seeded apart. Every draw takes the generator:
+    the stream is deterministic per seed."""
+
+    name, kind = "compass", "vit"
+    channels = 3
+
+    def __init__(self, image_size: int = 64, patch: int = 4, n_dirs: int = 8, marker: int = 0,
+                 n_distractors: int = 2, n_yellow: int = 0, noise: float = 0.2,
+                 min_dist: float = 0.25, sector_offset: float = 0.5, n_train: int = 0):
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
+        if patch < 1 or image_size % patch:
+            raise ValueError(f"image_size ({image_size}) must be a multiple of patch ({patch}); "
+                             f"e.g. image_size=128,patch=2 gives 64 x 64 = 4096 patches")
+        if n_dirs < 2:
+            raise ValueError(f"n_dirs must be >= 2, got {n_dirs}")
+        self.image_size, self.patch, self.n_classes = image_size, patch, n_dirs
+        self.marker = marker or max(2, image_size // 8)
+        self.n_distractors, self.n_yellow = n_distractors, n_yellow
+        self.noise, self.min_dist, self.sector_offset = noise, min_dist, sector_offset
+        self.n_train = n_train
+        self._pool = None
+
+    def sample(self, n: int, g: torch.Generator) -> dict:
+        S, m = self.image_size, self.marker
+        hi = S - m + 1
+        pos = torch.randint(0, hi, (n, 2, 2), generator=g)  # (n, red/green, y/x)
+        far = self.min_dist * S
+        for _ in range(100):  # redraw the pairs that are too close
+            d = (pos[:, 0] - pos[:, 1]).float().norm(dim=-1)
+            bad = d < far
+            if not bool(bad.any()):
+                break
+            pos[bad] = torch.randint(0, hi, (int(bad.sum()), 2, 2), generator=g)
+        nd, ny = self.n_distractors, self.n_yellow
+        dis = torch.randint(0, hi, (n, nd + ny, 2), generator=g)
+        img = self.noise * torch.randn(n, 3, S, S, generator=g)
+        yy = torch.arange(S).view(1, 1, S, 1)
+        xx = torch.arange(S).view(1, 1, 1, S)
+
+        def squares(p):  # p (n, k, 2) -> (n, k, S, S) bool
+            y, x = p[..., 0, None, None], p[..., 1, None, None]
+            return (yy >= y) & (yy < y + m) & (xx >= x) & (xx < x + m)
+
+        mk = squares(pos).float()
+        img[:, 0] += mk[:, 0]
+        img[:, 1] += mk[:, 1]
+        if nd + ny:
+            ds = squares(dis).float()
+            if nd:
+                img[:, 2] += ds[:, :nd].amax(1)
+            if ny:
+                yellow = ds[:, nd:].amax(1)
+                img[:, 0] += yellow
+                img[:, 1] += yellow
+        dy = (pos[:, 1, 0] - pos[:, 0, 0]).float()
+        dx = (pos[:, 1, 1] - pos[:, 0, 1]).float()
+        ang = torch.atan2(-dy, dx)  # up = north, counter-clockwise
+        k = self.n_classes
+        label = torch.floor((ang / (2 * math.pi) * k + self.sector_offset)).long() % k
+        return {"images": img, "labels": label}
+
+    def batch(self, split, batch_size, seq_len, g):
+        if split == "train" and self.n_train:
+            if self._pool is None:  # the fixed labelled set, the same for every seed
+                self._pool = self.sample(self.n_train, torch.Generator().manual_seed(12345))
+            i = torch.randint(0, self.n_train, (batch_size,), generator=g)
+            return {k: v[i] for k, v in self._pool.items()}
+        return self.sample(batch_size, g)
+
+    evaluate = CodeOrigin.evaluate
+
+
+class CodeCorruption(Task):
+    """A labelled downstream task for MLM pre-training (kind "bert"): is a 127-byte snippet
+    of stdlib source intact, or has one span of span bytes (default 64) been reversed or
+    shuffled?
+
+        [CLS] + seq_len - 1 bytes from a stdlib file; label 0: unchanged, 1: the bytes of one
+        random span (length span) reversed, 2: the same span's bytes randomly permuted
+
+    The three classes have the same byte histogram (a corruption only reorders bytes), so
+    a bag of bytes says nothing: the label needs to know what source code looks like in
+    context, which masked-LM pre-training learns. Files are split as in `mlm` (the same
+    held-out files: val snippets come from files pre-training never saw). n_train > 0 fixes the training split to that many snippets (a small
+    labelled set, the same for every seed); val is fresh snippets from held-out files."""
+
+    name, kind = "corrupt", "bert"
+    n_classes = 3
+
+    def __init__(self, span: int = 64, n_train: int = 0):
+        if span < 2:
+            raise ValueError(f"span must be >= 2 bytes, got {span}")
+        self.span, self.n_train = span, n_train
+        self.train, self.val = stdlib_corpus()
+        self._pool = None
+
+    def sample(self, split, batch_size, seq_len, g):
+        data = self.train if split == "train" else self.val
+        L = seq_len - 1
+        span = min(self.span, L)
+        i = _randint(len(data) - L, batch_size, g)
+        x = data[i.unsqueeze(1) + torch.arange(L)].long()
+        y = _randint(3, batch_size, g)
+        s0 = _randint(L - span + 1, batch_size, g)
+        cols = s0.unsqueeze(1) + torch.arange(span)  # (B, span)
+        perm = torch.rand(batch_size, span, generator=g).argsort(1)
+        rev = torch.arange(span - 1, -1, -1).expand(batch_size, span)
+        order = torch.where((y == 1).unsqueeze(1), rev, perm)
+        seg = x.gather(1, cols)
+        new = seg.gather(1, order)
+        x = x.scatter(1, cols, torch.where((y == 0).unsqueeze(1), seg, new))
+        cls = torch.full((batch_size, 1), CLS, dtype=torch.long)
+        return {"idx": torch.cat([cls, x], 1), "labels": y}
+
+    def batch(self, split, batch_size, seq_len, g):
+        if split == "train" and self.n_train:
+            if self._pool is None or self._pool["idx"].shape[1] != seq_len:
+                self._pool = self.sample("train", self.n_train, seq_len,
+                                         torch.Generator().manual_seed(12345))
+            i = torch.randint(0, self.n_train, (batch_size,), generator=g)
+            return {k: v[i] for k, v in self._pool.items()}
+        return self.sample(split, batch_size, seq_len, g)
+
+    evaluate = CodeOrigin.evaluate
+
+
 # Seq2seq ---------------------------------------------------------------------------------
 
 class CopyReverse(Task):
@@ -482,7 +655,8 @@ class CopyReverse(Task):
         return {"exact_match": exact / n, "token_acc": tok / n}
 
 
-TASKS = {"text": TextLM, "mlm": MLMNSP, "classify": CodeOrigin, "listops": ListOps,
+TASKS = {"text": TextLM, "mlm": MLMNSP, "classify": CodeOrigin, "corrupt": CodeCorruption,
+         "listops": ListOps, "compass": Compass,
          "recall": AssocRecall, "needle": Needle, "majority": Majority,
          "copy": lambda: CopyReverse(reverse=False),
          "reverse": lambda: CopyReverse(reverse=True)}

@@ -28,7 +28,8 @@ from fastattn.decode import decode_attention
 
 # ----------------------------------------------------------------------------- patterns
 
-PATTERNS = ("dense", "window", "bigbird", "longformer", "streaming", "dilated", "strided")
+PATTERNS = ("dense", "window", "bigbird", "longformer", "streaming", "dilated", "strided", "fixed",
+            "blocklocal")
 
 
 def parse_pattern(spec: str) -> tuple[str, list[int]]:
@@ -72,6 +73,14 @@ def pattern_kwargs(spec: str, T: int, causal: bool, cfg: ModelConfig, device) ->
     elif name == "dilated":
         w, d = (args + [cfg.window, 2])[:2] if len(args) < 2 else args[:2]
         bm = fs.dilated_window(T, T, w, d, causal=causal, block_size=(bs, bs), device=device)
+    elif name == "fixed":  # Sparse Transformer fixed: own stride-block + c summary columns
+        stride = args[0] if args else cfg.window
+        c = args[1] if len(args) > 1 else max(1, stride // 8)
+        bm = fs.fixed(T, T, stride=stride, c=min(c, stride), causal=causal, block_size=(bs, bs),
+                      device=device)
+    elif name == "blocklocal":  # non-overlapping chunks of w tokens (LRA's local attention)
+        bm = fs.block_local(T, args[0] if args else cfg.window, causal=causal,
+                            block_size=(bs, bs), device=device)
     else:  # strided (Sparse Transformer), causal
         bm = fs.strided(T, T, stride=args[0] if args else cfg.window, block_size=(bs, bs),
                         device=device)
@@ -236,7 +245,8 @@ class ModelConfig:
     tie_weights: bool = True
     backend: str = "auto"  # fastattn backend for every attention call
     # Per-layer attention pattern, cycled over the layers: "dense", "window[:w]", "bigbird",
-    # "longformer[:w]", "streaming[:w]", "dilated[:w:d]", "strided[:s]".
+    # "longformer[:w]", "streaming[:w]", "dilated[:w:d]", "strided[:s]", "fixed[:s[:c]]"
+    # (bidirectional in an encoder), "blocklocal[:w]".
     patterns: tuple = ("dense",)
     window: int = 128  # default window (tokens each side) for window-like patterns
     sparse_block: int = 64  # block size of block-sparse patterns (BigBird's block)
@@ -245,6 +255,9 @@ class ModelConfig:
     n_global_tokens: int = 1  # Longformer global tokens / streaming sinks (first tokens)
     pattern_seed: int = 0  # BigBird's random blocks are fixed per model, like the paper's
     n_classes: int = 0  # > 0 adds a classification head on the mean final state (bert)
+    # the head starts with an affine-free BatchNorm (the linear probe of He et al. 2022, MAE
+    # sec. 4 / appendix: mean-pooled states vary little between inputs, standardized they do)
+    probe_norm: bool = False
     n_segments: int = 2  # bert token types (sentence A / B)
 
     def __post_init__(self):
@@ -304,7 +317,12 @@ class Transformer(nn.Module):
                 self.mlm_head.weight = self.wte.weight
             self.pooler = nn.Sequential(nn.Linear(C, C), nn.Tanh())  # on [CLS]
             self.nsp_head = nn.Linear(C, 2)
-            self.classifier = nn.Linear(C, cfg.n_classes) if cfg.n_classes > 0 else None
+            self.classifier = None
+            if cfg.n_classes > 0:
+                self.classifier = nn.Linear(C, cfg.n_classes)
+                if cfg.probe_norm:
+                    self.classifier = nn.Sequential(nn.BatchNorm1d(C, affine=False),
+                                                    self.classifier)
         self.apply(self._init)
         self._mask_cache: dict = {}
 

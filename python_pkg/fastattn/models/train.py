@@ -5,6 +5,8 @@
     fastattn train --task classify --init-from runs/bert/ckpt.pt \\
                    --freeze-backbone --out runs/bert-cls              # frozen fine-tune
     fastattn train --task reverse --out runs/s2s                      # seq2seq
+    fastattn train --task compass --task-args image_size=128,patch=2 \
+                   --patterns neighborhood:7 --out runs/vit            # ViT, 4096 patches
     fastattn train ... --resume                                       # continue exactly
     torchrun --nproc-per-node 2 -m fastattn train ...                 # data parallel (DDP)
     torchrun --nproc-per-node 2 -m fastattn train --context-parallel  # split each sequence
@@ -35,6 +37,7 @@ import torch
 
 from .data import make_task
 from .model import ModelConfig, Transformer
+from .vit import ViT, ViTConfig
 from .parallel import init_distributed, local_batch, mean_over_ranks, rank0_decides, wrap_model
 
 
@@ -62,6 +65,7 @@ class TrainConfig:
     init_from: str = ""  # fine-tune: start from this checkpoint's weights and config
     freeze_backbone: bool = False
     unfreeze_at: int = -1  # step at which a frozen backbone starts training (-1: never)
+    probe_norm: bool = False  # classifier head = affine-free BatchNorm + linear (MAE's probe)
     max_time: float = 0.0  # seconds; 0 = no limit (stops cleanly, saving a checkpoint)
     stop_after: int = 0  # stop this invocation after this many steps (0: run to `steps`)
     progress: bool = True
@@ -74,7 +78,9 @@ class TrainConfig:
     n_embd: int = 128
     dropout: float = 0.0
     attn_dropout: float = 0.0  # attention-probability dropout inside the kernels
-    pos: str = "rope"
+    pos: str = "rope"  # ViT: "rope" = 2D rotary
+    pool: str = "cls"  # ViT: classify from the [CLS] state or the mean of the patch states
+    kernel: int = 7  # ViT: default neighbourhood kernel (patches per side, odd)
     backend: str = "auto"
     patterns: str = "dense"
     window: int = 128
@@ -113,13 +119,28 @@ def save_checkpoint(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def model_config_for(c: TrainConfig, task) -> ModelConfig:
+def build_model(model_config: dict):
+    """The model a checkpoint's config describes: a ViT (kind "vit") or a Transformer."""
+    if model_config.get("kind") == "vit":
+        return ViT(ViTConfig(**model_config))
+    return Transformer(ModelConfig(**model_config))
+
+
+def model_config_for(c: TrainConfig, task):
+    if task.kind == "vit":
+        return ViTConfig(image_size=task.image_size, patch=task.patch, channels=task.channels,
+                         n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
+                         n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout,
+                         pos="rope2d" if c.pos == "rope" else c.pos, pool=c.pool,
+                         backend=c.backend, patterns=c.patterns, kernel=c.kernel,
+                         sparse_block=c.sparse_block, n_classes=task.n_classes)
     block = c.seq_len + (1 if task.kind == "encdec" else 0)  # decoder input has BOS
     return ModelConfig(kind=task.kind, vocab_size=task.vocab_size, block_size=block,
                        n_layer=c.n_layer, n_dec_layer=c.n_dec_layer, n_head=c.n_head,
                        n_kv_head=c.n_kv_head, n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout, pos=c.pos,
                        backend=c.backend, patterns=c.patterns, window=c.window,
-                       sparse_block=c.sparse_block, n_classes=task.n_classes)
+                       sparse_block=c.sparse_block, n_classes=task.n_classes,
+                       probe_norm=c.probe_norm)
 
 
 def make_optimizer(model, c: TrainConfig):
@@ -185,24 +206,32 @@ def train(c: TrainConfig) -> dict:
     resume = c.resume and os.path.exists(ckpt_path)
     if resume:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model = Transformer(ModelConfig(**ck["model_config"]))
+        model = build_model(ck["model_config"])
         model.load_state_dict(ck["model"])
     elif c.init_from:
         ck = torch.load(c.init_from, map_location="cpu", weights_only=False)
         mc = dict(ck["model_config"], n_classes=task.n_classes, dropout=c.dropout,
                   attn_dropout=c.attn_dropout)
-        if task.vocab_size > mc["vocab_size"]:
+        if mc.get("kind") != "vit":
+            mc["probe_norm"] = c.probe_norm
+        if (mc.get("kind") == "vit") != (task.kind == "vit"):
+            raise ValueError(f"--init-from {c.init_from} holds a {mc.get('kind')!r} model but "
+                             f"task {c.task!r} trains a {task.kind!r} model")
+        if "vocab_size" in mc and task.vocab_size > mc["vocab_size"]:
             raise ValueError(f"task {c.task!r} needs vocab {task.vocab_size} > checkpoint's "
                              f"{mc['vocab_size']}")
-        model = Transformer(ModelConfig(**mc))
-        missing, unexpected = model.load_state_dict(ck["model"], strict=False)
+        model = build_model(mc)
+        # the head is new (its class count may differ): only the backbone is loaded
+        state = {k: v for k, v in ck["model"].items() if not k.startswith("classifier.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith("classifier.")]
         if bad or unexpected:
             raise ValueError(f"checkpoint {c.init_from} does not match: missing {bad}, "
                              f"unexpected {unexpected}")
     else:
-        model = Transformer(model_config_for(c, task))
-    if model.cfg.block_size < c.seq_len:
+        cfg = model_config_for(c, task)
+        model = ViT(cfg) if cfg.kind == "vit" else Transformer(cfg)
+    if getattr(model.cfg, "block_size", c.seq_len) < c.seq_len:
         raise ValueError(f"seq_len {c.seq_len} exceeds the model's block_size {model.cfg.block_size}")
     frozen = c.freeze_backbone
     model.freeze_backbone(frozen)
@@ -269,6 +298,8 @@ def train(c: TrainConfig) -> dict:
         for _ in range(c.grad_accum):
             batch = task.batch("train", c.batch_size, c.seq_len, data_gen)
             tokens_done += sum(batch[k].numel() for k in ("idx", "src") if k in batch)
+            if "images" in batch:  # ViT: one token per patch
+                tokens_done += batch["images"].shape[0] * model.cfg.grid ** 2
             batch = local_batch(batch, rank, world, c.context_parallel)
             with autocast():
                 _, loss = net(**batch)
@@ -328,6 +359,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     from ..dispatch import BACKEND_NAMES
     from .data import TASKS
     from .model import PATTERNS
+    from .vit import VIT_PATTERNS
 
     # help and choices per option; defaults come from TrainConfig
     helps = {
@@ -353,6 +385,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         "init_from": ("fine-tune: start from this checkpoint's weights and model config", None),
         "freeze_backbone": ("fine-tune only the head (with --init-from)", None),
         "unfreeze_at": ("step at which a frozen backbone starts training (-1: never)", None),
+        "probe_norm": ("bert classifier head: affine-free BatchNorm, then the linear layer "
+                       "(the linear probe of MAE; standardizes mean-pooled features)", None),
         "max_time": ("stop cleanly (with a checkpoint) after this many seconds (0: no limit)", None),
         "stop_after": ("stop this invocation after N steps; --resume continues", None),
         "progress": ("show a progress bar", None),
@@ -364,11 +398,15 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         "n_embd": ("model width", None),
         "dropout": ("residual/MLP dropout", None),
         "attn_dropout": ("attention-probability dropout inside the kernels", None),
-        "pos": ("position encoding", ("rope", "learned")),
+        "pos": ("position encoding (ViT: rope = 2D rotary)", ("rope", "learned")),
+        "pool": ("ViT: classify from the [CLS] state or the mean of the patch states",
+                 ("cls", "mean")),
+        "kernel": ("ViT: default kernel of 'neighborhood' layers (patches per side, odd)", None),
         "backend": ("fastattn backend of every attention call", ("auto", *BACKEND_NAMES)),
         "patterns": (f"comma-separated attention pattern per layer, cycled over the layers: "
-                     f"{', '.join(PATTERNS)}, each with optional ':'-separated int arguments, "
-                     f"e.g. 'window:128,bigbird' or 'dense'", None),
+                     f"{', '.join(PATTERNS)} (ViT tasks: {', '.join(VIT_PATTERNS)}), each with "
+                     f"optional ':'-separated int arguments, e.g. 'window:128,bigbird', "
+                     f"'neighborhood:7' or 'dense'", None),
         "window": ("default window (tokens each side) of window-like patterns", None),
         "sparse_block": ("block size of block-sparse patterns", None),
         "task_args": ("task options as key=value,key=value (e.g. 'max_depth=10')", None),

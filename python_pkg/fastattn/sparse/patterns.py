@@ -46,6 +46,9 @@ __all__ = [
     "streaming",
     "document",
     "prefix_lm",
+    "block_local",
+    "neighborhood_2d",
+    "axial_2d",
     "from_mask_fn",
     "from_block_fn",
     "EMPTY_BLOCK",
@@ -586,6 +589,150 @@ def prefix_lm(Nq, Nk=None, *, prefix_length, block_size=DEFAULT_BLOCK,
     return BlockMask._build(Nq, Nk, (BM, BN), (-1, -1), Bm, 1, device=device,
                             candidates=candidates, classify=classify,
                             tile_fn=mask_fn_tiles(mask_fn, Nq, Nk, BM, BN))
+
+
+# ---------------------------------------------------------------------------- block-local
+def block_local(N, block_len, *, causal=False, block_size=DEFAULT_BLOCK,
+                device=None) -> BlockMask:
+    """Non-overlapping block-local attention (the "local attention" baseline of the Long
+    Range Arena, Tay et al. 2021; Image Transformer's 1D local blocks, Parmar et al. 2018):
+    the N tokens are cut into consecutive chunks of block_len (the last one may be shorter)
+    and query i sees key j iff
+
+        i // block_len == j // block_len      (and j <= i if causal)
+
+    The document mask over equal-length documents; bitmasks only on blocks that straddle
+    a chunk boundary (none when block_len is a multiple of the block size)."""
+    N = _int("N", N)
+    L = _int("block_len", block_len, lo=1)
+    lens = [L] * (N // L) + ([N % L] if N % L else [])
+    if not lens:
+        lens = [0]
+    return document(lens, causal=causal, block_size=block_size, device=device)
+
+
+# ---------------------------------------------------------------------------- 2D (images)
+def _grid_args(h, w, prefix_tokens):
+    h, w = _int("h", h, lo=1), _int("w", w, lo=1)
+    P = _int("prefix_tokens", prefix_tokens)
+    return h, w, P
+
+
+def _grid_tables(h, w, P):
+    """Per token t of the P + h * w sequence (prefix tokens first, then patches row-major):
+    row, column (-1 for prefix tokens) and whether it is a prefix (global) token."""
+    N = P + h * w
+    t = torch.arange(N)
+    patch = (t - P).clamp(min=0)
+    glob = t < P
+    row = torch.where(glob, -1, patch // w)
+    col = torch.where(glob, -1, patch % w)
+    return N, row, col, glob
+
+
+def _grid_candidates(N, P, BM, BN, lo_tok, hi_tok):
+    """Candidates of a 2D pattern: per query block the key blocks of its token range
+    [lo_tok(qb), hi_tok(qb)] (inclusive), plus the prefix rows (all key blocks) and the
+    prefix columns (every query block)."""
+    NQB, NKB = cdiv(N, BM), cdiv(N, BN)
+    pkb = cdiv(P, BN)  # key blocks holding prefix tokens: [0, pkb)
+
+    def candidates(q0, q1):
+        qb = torch.arange(q0, q1)
+        z = torch.zeros_like(qb)
+        lo, hi = lo_tok(qb) // BN, hi_tok(qb) // BN
+        parts = [expand_ranges(z, qb, lo, hi),
+                 expand_ranges(z, qb, z, torch.full_like(qb, pkb - 1))]
+        pre = qb[qb * BM < P]  # query blocks holding prefix tokens see every key block
+        zp = torch.zeros_like(pre)
+        parts.append(expand_ranges(zp, pre, zp, torch.full_like(pre, NKB - 1)))
+        return unique_blocks(NQB, NKB, *parts)
+
+    return candidates
+
+
+def neighborhood_2d(h, w, kernel, *, prefix_tokens=0, block_size=DEFAULT_BLOCK,
+                    device=None) -> BlockMask:
+    """2D neighbourhood attention (Hassani et al. 2023, "Neighborhood Attention Transformer";
+    NATTEN's na2d without dilation) over an h x w grid of patches flattened row-major
+    (patch (r, c) is token P + r * w + c, P = prefix_tokens). With kernel k (odd, or a pair
+    (kh, kw) of odd sizes, k <= h and k <= w), patch (r, c) sees patch (r', c') iff
+
+        s_r <= r' < s_r + kh   and   s_c <= c' < s_c + kw,
+        s_r = clamp(r - kh // 2, 0, h - kh),   s_c = clamp(c - kw // 2, 0, w - kw)
+
+    i.e. the k x k window centred on it, shifted inwards at the borders so that every patch
+    sees exactly kh * kw patches (itself included). The P prefix tokens (e.g. a [CLS]
+    token) are global: they see every token and every token sees them. Window rule none,
+    bitmasks on the blocks the windows cut; key blocks are enumerated only within the rows
+    a query block's windows reach."""
+    h, w, P = _grid_args(h, w, prefix_tokens)
+    if isinstance(kernel, (tuple, list)) and len(kernel) == 2:
+        kh, kw = _int("kernel[0]", kernel[0], lo=1), _int("kernel[1]", kernel[1], lo=1)
+    else:
+        kh = kw = _int("kernel", kernel, lo=1)
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel must be odd (the window is centred on its patch), got "
+                         f"{(kh, kw) if kh != kw else kh}; pass odd sizes, e.g. 7 instead of 8")
+    if kh > h or kw > w:
+        raise ValueError(f"kernel {(kh, kw)} does not fit the {h} x {w} grid: kernel must be "
+                         f"<= h and <= w (a window larger than the grid is dense attention)")
+    BM, BN = normalize_block_size(block_size)
+    N, row, col, glob = _grid_tables(h, w, P)
+    sr = torch.where(glob, 0, (row - kh // 2).clamp(min=0, max=h - kh))
+    sc = torch.where(glob, 0, (col - kw // 2).clamp(min=0, max=w - kw))
+
+    def mask_fn(b, hh, q, kv):
+        inside = ((row[kv] >= sr[q]) & (row[kv] < sr[q] + kh)
+                  & (col[kv] >= sc[q]) & (col[kv] < sc[q] + kw))
+        return glob[q] | glob[kv] | inside
+
+    def first_tok(qb):  # first key token any query of the block may see (outside the prefix)
+        i0 = (qb * BM).clamp(max=max(N - 1, 0))
+        return P + sr[i0.clamp(min=P)] * w
+
+    def last_tok(qb):
+        i1 = (torch.clamp(qb * BM + BM, max=N) - 1).clamp(min=P)
+        return torch.clamp(P + (sr[i1] + kh) * w - 1, max=N - 1)
+
+    return BlockMask._build(N, N, (BM, BN), (-1, -1), device=device,
+                            candidates=_grid_candidates(N, P, BM, BN, first_tok, last_tok),
+                            tile_fn=mask_fn_tiles(mask_fn, N, N, BM, BN))
+
+
+def axial_2d(h, w, *, prefix_tokens=0, block_size=DEFAULT_BLOCK, device=None) -> BlockMask:
+    """Axial attention (Ho et al. 2019, "Axial Attention in Multidimensional Transformers";
+    both axes in one mask, as in the Sparse Transformer's 2D factorization) over an h x w
+    grid of patches flattened row-major (patch (r, c) is token P + r * w + c, P =
+    prefix_tokens): patch (r, c) sees patch (r', c') iff
+
+        r' == r   or   c' == c          (its own row and its own column: h + w - 1 patches)
+
+    The P prefix tokens are global, as in neighborhood_2d. Window rule none, bitmasks.
+    In row-major order a column reaches every row, so most blocks hold a few visible
+    tokens: the kernels skip little (the token density is (h + w - 1) / (h * w)) unless
+    blocks are smaller than a row."""
+    h, w, P = _grid_args(h, w, prefix_tokens)
+    BM, BN = normalize_block_size(block_size)
+    N, row, col, glob = _grid_tables(h, w, P)
+
+    def mask_fn(b, hh, q, kv):
+        return glob[q] | glob[kv] | (row[q] == row[kv]) | (col[q] == col[kv])
+
+    def classify(b, hh, qb, kb):  # empty: rows apart and columns apart
+        i0, i1, j0, j1 = tile_bounds(qb, kb, N, N, BM, BN)
+        i0, j0 = i0.clamp(min=P), j0.clamp(min=P)
+        qr0, qr1, kr0, kr1 = row[i0], row[i1], row[j0], row[j1]
+        qc0 = torch.where(qr0 == qr1, col[i0], 0)
+        qc1 = torch.where(qr0 == qr1, col[i1], w - 1)
+        kc0 = torch.where(kr0 == kr1, col[j0], 0)
+        kc1 = torch.where(kr0 == kr1, col[j1], w - 1)
+        apart = ((qr1 < kr0) | (kr1 < qr0)) & ((qc1 < kc0) | (kc1 < qc0))
+        apart &= (qb * BM >= P) & (kb * BN >= P)  # no prefix (global) token inside
+        return torch.where(apart, EMPTY, EVAL), None
+
+    return BlockMask._build(N, N, (BM, BN), (-1, -1), device=device, classify=classify,
+                            tile_fn=mask_fn_tiles(mask_fn, N, N, BM, BN))
 
 
 # ---------------------------------------------------------------------------- generic

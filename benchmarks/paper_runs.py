@@ -1,0 +1,549 @@
+"""Recorded runs of issue 19: training that shows what the papers show. Each subcommand is a
+list of rows; every row is ONE `fastattn train` command (printed in the result file), run
+with --resume and periodic checkpoints, so a run killed or stopped by --minutes continues
+exactly where it stopped when the same subcommand is started again. Finished rows are
+skipped. After every row the result file is rewritten with what finished and what did not.
+
+    python benchmarks/paper_runs.py listops     # LRA ListOps at 2000 tokens, 6 attentions
+    python benchmarks/paper_runs.py vit         # ViT at 4096 patches: dense vs neighbourhood
+    python benchmarks/paper_runs.py pretrain    # MLM pre-train -> probe / fine-tune, 3 seeds
+
+    --minutes M   stop (cleanly, with a checkpoint) after about M minutes of this sitting
+    --only NAME   run only the rows whose name contains NAME
+    --report-only rewrite the result file from the run directories, run nothing
+
+Each training process runs on one thread (OMP_NUM_THREADS=1, --threads 1) under the
+caller's nice level: the machine is shared. Run directories: $FASTATTN_RUNS (default
+/tmp/fastattn_runs)/<subcommand>/<row>; results: benchmarks/results/<file>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+RUNS = os.environ.get("FASTATTN_RUNS", "/tmp/fastattn_runs")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def machine() -> str:
+    import torch
+
+    load = os.getloadavg()
+    return (f"{cpu_model()} (lscpu), {os.cpu_count()} cores shared with other jobs, "
+            f"torch {torch.__version__}, Python {platform.python_version()}, 1 torch thread "
+            f"per run; load average when this file was written {load[0]:.1f} / {load[1]:.1f} / "
+            f"{load[2]:.1f}")
+
+
+def read_log(out: str) -> list[dict]:
+    path = os.path.join(out, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def steps_done(out: str) -> int:
+    h = read_log(out)
+    return max((r["step"] + (1 if "loss" in r else 0) for r in h), default=0)
+
+
+def final_record(out: str, steps: int) -> dict | None:
+    """The end-of-run evaluation (a record with val_loss at step == steps), if finished."""
+    for r in reversed(read_log(out)):
+        if "val_loss" in r and r["step"] >= steps:
+            return r
+    return None
+
+
+def sitting_file(out: str) -> str:
+    return os.path.join(out, "runner.json")
+
+
+def runner_state(out: str) -> dict:
+    try:
+        with open(sitting_file(out)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"wall_s": 0.0, "sittings": 0}
+
+
+def peak_mb(out: str) -> float:
+    return max((r.get("peak_mb", 0.0) for r in read_log(out)), default=0.0)
+
+
+def cmd_line(args: list[str]) -> str:
+    return "fastattn train " + " ".join(args)
+
+
+def run_row(args: list[str], out: str, steps: int, deadline: float) -> bool:
+    """Runs (or resumes) one row until it finishes or the sitting's deadline; True if done."""
+    if final_record(out, steps) is not None:
+        return True
+    left = deadline - time.time()
+    if left < 60:
+        return False
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    full = [sys.executable, "-m", "fastattn", "train", *args, "--resume", "--threads", "1",
+            "--max-time", str(int(left)), "--no-progress"]
+    print(f"[runner] {cmd_line(args)}  (resume at step {steps_done(out)})", flush=True)
+    t0 = time.time()
+    with open(os.path.join(out, "stdout.log"), "a") as f:
+        rc = subprocess.run(full, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    st = runner_state(out)
+    st["wall_s"] += time.time() - t0
+    st["sittings"] += 1
+    with open(sitting_file(out), "w") as f:
+        json.dump(st, f)
+    if rc != 0:
+        print(f"[runner] exit code {rc}; see {out}/stdout.log", flush=True)
+        return False
+    return final_record(out, steps) is not None
+
+
+def header(title: str, argv: list[str]) -> list[str]:
+    return [f"# {title}", "",
+            f"- runner: `python benchmarks/{os.path.basename(__file__)} {' '.join(argv)}` "
+            "(re-run the same command to continue unfinished rows; each row below is one "
+            "`fastattn train` command, resumable with `--resume`; the runner adds `--threads 1 "
+            "--max-time <seconds left in the sitting> --no-progress` and OMP_NUM_THREADS=1)",
+            f"- file written: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"- machine: {machine()}", ""]
+
+
+def write(name: str, lines: list[str]) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.md")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"[runner] wrote {path}", flush=True)
+
+
+def status(out: str, steps: int) -> str:
+    fin = final_record(out, steps)
+    if fin is not None:
+        return "finished"
+    n = steps_done(out)
+    return f"NOT finished: {n}/{steps} steps" if n else "not started"
+
+
+def test_accuracy(out: str, task: str, task_args: str, n: int, batch: int, seed: int) -> float:
+    """Accuracy of the run's final checkpoint on n held-out examples (the task's val split,
+    a generator seeded apart from training and from the periodic evaluations)."""
+    import torch
+
+    from fastattn.models.data import make_task
+    from fastattn.models.train import _task_kwargs, build_model
+
+    cache = os.path.join(out, f"test_{n}_{seed}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)["acc"]
+    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    model = build_model(ck["model_config"])
+    model.load_state_dict(ck["model"])
+    model.eval()
+    t = make_task(task, **_task_kwargs(task_args))
+    seq_len = ck["train_config"]["seq_len"]
+    acc = t.evaluate(model, "val", batch, seq_len, max(1, n // batch),
+                     torch.Generator().manual_seed(seed))["acc"]
+    with open(cache, "w") as f:
+        json.dump({"acc": acc, "n": max(1, n // batch) * batch}, f)
+    return acc
+
+
+# ----------------------------------------------------------------------------- ListOps
+
+LRA = {"dense": ("Transformer", 36.37), "bigbird": ("BigBird", 36.05),
+       "longformer": ("Longformer", 35.63), "fixed": ("Sparse Transformer", 17.07),
+       "blocklocal": ("Local Attention", 15.82), "window": ("(no row: extra)", None)}
+
+
+def listops_rows(a):
+    base = ["--task", "listops", "--seq-len", "2000", "--batch-size", str(a.batch),
+            "--steps", str(a.steps), "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100",
+            "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--backend", "cpu",
+            "--sparse-block", "64", "--eval-every", "250", "--eval-batches", "4",
+            "--save-every", "25", "--seed", str(a.seed)]
+    specs = [("dense", "dense"), ("bigbird", "bigbird"), ("longformer", "longformer:128"),
+             ("fixed", "fixed:128:16"), ("blocklocal", "blocklocal:256"), ("window", "window:128")]
+    rows = []
+    for name, pat in specs:
+        out = os.path.join(RUNS, "listops", name)
+        rows.append((name, pat, out, base + ["--patterns", pat, "--out", out]))
+    return rows
+
+
+def run_listops(a, argv):
+    deadline = time.time() + a.minutes * 60
+    rows = [r for r in listops_rows(a) if a.only in r[0]]
+    for name, _pat, out, args in rows:
+        if run_row(args, out, a.steps, deadline):
+            test_accuracy(out, "listops", "", a.test_examples, 32, 2024)
+        write_listops(a, argv)
+
+
+def write_listops(a, argv):
+    lines = header("ListOps (Long Range Arena) at sequence length 2000: fastattn's attentions "
+                   "next to the LRA paper", argv) + [
+        "- task: fastattn.models.data.ListOps (`--task listops`): LRA's generator rule (max "
+        "depth 10, 2-10 arguments per operator, MIN/MAX/MED/SM, 10 classes), [CLS] + tokens "
+        "right-padded to 2000, trees of 1000-1999 tokens (min_frac 0.5; the paper's "
+        "lengths range up to 2000), a fresh stream of generated training trees (the paper: "
+        "a fixed set of 96k), test: "
+        f"{a.test_examples} held-out trees from the val stream with a separate seed",
+        f"- model (every row): BERT-style encoder, 2 layers x 64 wide, 2 heads (head dim 32), "
+        f"rope, mean-pooled classifier (about 0.1M parameters); batch {a.batch}, {a.steps} "
+        "steps, AdamW 1e-3 -> 1e-4 (warm-up 100, cosine), float32, backend cpu. The LRA "
+        "paper's ListOps model (google-research/long-range-arena, "
+        "lra_benchmarks/listops/configs/base_listops_config.py): 6 layers x 512 wide, 8 heads, "
+        "MLP 2048, [CLS] pooling (about 19M parameters in its layers), batch 32, 5000 steps, "
+        "warm-up 1000: this model is about 200x smaller and trains 2.5x fewer steps",
+        "- attentions: BigBird 64-token blocks, 1 global block at each end, 3-block window, 2 "
+        "random blocks per query block (fixed seed); Longformer: 128 tokens each side + the "
+        "[CLS] token global; Sparse Transformer fixed (bidirectional): stride 128, c = 16 "
+        "summary positions; block-local: non-overlapping 256-token chunks; sliding window: "
+        "128 tokens each side",
+        "",
+        "| fastattn attention | LRA row | LRA accuracy | fastattn test accuracy | steps | "
+        "wall time | peak RSS | status | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, pat, out, args in listops_rows(a):
+        paper, acc = LRA[name]
+        fin = final_record(out, a.steps)
+        cache = os.path.join(out, f"test_{a.test_examples}_2024.json")
+        test = "-"
+        if fin is not None and os.path.exists(cache):
+            with open(cache) as f:
+                test = f"**{100 * json.load(f)['acc']:.2f}%**"
+        st = runner_state(out)
+        lines.append(f"| {pat} | {paper} | {acc if acc is not None else '-'} | {test} | "
+                     f"{steps_done(out)}/{a.steps} | {st['wall_s'] / 60:.1f} min in "
+                     f"{st['sittings']} sitting(s) | {peak_mb(out):.0f} MB | "
+                     f"{status(out, a.steps)} | `{cmd_line(args)} --resume` |")
+    lines += ["", "Wall time is the sum over sittings of the training process (shared, "
+              "niced machine: it measures this machine's load as much as the kernels). "
+              "Peak RSS is the training process's maximum resident memory. "
+              "A row without a test accuracy did not finish: no number is claimed for it."]
+    write("listops_lra", lines)
+
+
+# ----------------------------------------------------------------------------- ViT
+
+def vit_task_args(a) -> str:
+    """The compass setting of the record: 4 sectors, clean images (no distractors, no
+    noise). Short calibration runs at 8 x 8 patches (2 layers x 64, batch 32) learned this
+    setting (86.7% after 800 steps) but not yet, within 600-800 steps, the harder defaults
+    (8 sectors, blue distractors, noise 0.2: chance level) - see the result file."""
+    return (f"image_size={a.image_size},patch={a.patch},n_dirs=4,n_distractors=0,noise=0.0")
+
+
+def vit_rows(a):
+    targs = vit_task_args(a)
+    base = ["--task", "compass", "--task-args", targs, "--batch-size", str(a.batch),
+            "--steps", str(a.steps), "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "50",
+            "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--pos", "learned",
+            "--pool", "cls", "--backend", "cpu", "--sparse-block", "64",
+            "--eval-every", "100", "--eval-batches", "8", "--save-every", "10",
+            "--seed", str(a.seed)]
+    rows = []
+    for name, pat in (("dense", "dense"), ("neighborhood", f"neighborhood:{a.kernel}")):
+        out = os.path.join(RUNS, "vit", name)
+        rows.append((name, pat, out, base + ["--patterns", pat, "--out", out]))
+    return rows
+
+
+def run_vit(a, argv):
+    deadline = time.time() + a.minutes * 60
+    for name, _pat, out, args in [r for r in vit_rows(a) if a.only in r[0]]:
+        if run_row(args, out, a.steps, deadline):
+            test_accuracy(out, "compass", vit_task_args(a), a.test_examples, 16, 2024)
+        write_vit(a, argv)
+
+
+def write_vit(a, argv):
+    import shutil
+
+    g = a.image_size // a.patch
+    lines = header(f"ViT on {g} x {g} = {g * g} patches: dense vs 2D neighbourhood attention",
+                   argv) + [
+        f"- task: `compass` (fastattn.models.data.Compass), {a.image_size} x {a.image_size} "
+        f"RGB images generated on the fly (`--task-args {vit_task_args(a)}`), patch {a.patch} "
+        f"-> {g * g} patch tokens + [CLS]: the compass sector (4 classes centred on E/N/W/S, "
+        f"chance 25%) of a green {a.image_size // 8} x {a.image_size // 8}-pixel marker seen "
+        "from a red one, at least a quarter of the image apart (so at least "
+        f"{g // 4} patches: beyond one {a.kernel} x {a.kernel} neighbourhood, reachable by "
+        "the [CLS] token, which is global in both rows)",
+        "- why this setting: calibration runs at 8 x 8 patches (32-pixel images, patch 4, the "
+        "same 2-layer model, batch 32, dense) learned it (val accuracy 25% -> 86.7% between "
+        "steps 300 and 800), while the harder variants stayed at chance for 600-800 steps "
+        "(8 sectors with 2 blue distractors and noise 0.2; 4 quadrants with the same "
+        "distractors and noise) or learned slowly (8 sectors, clean: 17% at step 800)",
+        f"- model (both rows): ViT, 2 layers x 64 wide, 2 heads, learned positions, [CLS] "
+        f"pooling; batch {a.batch}, {a.steps} steps (the same budget for both), AdamW 1e-3 -> "
+        "1e-4 (warm-up 50, cosine), float32, backend cpu; neighbourhood: "
+        f"sparse.neighborhood_2d({g}, {g}, {a.kernel}, prefix_tokens=1) ([CLS] global), 64 x 64 "
+        "blocks",
+        "",
+        "| attention | test accuracy | steps | wall time | s/step | peak RSS | status | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    walls, images = {}, []
+    for name, pat, out, args in vit_rows(a):
+        cache = os.path.join(out, f"test_{a.test_examples}_2024.json")
+        test = "-"
+        if final_record(out, a.steps) is not None and os.path.exists(cache):
+            with open(cache) as f:
+                test = f"**{100 * json.load(f)['acc']:.2f}%**"
+        st = runner_state(out)
+        n = steps_done(out)
+        walls[name] = st["wall_s"] / max(n, 1)
+        lines.append(f"| {pat} | {test} | {n}/{a.steps} | {st['wall_s'] / 60:.1f} min in "
+                     f"{st['sittings']} sitting(s) | {walls[name]:.2f} | {peak_mb(out):.0f} MB | "
+                     f"{status(out, a.steps)} | `{cmd_line(args)} --resume` |")
+        if os.path.exists(os.path.join(out, "curves.png")):
+            shutil.copyfile(os.path.join(out, "curves.png"),
+                            os.path.join(RESULTS, f"vit_compass_{name}_curves.png"))
+            images.append(f"![{name}](vit_compass_{name}_curves.png)")
+    if images:
+        lines += ["", "Training curves (train loss, val loss): " + " ".join(images)]
+    if all(walls.values()) and len(walls) == 2:
+        lines += ["", f"Measured time per step (training process wall time / steps, including "
+                  f"evaluations): dense / neighbourhood = {walls['dense'] / walls['neighborhood']:.2f}x."]
+    lines += ["", "A row without a test accuracy did not finish: no number is claimed for it."]
+    write("vit_compass", lines)
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+def corrupt_args(a) -> str:
+    return f"n_train={a.n_train},span={a.span}"
+
+
+def pretrain_rows(a):
+    """Per seed: the MLM pre-training row, then 8 fine-tune rows (pretrained / random x
+    probe / unfreeze x warm-up on / off)."""
+    rows = []
+    model = ["--n-layer", "4", "--n-embd", "128", "--n-head", "4", "--backend", "cpu"]
+    for seed in a.seeds:
+        pt = os.path.join(RUNS, "pretrain", f"mlm_s{seed}")
+        rows.append(("pretrain", seed, None, pt, a.pt_steps,
+                     ["--task", "mlm", "--seq-len", "128", "--batch-size", "32", "--steps",
+                      str(a.pt_steps), "--lr", "2e-3", "--min-lr", "2e-4", "--warmup", "30",
+                      "--eval-every", "250", "--eval-batches", "8", "--save-every", "50",
+                      "--seed", str(seed), "--out", pt, *model]))
+        for init in ("pretrained", "random"):
+            ck = os.path.join(pt, "ckpt.pt") if init == "pretrained" else \
+                os.path.join(RUNS, "pretrain", f"random_s{seed}.pt")
+            for mode in ("probe", "unfreeze"):
+                for wu in ("warmup", "nowarmup"):
+                    out = os.path.join(RUNS, "pretrain", f"ft_s{seed}_{init}_{mode}_{wu}")
+                    args = ["--task", "corrupt", "--task-args", corrupt_args(a),
+                            "--seq-len", "128", "--batch-size", "32", "--steps", str(a.ft_steps),
+                            "--lr", "1e-2" if mode == "probe" else "1e-3", "--min-lr", "1e-4",
+                            "--warmup", str(a.ft_warmup) if wu == "warmup" else "0",
+                            "--eval-every", "100", "--eval-batches", "8", "--save-every", "50",
+                            "--init-from", ck, "--freeze-backbone", "--probe-norm",
+                            "--seed", str(seed),
+                            "--out", out]
+                    if mode == "unfreeze":
+                        args += ["--unfreeze-at", str(a.unfreeze_at)]
+                    rows.append((f"{init}_{mode}_{wu}", seed, (init, mode, wu), out,
+                                 a.ft_steps, args))
+    return rows
+
+
+def random_backbone(seed: int, path: str) -> None:
+    """The control: the pre-training model, randomly initialised with the row's seed."""
+    import torch
+
+    from fastattn.models.data import MLMNSP
+    from fastattn.models.model import Transformer
+    from fastattn.models.train import TrainConfig, model_config_for, save_checkpoint
+
+    if os.path.exists(path):
+        return
+    c = TrainConfig(task="mlm", seq_len=128, n_layer=4, n_embd=128, n_head=4, backend="cpu",
+                    seed=seed)
+    torch.manual_seed(seed)
+    m = Transformer(model_config_for(c, MLMNSP.__new__(MLMNSP)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_checkpoint(path, {"model_config": m.cfg.to_dict(), "model": m.state_dict()})
+
+
+def run_pretrain(a, argv):
+    deadline = time.time() + a.minutes * 60
+    for name, seed, key, out, steps, args in pretrain_rows(a):
+        if a.only not in name:
+            continue
+        if key is not None:
+            pt = os.path.join(RUNS, "pretrain", f"mlm_s{seed}")
+            if key[0] == "pretrained" and final_record(pt, a.pt_steps) is None:
+                continue  # its pre-training has not finished
+            random_backbone(seed, os.path.join(RUNS, "pretrain", f"random_s{seed}.pt"))
+        done = run_row(args, out, steps, deadline)
+        if done and key is not None:
+            test_accuracy(out, "corrupt", corrupt_args(a), a.test_examples, 32, 2024)
+        write_pretrain(a, argv)
+        if time.time() > deadline - 60:
+            break
+    write_pretrain(a, argv)
+
+
+def write_pretrain(a, argv):
+    import statistics
+
+    rows = pretrain_rows(a)
+    lines = header("Pre-training that helps fine-tuning: MLM + NSP pre-training, then a "
+                   "[CLS]-task probe and a full fine-tune against a random-backbone control",
+                   argv) + [
+        "- pre-training (per seed): `mlm`, BERT-style encoder 4 layers x 128 wide, 4 heads, "
+        f"rope, seq_len 128, batch 32, {a.pt_steps} steps, AdamW 2e-3 -> 2e-4 (warm-up 30), "
+        "on stdlib sources (held-out files for val)",
+        "- downstream task (labelled, offline): `corrupt` (fastattn.models.data.CodeCorruption): "
+        f"is a 127-byte source snippet intact (0), or has a {a.span}-byte span been reversed (1) or "
+        "shuffled (2)? All three classes have the same byte histogram, so a bag of bytes "
+        f"cannot tell them apart; chance 33.3%. {a.n_train} labelled training snippets (a "
+        f"fixed set, the same for every seed); test: {a.test_examples} snippets from files "
+        "held out of both pre-training and fine-tuning",
+        f"- fine-tuning (every row {a.ft_steps} steps, batch 32; head = affine-free BatchNorm + "
+        "linear on the mean final state, `--probe-norm`, MAE's linear probe): probe = backbone "
+        "frozen throughout, only the head trains (lr 1e-2); "
+        f"fine-tune = frozen for {a.unfreeze_at} steps, then everything trains "
+        f"(`--unfreeze-at {a.unfreeze_at}`, lr 1e-3); warm-up on = linear warm-up over "
+        f"{a.ft_warmup} steps, off = `--warmup 0`; cosine decay to 1e-4 after. Random "
+        "control: the same model initialised with the same seed and never pre-trained, "
+        "fine-tuned with the same command",
+        "- how the setting was chosen (seed 1's pre-trained checkpoint, before any recorded "
+        "fine-tune): with a 24-byte span and a plain linear head at lr 3e-3 the frozen probe "
+        "stayed at chance (33.9% test accuracy; that first row was discarded). A standardized "
+        "linear probe fitted offline on frozen mean-pooled features gave pre-trained / random "
+        "40.0 / 33.8% (span 24), 59.2 / 34.2% (span 64), 74.2 / 34.4% (whole snippet); "
+        "trainer probes with span 64, BatchNorm head, lr 1e-2, 300 steps: 57.0% pre-trained, "
+        "37.5% random (val, 128 snippets). The record uses span 64",
+        "",
+        "## Pre-training", "",
+        "| seed | val loss | MLM acc | NSP acc | steps | wall time | status | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, seed, key, out, steps, args in rows:
+        if key is not None:
+            continue
+        fin = final_record(out, steps)
+        st = runner_state(out)
+        m = (f"{fin['val_loss']:.3f} | {100 * fin['mlm_acc']:.1f}% | {100 * fin['nsp_acc']:.1f}%"
+             if fin else "- | - | -")
+        lines.append(f"| {seed} | {m} | {steps_done(out)}/{steps} | {st['wall_s'] / 60:.1f} min | "
+                     f"{status(out, steps)} | `{cmd_line(args)} --resume` |")
+    lines += ["", "## Fine-tuning: test accuracy per seed", "",
+              "| init | mode | warm-up | " + " | ".join(f"seed {s}" for s in a.seeds) +
+              " | mean |", "|---|---|---|" + "---|" * (len(a.seeds) + 1)]
+    table = {}
+    cmds = []
+    for name, seed, key, out, steps, args in rows:
+        if key is None:
+            continue
+        cache = os.path.join(out, f"test_{a.test_examples}_2024.json")
+        acc = None
+        if final_record(out, steps) is not None and os.path.exists(cache):
+            with open(cache) as f:
+                acc = 100 * json.load(f)["acc"]
+        table.setdefault(key, {})[seed] = (acc, status(out, steps))
+        cmds.append(f"- seed {seed}, {' / '.join(key)}: `{cmd_line(args)} --resume`")
+    means = {}
+    for key, per in table.items():
+        cells = []
+        for s in a.seeds:
+            acc, stt = per.get(s, (None, "not started"))
+            cells.append(f"{acc:.1f}%" if acc is not None else stt)
+        accs = [per[s][0] for s in a.seeds if s in per and per[s][0] is not None]
+        mean = statistics.mean(accs) if len(accs) == len(a.seeds) else None
+        means[key] = mean
+        lines.append(f"| {key[0]} | {key[1]} | {'on' if key[2] == 'warmup' else 'off'} | " +
+                     " | ".join(cells) + f" | {f'**{mean:.1f}%**' if mean is not None else '-'} |")
+    lines += ["", "## Pre-trained minus random (mean of the seeds, points)", ""]
+    any_diff = False
+    for mode in ("probe", "unfreeze"):
+        for wu in ("warmup", "nowarmup"):
+            p, r = means.get(("pretrained", mode, wu)), means.get(("random", mode, wu))
+            if p is not None and r is not None:
+                any_diff = True
+                lines.append(f"- {mode}, warm-up {'on' if wu == 'warmup' else 'off'}: "
+                             f"{p - r:+.1f} points ({p:.1f}% vs {r:.1f}%)")
+    if not any_diff:
+        lines.append("- no complete pair of rows yet: nothing to compare")
+    lines += ["", "## Commands (one per row)", ""] + cmds + [
+        "", "Rows that did not finish have no accuracy: no number is claimed for them."]
+    write("pretrain_finetune", lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="run", required=True)
+    s = sub.add_parser("listops")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--test-examples", type=int, default=2000)
+    s = sub.add_parser("vit")
+    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument("--patch", type=int, default=2)
+    s.add_argument("--kernel", type=int, default=7)
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--seed", type=int, default=1337)
+    s.add_argument("--test-examples", type=int, default=512)
+    s = sub.add_parser("pretrain")
+    s.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    s.add_argument("--pt-steps", type=int, default=2000)
+    s.add_argument("--ft-steps", type=int, default=300)
+    s.add_argument("--ft-warmup", type=int, default=30)
+    s.add_argument("--unfreeze-at", type=int, default=100)
+    s.add_argument("--n-train", type=int, default=1000)
+    s.add_argument("--span", type=int, default=64)
+    s.add_argument("--test-examples", type=int, default=1024)
+    for s in sub.choices.values():
+        s.add_argument("--minutes", type=float, default=60.0,
+                       help="stop this sitting after about this many minutes")
+        s.add_argument("--only", default="", help="run only rows whose name contains this")
+        s.add_argument("--report-only", action="store_true",
+                       help="run nothing: rewrite the result file from the run directories")
+    a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    argv = [x for x in sys.argv[1:] if x != "--report-only"]
+    if a.report_only:
+        {"listops": write_listops, "vit": write_vit, "pretrain": write_pretrain}[a.run](a, argv)
+        return
+    {"listops": run_listops, "vit": run_vit, "pretrain": run_pretrain}[a.run](a, argv)
+
+
+if __name__ == "__main__":
+    main()
