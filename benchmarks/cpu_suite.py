@@ -72,7 +72,7 @@ def flops(N, D, causal, H=8, mode="fwd", density=None):
 
 def dense_cases(args):
     return [(N, D, dtype, causal, mode) for N in args.lengths for D in args.head_dims
-            for dtype in (torch.float32, torch.bfloat16) for causal in (False, True)
+            for dtype in (getattr(torch, d) for d in args.dtypes) for causal in (False, True)
             for mode in ("fwd", "fwd+bwd")]
 
 
@@ -271,6 +271,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                    help="dense-section dtypes (e.g. float32 alone when torch's bf16 path is capped)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["dense", "sparse", "naive", "memory"],
                     help="sections to leave out")
     ap.add_argument("--sparse-n", type=int, default=16384)
