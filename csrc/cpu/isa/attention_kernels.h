@@ -330,8 +330,9 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
       to_f32(qr, a.q, off, D, a.q_elem);
       for (int64_t d = 0; d < D; ++d) qr[d] *= a.scale_log2;
     }
-    const float* kt_h = a.kt + (b * s.Hkv + hk) * s.NKB * D * BNp;
-    const float* v_h = a.v + b * a.sv_b + hk * a.sv_h;
+    // float32 operands of this head (null on the bfloat16 path, which reads a.kt2 / a.v2)
+    const float* kt_h = bf ? nullptr : a.kt + (b * s.Hkv + hk) * s.NKB * D * BNp;
+    const float* v_h = bf ? nullptr : a.v + b * a.sv_b + hk * a.sv_h;
     for (int64_t r = 0; r < m; ++r) {
       m_i[r] = kNegInf;
       l_i[r] = 0.f;
@@ -495,9 +496,10 @@ inline void bwd_tasks(const BwdArgs& a, int64_t begin, int64_t end, float* scrat
   for (int64_t task = begin; task < end; ++task) {
     const int64_t split = task % a.S, bhk = task / a.S;
     const int64_t b = bhk / s.Hkv, hk = bhk % s.Hkv;
-    const float* kt_h = a.kt + bhk * s.NKB * D * BNp;
-    const float* vt_h = a.vt + bhk * s.NKB * Dv * BNp;
-    const float* k_h = a.k + bhk * s.Nk * Dp;
+    // float32 operands of this kv head (null on the bfloat16 path)
+    const float* kt_h = bf ? nullptr : a.kt + bhk * s.NKB * D * BNp;
+    const float* vt_h = bf ? nullptr : a.vt + bhk * s.NKB * Dv * BNp;
+    const float* k_h = bf ? nullptr : a.k + bhk * s.Nk * Dp;
     float* dq_split = a.dq + split * s.B * s.Hq * s.Nq * Dp;
     for (int64_t kt = split; kt < s.NKB; kt += a.S) {
       const int64_t j0 = kt * BN, n = std::min(BN, s.Nk - j0);
