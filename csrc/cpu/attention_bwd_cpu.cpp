@@ -14,6 +14,7 @@
 #include "cpu/isa/kernel_tables.h"
 #include "cpu/kernel_stats.h"
 #include "cpu/operands.h"
+#include "cpu/task_queue.h"
 #include "cpu/sparse_lists.h"
 
 namespace fastattn::cpu {
@@ -102,11 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   a.visits = &stats.bwd_visits;
   if (a.bf16) add_visits(&stats.bwd_bf16_dot, 1);
   __atomic_store_n(&stats.bwd_threads, uint64_t{0}, __ATOMIC_RELAXED);
-  at::parallel_for(0, units * a.S, 1, [&](int64_t begin, int64_t end) {
-    Scratch buf(scratch);
-    note_thread(&stats.bwd_threads);
-    kern.bwd_tasks(a, begin, end, buf.ptr);
-  });
+  run_task_queue(units * a.S, scratch, &stats.bwd_threads,
+                 [&](int64_t begin, int64_t end, float* buf) { kern.bwd_tasks(a, begin, end, buf); });
 
   at::Tensor dq = a.S == 1 ? dq_acc.select(0, 0) : dq_acc.sum(0);
   auto cut = [](const at::Tensor& x, int64_t rows, int64_t cols, at::ScalarType dt) {

@@ -1,9 +1,7 @@
 // Fused attention forward on the CPU: the driver. It lays out float32 operands once
-// (operands.h; O(N * D) extra memory, never N^2), splits (batch, head, query slice) tasks
-// over threads with at::parallel_for, and runs them with the kernel variant the running CPU
+// (operands.h; O(N * D) extra memory, never N^2), hands (batch, head, query slice) tasks
+// to the threads (task_queue.h), and runs them with the kernel variant the running CPU
 // supports (isa/attention_kernels.h has the algorithm; isa_dispatch.cpp the choice).
-#include <ATen/Parallel.h>
-
 #include <cmath>
 #include <vector>
 
@@ -12,6 +10,7 @@
 #include "cpu/kernel_stats.h"
 #include "cpu/operands.h"
 #include "cpu/sparse_lists.h"
+#include "cpu/task_queue.h"
 
 namespace fastattn::cpu {
 
@@ -92,11 +91,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   a.visits = &stats.fwd_visits;
   if (a.bf16) add_visits(&stats.fwd_bf16_dot, 1);
   __atomic_store_n(&stats.fwd_threads, uint64_t{0}, __ATOMIC_RELAXED);
-  at::parallel_for(0, s.B * s.Hq * a.NQT, 1, [&](int64_t begin, int64_t end) {
-    Scratch buf(scratch);
-    note_thread(&stats.fwd_threads);
-    kern.fwd_tasks(a, begin, end, buf.ptr);
-  });
+  run_task_queue(s.B * s.Hq * a.NQT, scratch, &stats.fwd_threads,
+                 [&](int64_t begin, int64_t end, float* buf) { kern.fwd_tasks(a, begin, end, buf); });
   if (!out32.is_same(out)) out.copy_(out32.narrow(3, 0, s.Dv));
   return {out, lse};
 }

@@ -22,6 +22,7 @@
 #include "cpu/isa/kernel_tables.h"
 #include "cpu/kernel_math.h"
 #include "cpu/operands.h"
+#include "cpu/task_queue.h"
 
 namespace fastattn::cpu {
 
@@ -106,10 +107,8 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd(const at::Tensor& q_in, const at::
   a.l_part = lse_part.data_ptr<float>();
   a.mods = mods;
   const int64_t scratch = kern.decode_scratch_floats(a);
-  at::parallel_for(0, B * Hkv * S, 1, [&](int64_t begin, int64_t end) {
-    Scratch buf(scratch);
-    kern.decode_tasks(a, begin, end, buf.ptr);
-  });
+  run_task_queue(B * Hkv * S, scratch, nullptr,
+                 [&](int64_t begin, int64_t end, float* buf) { kern.decode_tasks(a, begin, end, buf); });
   const float* op_ptr = o_part.data_ptr<float>();
   const float* lp_ptr = lse_part.data_ptr<float>();
 
