@@ -332,6 +332,11 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         continue;
       }
       float* qr = qp + r * Dp;
+      if (a.q_elem == Elem::kF32) {  // one pass: read and scale
+        const float* src = static_cast<const float*>(a.q) + off;
+        for (int64_t d = 0; d < D; ++d) qr[d] = src[d] * a.scale_log2;
+        continue;
+      }
       to_f32(qr, a.q, off, D, a.q_elem);
       for (int64_t d = 0; d < D; ++d) qr[d] *= a.scale_log2;
     }
