@@ -35,15 +35,25 @@ inline void vstore(float* p, vf x) { *reinterpret_cast<vf_mem*>(p) = x; }
 inline vf vsplat(float x) { return x - vf{}; }
 inline vf vsel(vi mask, vf a, vf b) { return mask ? a : b; }
 
+// Horizontal sum / maximum as a pairwise tree (depth log2(kW), not a kW-long chain of
+// dependent adds: the softmax does one per row and span).
 inline float hsum(vf x) {
-  float s = 0.f;
-  for (int i = 0; i < kW; ++i) s += x[i];
-  return s;
+  float t[kW];
+  std::memcpy(t, &x, sizeof(t));
+#pragma GCC unroll 16
+  for (int w = kW / 2; w >= 1; w /= 2)
+#pragma GCC unroll 16
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
 }
 inline float hmax(vf x) {
-  float m = x[0];
-  for (int i = 1; i < kW; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+  float t[kW];
+  std::memcpy(t, &x, sizeof(t));
+#pragma GCC unroll 16
+  for (int w = kW / 2; w >= 1; w /= 2)
+#pragma GCC unroll 16
+    for (int i = 0; i < w; ++i) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
+  return t[0];
 }
 
 // 2^f for |f| <= 0.5: the degree-6 polynomial of kernel_math.h's exp2_fast.
