@@ -111,7 +111,7 @@ def sparse_section(args, rows, pbar, dense_t):
                 flex = compiled_flex()
                 runners["flex"] = ModeRunner(lambda a, b, c: flex(a, b, c, block_mask=fbm),
                                              q, k, v, dout, mode)
-            t = interleaved(runners, args.reps)
+            t = interleaved(runners, args.sparse_reps)
             dense = dense_t.get((N, D, mode))
             rows.append(dict(section="sparse", N=N, D=D, dtype="float32", pattern=name, mode=mode,
                              density=bm.density, fastattn=t["fastattn"],
@@ -189,7 +189,8 @@ def write_report(args, rows, gemm, out, peak=None):
              f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
              *machine_lines(peak),
              "- timing: medians of interleaved repetitions after a warm-up call per provider "
-             f"(reps={args.reps}); seconds per call; B=1, H=8", "",
+             f"(reps={args.reps}; sparse section {args.sparse_reps}: its calls are short and the host "
+             "noisy); seconds per call; B=1, H=8", "",
              "## Dense: fastattn cpu vs torch SDPA", "",
              "FLOPs: 4*B*H*N^2*D (x0.5 causal, x3.5 fwd+bwd). Fractions: of the float32 FMA peak "
              "above and of torch.mm's best float32 rate in this run. On the avx512bf16 variant "
@@ -276,11 +277,12 @@ def main():
     ap.add_argument("--skip", nargs="*", default=[], choices=["dense", "sparse", "naive", "memory"],
                     help="sections to leave out")
     ap.add_argument("--sparse-n", type=int, default=16384)
+    ap.add_argument("--sparse-reps", type=int, default=9, help="repetitions of the (short) sparse calls")
     ap.add_argument("--memory-n", type=int, default=65536)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args()
     if args.quick:
-        args.lengths, args.sparse_n, args.memory_n, args.reps = [1024], 2048, 4096, 2
+        args.lengths, args.sparse_n, args.memory_n, args.reps, args.sparse_reps = [1024], 2048, 4096, 2, 2
     rows: list[dict] = []
     n_dense = len(dense_cases(args))
     with tqdm(total=n_dense + 4 + 2 + 1, desc="cpu suite") as pbar:
