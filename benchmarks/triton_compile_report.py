@@ -113,7 +113,8 @@ def main(argv=None):
 
     bad = [r for r in results if not r.ok]
     lines = [
-        "# Triton kernels: ahead-of-time compile report (sm_80, sm_90)",
+        "# Triton kernels: ahead-of-time compile report "
+        + ("(sm_90, the forward's TMA variant)" if args.tma_only else "(sm_80, sm_90)"),
         "",
         f"- command: `{command}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",

@@ -180,6 +180,18 @@ def test_tma_falls_back_when_the_layout_does_not_allow_it(interp, tma_spy, monke
 # --------------------------------------------------------------------------- sm_90 compile
 
 
+def test_tma_tiles_leave_out_what_spills_under_block_masks():
+    kern = ops.load_kernels(interpret=False)
+    lim = kern.SMEM_LIMIT[90]
+    base = kern.default_tiles("fwd", 64, 64, 2, lim, (128, 128))
+    tma = kern.default_tiles("fwd", 64, 64, 2, lim, (128, 128), tma=True)
+    assert (128, 128, 8, 3, None) in base and (128, 128, 8, 3, None) not in tma
+    assert set(tma) == set(base) - {(128, 128, 8, 3, None)}
+    # dense/causal calls keep the full table (the tile is clean there)
+    assert kern.default_tiles("fwd", 64, 64, 2, lim, tma=True) == kern.default_tiles(
+        "fwd", 64, 64, 2, lim)
+
+
 needs_ptxas = pytest.mark.skipif(
     __import__("shutil").which("ptxas") is None, reason="ptxas not on PATH")
 

@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import dataclasses
 from dataclasses import asdict, dataclass
 
 KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
@@ -109,7 +108,7 @@ def ptxas_path() -> str | None:
 
 def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                      head_dims=(16, 32, 64, 128, 256), modes=("causal", "sparse"), archs=(80, 90),
-                     mask_block=(128, 128), mods=("",)):
+                     mask_block=(128, 128), mods=("",), tma=False):
     """Every config the autotuner may pick for these problem classes (kernels.default_tiles
     on each arch's shared-memory limit, with or without score modifiers). float32 is not
     served on GPUs (see TritonBackend.why_not), so it is not among the defaults. "causal" holds both the masked and the unmasked
@@ -136,10 +135,11 @@ def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                         parts = kern.dkdv_parts(bd, bd) if short == "dkdv" else (0,)
                         for m in mods:
                             for bm, bn, w, s, r in kern.default_tiles(
-                                    short, bd, bd, eb, kern.SMEM_LIMIT[arch], mb, mods=bool(m)):
+                                    short, bd, bd, eb, kern.SMEM_LIMIT[arch], mb, mods=bool(m),
+                                    tma=tma):
                                 for part in parts:
                                     out.append(Variant(kernel, dtype, d, mode, bm, bn, w, s, arch,
-                                                       mb or (16, 16), part, m, r))
+                                                       mb or (16, 16), part, m, r, tma))
     return out
 
 
@@ -148,8 +148,7 @@ def tma_variants(dtypes=("float16", "bfloat16"), head_dims=(64, 128), modes=("ca
     """The forward's TMA variant (TMA=True) for sm_90: every default tile of those classes.
     Only sm_90 has TMA; on sm_80 the descriptors would lower to plain loads, and the backend
     never takes the variant there (ops.tma_policy)."""
-    return [dataclasses.replace(v, tma=True)
-            for v in default_variants(("fwd",), dtypes, head_dims, modes, (90,), mask_block, mods)]
+    return default_variants(("fwd",), dtypes, head_dims, modes, (90,), mask_block, mods, tma=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -389,15 +389,27 @@ def smem_estimate(kernel, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_stages, elem_
     raise ValueError(kernel)
 
 
+# Table tiles the forward's TMA variant (TMA=True) leaves out under a block mask: on sm_90 the
+# descriptor loads of the flat sparse loop cost registers, and these spill there (128x128 w8
+# s3 at head dim 64: 255 registers + 24 B, 16 B under .maxnreg 255, in the first sm_90 TMA
+# compile run; the same tile is clean in the dense/causal loops and without TMA). Every tile
+# left is clean: benchmarks/results/triton_tma_compile_report.md.
+TILES_TMA_SPARSE_EXCLUDE = {"fwd": {64: [(128, 128, 8, 3)]}}
+
+
 def default_tiles(kernel, BLOCK_D, BLOCK_DV, elem_bytes, smem_limit, mask_block=None,
-                  mods=False):
+                  mods=False, tma=False):
     """The tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg or None) the autotuner
     may pick for this problem class: the table's entry for the head dim (TILES_MODS' when
     score modifiers are on), kept if it fits `smem_limit`; with a block mask, only tiles
-    dividing its blocks (powers of two: tile <= block), else the mask's own blocks."""
+    dividing its blocks (powers of two: tile <= block), else the mask's own blocks.
+    tma: the forward's TMA variant (drops TILES_TMA_SPARSE_EXCLUDE under a block mask)."""
     bd = min(max(BLOCK_D, BLOCK_DV, 16), 256)
     tiles = TILES_MODS.get(kernel, {}).get(bd) if mods else None
     tiles = [tuple(t) + (None,) * (5 - len(t)) for t in (tiles or TILES[kernel][bd])]
+    if tma and mask_block is not None:
+        drop = TILES_TMA_SPARSE_EXCLUDE.get(kernel, {}).get(bd, ())
+        tiles = [t for t in tiles if tuple(t[:4]) not in drop] or tiles
     if mods:
         tiles = [(bm, bn, w, s, r or MODS_MAXNREG) for bm, bn, w, s, r in tiles]
     if mask_block is not None:  # clip to the mask's blocks (powers of two: tile divides block)
@@ -444,7 +456,8 @@ def _make_prune(kernel, sparse):
         mask_block = (kwargs["MASK_BM"], kwargs["MASK_BN"]) if sparse else None
         mods = bool(kwargs["SOFTCAP"] or kwargs["ALIBI"] or kwargs["DROPOUT"])
         want = default_tiles(kernel, kwargs["BLOCK_D"], kwargs["BLOCK_DV"],
-                             named_args["Q"].element_size(), _device_smem(), mask_block, mods)
+                             named_args["Q"].element_size(), _device_smem(), mask_block, mods,
+                             tma=bool(kwargs.get("TMA", False)))
         keep = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                     c.maxnreg) in want]

@@ -152,7 +152,7 @@ def autotune_on() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _tiles(kern, kernel, bm, mbm, mbn, interpret, meta, elem_bytes):
+def _tiles(kern, kernel, bm, mbm, mbn, interpret, meta, elem_bytes, tma=False):
     """(kernel, extra constexprs and launch options). Compiled: the autotuner picks
     BLOCK_M/BLOCK_N (for block masks among tiles that divide the mask's blocks), or, with
     autotuning off, the first tile of kernels.default_tiles. Interpreter: INTERPRET_TILE,
@@ -166,7 +166,7 @@ def _tiles(kern, kernel, bm, mbm, mbn, interpret, meta, elem_bytes):
         mods = bool(meta.get("SOFTCAP") or meta.get("ALIBI") or meta.get("DROPOUT"))
         t_m, t_n, warps, stages, maxnreg = kern.default_tiles(
             kernel, meta["BLOCK_D"], meta["BLOCK_DV"], elem_bytes, kern._device_smem(),
-            (mbm, mbn) if bm else None, mods)[0]
+            (mbm, mbn) if bm else None, mods, tma=tma)[0]
         fn = getattr(kern, raw_name)
         tiles = dict(BLOCK_M=t_m, BLOCK_N=t_n, num_warps=warps, num_stages=stages)
         if maxnreg:
@@ -273,9 +273,9 @@ def attention_forward(q, k, v, scale, window_left, window_right, block_mask, mas
     meta = _constexprs(q, k, v, window_left, window_right, bm, mask_block_n, interpret)
     margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, B, H,
                              q.device)
-    fn, tiles = _tiles(kern, "fwd", bm, mask_block_m, mask_block_n, interpret,
-                       {**meta, **mmeta}, q.element_size())
     tma = _use_tma(q, k, v, out, interpret)
+    fn, tiles = _tiles(kern, "fwd", bm, mask_block_m, mask_block_n, interpret,
+                       {**meta, **mmeta}, q.element_size(), tma=tma)
     if tma and not interpret:
         _ensure_allocator()
     grid = lambda META: (_cdiv(Nq, META["BLOCK_M"]), B * H)
