@@ -114,6 +114,26 @@ def test_layout_rules():
     assert not ops.tma_layout_ok(torch.empty(1 * 2 * 33 * 40 + 1, dtype=F16)[1:].view(1, 2, 33, 40))
 
 
+def test_scratch_allocator_is_set_only_where_none_is():
+    """The TMA launch needs triton.set_allocator (device-side descriptors take global scratch):
+    ops sets one in a context that has none and leaves a caller's own alone."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    def run():
+        assert _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+        ops._ensure_allocator()
+        assert _allocation._allocator.get() is not _allocation._NULL_ALLOCATOR
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        ops._ensure_allocator()
+        assert _allocation._allocator.get() is mine
+
+    contextvars.Context().run(run)
+
+
 def test_interpreter_default_is_the_pointer_kernel(interp, tma_spy, monkeypatch):
     monkeypatch.delenv(ops.TMA_ENV, raising=False)
     q, k, v = make_qkv(1, 2, 1, 17, 33, 32, F16, requires_grad=False)

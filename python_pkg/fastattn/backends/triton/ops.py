@@ -231,22 +231,15 @@ def _use_tma(q, k, v, out, interpret) -> bool:
     return tma_policy(arch, tma_requested(), validated) and tma_layout_ok(q, k, v, out)
 
 
-_ALLOCATOR_SET = False
-
-
 def _ensure_allocator():
     """Device-side tensor descriptors need a global scratch buffer per launch (128 bytes per
-    descriptor and program); Triton takes it from triton.set_allocator. Set once, only if the
-    process has not set its own."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
+    descriptor and program); Triton takes it from triton.set_allocator, a ContextVar (per
+    thread). Set here only where the caller has not set one of its own."""
     from triton.runtime import _allocation
 
     if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
         triton.set_allocator(lambda size, alignment, stream:
                              torch.empty(size, dtype=torch.int8, device="cuda"))
-    _ALLOCATOR_SET = True
 
 
 def _check_cuda_device(t):
