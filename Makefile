@@ -48,6 +48,7 @@ test-slow: setup
 compile-report: setup
 	$(PY) benchmarks/cuda_compile_report.py
 	$(PY) benchmarks/triton_compile_report.py
+	$(PY) benchmarks/triton_compile_report.py --tma-only --archs 90 --head-dims 64 128
 
 # Builds the real CUDA extension against the CUDA build of torch in a separate venv
 # (several minutes; not part of `make test`).

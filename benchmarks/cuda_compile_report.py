@@ -104,6 +104,10 @@ def short_name(demangled: str) -> tuple[str, str]:
     if not m:
         return demangled, ""
     kern, args = m.group(1), m.group(2)
+    if kern.startswith("flash_decode_"):  # <T, kHeadDim, kRows> (split) or <T> (combine)
+        dtype = "bf16" if "bfloat16" in args else "fp16"
+        d = re.search(r", (\d+), (\d+)$", args.strip())
+        return kern, (f"hdim{d.group(1)} {dtype} rows{d.group(2)}" if d else dtype)
     dims = re.findall(r"<(\d+), (\d+)", args)
     dtype = "bf16" if "bfloat16" in args else "fp16"
     sparse = "sparse" if args.rstrip().endswith("true") else ("dense" if "bool" in args or args.rstrip().endswith("false") else "")

@@ -14,15 +14,20 @@ timeout in one step does not stop the others:
   tests_triton  (180) tests/gpu/test_gpu_triton.py: fp16/bf16, head dims 40/64/128/256,
                       dense/causal/window/block-sparse, GQA/MQA, ragged lengths, softcap,
                       ALiBi, dropout, decode; forward + backward against the float64 oracle
-  tests_cuda     (40) tests/gpu/test_gpu_cuda.py (same cases, those the cuda backend serves)
-                      and the GPU tests of tests/test_cuda_backend.py
+  tests_cuda     (40) tests/gpu/test_gpu_cuda.py (same cases, those the cuda backend serves;
+                      decode included) and the GPU tests of tests/test_cuda_backend.py
+  tests_triton_tma (45) sm_90+ only: tests/gpu/test_gpu_triton_tma.py, the triton forward's
+                      tensor-descriptor (TMA) variant (FASTATTN_TRITON_TMA=1) on the
+                      attention cases; its result is the "triton-tma" validation entry
   sanitizer      (90) compute-sanitizer memcheck, racecheck, synccheck on one small causal
-                      forward + backward per kernel family (and a decode call for triton)
+                      forward + backward per kernel family (and a decode call for triton and
+                      cuda; triton-tma on sm_90+)
   int64          (30) a strided (B, N, H, D) view past 2^31 elements through each family
                       (windowed, so the work stays small) and a KV cache of >= 2^31 elements
                       through triton decode, checked on slices against the float64 oracle
   bench         (140) TFLOP/s forward and forward+backward, bf16, head dims 64/128,
-                      N 1k-16k, causal and not: triton, cuda, torch SDPA, FlexAttention
+                      N 1k-16k, causal and not: triton, cuda, torch SDPA, FlexAttention, and
+                      triton-tma (the TMA forward, sm_90+)
 
 Results directory (default gpu_check_results/<UTC time>_<GPU>): results.json (versions, GPU,
 every step's commands, status, time and details), summary.md (the same, readable),
@@ -52,16 +57,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SCRIPT = str(Path(__file__).resolve())
-CAPS = {"build_cuda": 130, "tests_triton": 180, "tests_cuda": 40, "sanitizer": 90,
-        "int64": 30, "bench": 140}
+CAPS = {"build_cuda": 130, "tests_triton": 180, "tests_cuda": 40, "tests_triton_tma": 45,
+        "sanitizer": 90, "int64": 30, "bench": 140}
 STEPS = tuple(CAPS)
 TEST_MODULES = {"tests_triton": ["tests/gpu/test_gpu_triton.py"],
-                "tests_cuda": ["tests/gpu/test_gpu_cuda.py", "tests/test_cuda_backend.py"]}
+                "tests_cuda": ["tests/gpu/test_gpu_cuda.py", "tests/test_cuda_backend.py"],
+                "tests_triton_tma": ["tests/gpu/test_gpu_triton_tma.py"]}
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 FAMILIES = ("triton", "cuda")
+# The triton forward's tensor-descriptor variant: validated apart ("triton-tma" entries), run
+# only on sm_90+ (TMA hardware), switched on by this env var (backends/triton/ops.py).
+TMA_FAMILY, TMA_ENV, TMA_MIN_MAJOR = "triton-tma", "FASTATTN_TRITON_TMA", 9
+
+
+def tma_arch(env: dict) -> bool:
+    """The GPU has TMA (sm_90+)."""
+    arch = (env.get("arch") or "").removeprefix("sm_")
+    return arch.isdigit() and int(arch) // 10 >= TMA_MIN_MAJOR
 BENCH_N = (1024, 2048, 4096, 8192, 16384)
 BENCH_D = (64, 128)
 NO_GPU = "skipped: no GPU"
+PROVIDERS = ("sdpa", "flex", "triton", "triton-tma", "cuda")  # bench.jsonl providers
 
 
 # --------------------------------------------------------------------------- environment
@@ -169,14 +185,16 @@ def plan(env: dict, out: Path) -> dict:
     ]
     for step, mods in TEST_MODULES.items():
         cmds[step] = [([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                        f"--junitxml={out / (step + '.xml')}", *mods], {})]
+                        f"--junitxml={out / (step + '.xml')}", *mods],
+                       {TMA_ENV: "1"} if step == "tests_triton_tma" else {})]
     san = shutil.which("compute-sanitizer") or "compute-sanitizer"
     cmds["sanitizer"] = [
         ([san, "--tool", tool, "--error-exitcode", "3", "--target-processes", "all",
           *(["--racecheck-report", "hazard"] if tool == "racecheck" else []),
           PY, SCRIPT, "--worker", "sanitize", "--family", fam],
          {"FASTATTN_TRITON_AUTOTUNE": "0", "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
-        for fam in FAMILIES for tool in SANITIZER_TOOLS]
+        for fam in FAMILIES + ((TMA_FAMILY,) if tma_arch(env) else ())
+        for tool in SANITIZER_TOOLS]
     cmds["int64"] = [([PY, SCRIPT, "--worker", "int64", "--jsonl", str(out / "int64.jsonl")],
                       {"FASTATTN_TRITON_AUTOTUNE": "0"})]
     cmds["bench"] = [([PY, SCRIPT, "--worker", "bench", "--jsonl", str(out / "bench.jsonl"),
@@ -200,6 +218,8 @@ def run_steps(env, out: Path, dry_run: bool, scale: float, only=None) -> list[di
             step["status"] = NO_GPU
         elif only and name not in only:
             step["status"] = "skipped: not selected (--only)"
+        elif name == "tests_triton_tma" and not tma_arch(env):
+            step["status"] = f"skipped: TMA needs sm_90+, this GPU is {env.get('arch')}"
         elif name == "sanitizer" and not shutil.which("compute-sanitizer"):
             step["status"] = "skipped: compute-sanitizer not on PATH (CUDA toolkit)"
         elif name == "build_cuda" and not shutil.which("nvcc"):
@@ -249,8 +269,10 @@ def _step_details(name, step, out: Path):
                 step["tests"] = dict(total=n, passed=n - e - f - s, failed=f + e, skipped=s)
     if name == "sanitizer":
         step["per_family"] = {}
-        for fam in FAMILIES:
+        for fam in FAMILIES + (TMA_FAMILY,):
             runs = [r for r in step["runs"] if fam == r["cmd"][-1]]
+            if fam == TMA_FAMILY and not runs:
+                continue  # not an sm_90+ GPU
             if any(r.get("returncode") == 3 for r in runs):
                 step["per_family"][fam] = "findings"
             elif runs and all(r["status"] == "pass" for r in runs):
@@ -303,6 +325,17 @@ def validation_entries(env, steps, out: Path) -> list[dict]:
         entries.append(dict(backend=fam, arch=env["arch"], gpu=env.get("gpu") or "",
                             correct=correct, sanitizer=sanitizer,
                             faster=faster_classes(rows, fam),
+                            recorded=datetime.datetime.now(datetime.timezone.utc)
+                            .isoformat(timespec="seconds"),
+                            source=f"make gpu-check: {out.name}"))
+    if tma_arch(env):  # the TMA forward: its own tests, sanitizer runs and timings
+        tests = by["tests_triton_tma"]
+        correct = tests["status"] == "pass" and tests.get("tests", {}).get("passed", 0) > 0
+        entries.append(dict(backend=TMA_FAMILY, arch=env["arch"], gpu=env.get("gpu") or "",
+                            correct=correct,
+                            sanitizer=san.get(TMA_FAMILY)
+                            or f"not run: {by['sanitizer']['status']}",
+                            faster=faster_classes(rows, TMA_FAMILY),
                             recorded=datetime.datetime.now(datetime.timezone.utc)
                             .isoformat(timespec="seconds"),
                             source=f"make gpu-check: {out.name}"))
@@ -376,14 +409,14 @@ def write_results(out: Path, env, steps, validation, dry_run, t0) -> None:
     if bench.exists():
         rows = [json.loads(x) for x in bench.read_text().splitlines()]
         lines += ["", "## TFLOP/s (bf16)", "",
-                  "| mode | D | causal | N | " + " | ".join(("sdpa", "flex", "triton", "cuda"))
-                  + " |", "|---|---|---|---|---|---|---|---|"]
+                  "| mode | D | causal | N | " + " | ".join(PROVIDERS)
+                  + " |", "|---|---|---|---|" + "---|" * len(PROVIDERS)]
         keys = sorted({(r["mode"], r["D"], r["causal"], r["N"]) for r in rows})
         for key in keys:
             cell = {r["provider"]: (f"{r['tflops']:.1f}" if r.get("tflops") else r["status"])
                     for r in rows if (r["mode"], r["D"], r["causal"], r["N"]) == key}
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(
-                cell.get(p, "-") for p in ("sdpa", "flex", "triton", "cuda")) + " |")
+                cell.get(p, "-") for p in PROVIDERS) + " |")
     lines += ["", "## Validation entries (validation.json)", ""]
     if validation:
         for e in validation:
@@ -404,17 +437,22 @@ def _worker_sanitize(family: str) -> int:
 
     import fastattn
 
+    if family == TMA_FAMILY:  # the triton family with the TMA forward requested
+        os.environ[TMA_ENV] = "1"
+        family = "triton"
+
     q, k, v = (torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.float16, requires_grad=True)
                for _ in range(3))
     out = fastattn.attention(q, k, v, causal=True, backend=family)
     out.backward(torch.randn_like(out))
-    if family == "triton":
+    if family in ("triton", "cuda"):
         with torch.no_grad():
             kc, vc = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.float16)
                       for _ in range(2))
-            fastattn.decode_attention(q[:, :, :2].detach().repeat(2, 1, 1, 1), kc, vc,
-                                      cache_seqlens=torch.tensor([300, 77], device="cuda"),
-                                      backend="triton")
+            for splits in (1, 3):
+                fastattn.decode_attention(q[:, :, :2].detach().repeat(2, 1, 1, 1), kc, vc,
+                                          cache_seqlens=torch.tensor([300, 77], device="cuda"),
+                                          backend=family, num_splits=splits)
     torch.cuda.synchronize()
     print(f"sanitize {family}: ran")
     return 0
@@ -514,6 +552,22 @@ def _worker_bench(jsonl: str, deadline: float) -> int:
     except Exception as e:  # an older torch
         flex, flex_why = None, f"skipped: FlexAttention unavailable ({e})"
     cuda_ok, cuda_why = fastattn.available_backends()["cuda"]
+    major, _ = torch.cuda.get_device_capability()
+    tma_ok = major >= TMA_MIN_MAJOR
+
+    def with_tma(fn):  # the triton backend with its TMA forward requested (read per call)
+        def run():
+            old = os.environ.get(TMA_ENV)
+            os.environ[TMA_ENV] = "1"
+            try:
+                return fn()
+            finally:
+                if old is None:
+                    os.environ.pop(TMA_ENV, None)
+                else:
+                    os.environ[TMA_ENV] = old
+        return run
+
     bf16 = torch.bfloat16
     # the most telling comparisons first, so a time cap still leaves them
     order = [(d, c, n) for d in (128, 64) for c in (True, False) for n in BENCH_N]
@@ -528,6 +582,9 @@ def _worker_bench(jsonl: str, deadline: float) -> int:
         fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                "flex": (lambda: flex(q, k, v, block_mask=bm)) if flex is not None else None,
                "triton": lambda: fastattn.attention(q, k, v, causal=causal, backend="triton"),
+               "triton-tma": with_tma(lambda: fastattn.attention(q, k, v, causal=causal,
+                                                                 backend="triton"))
+               if tma_ok else None,
                "cuda": (lambda: fastattn.attention(q, k, v, causal=causal, backend="cuda"))
                if cuda_ok else None}
         for provider, fn in fns.items():
@@ -537,7 +594,9 @@ def _worker_bench(jsonl: str, deadline: float) -> int:
                     _emit(jsonl, dict(row, status="skipped: time cap"))
                     continue
                 if fn is None:
-                    why = flex_why if provider == "flex" else f"skipped: {cuda_why}"
+                    why = (flex_why if provider == "flex" else
+                           "skipped: TMA needs sm_90+" if provider == "triton-tma" else
+                           f"skipped: {cuda_why}")
                     _emit(jsonl, dict(row, status=why))
                     continue
                 try:
@@ -572,7 +631,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", default=str(ROOT / "python_pkg/fastattn/data/gpu_validation.json"),
                     help="the table --record writes (default: the package's)")
     ap.add_argument("--worker", choices=("sanitize", "int64", "bench"), help=argparse.SUPPRESS)
-    ap.add_argument("--family", choices=FAMILIES, help=argparse.SUPPRESS)
+    ap.add_argument("--family", choices=FAMILIES + (TMA_FAMILY,), help=argparse.SUPPRESS)
     ap.add_argument("--jsonl", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -12,6 +12,11 @@ softcap + ALiBi + dropout all on (--mods), Triton compiles for a GPUTarget and
 `ptxas -v` (the CUDA toolkit's, from PATH) reads the PTX. Writes
 benchmarks/results/triton_compile_report.md; exits 1 if any config spills, exceeds shared
 memory, fails to compile, or does its products without mma.sync (sm_80) / wgmma (sm_90).
+
+--tma adds the forward's tensor-descriptor variant (TMA=True; sm_90 only, every default tile
+of the chosen dtypes/head dims/modes/mods), which must also show TMA copies
+(cp.async.bulk.tensor) in its PTX; --tma-only compiles just those (default output
+benchmarks/results/triton_tma_compile_report.md).
 """
 
 from __future__ import annotations
@@ -71,16 +76,27 @@ def main(argv=None):
     ap.add_argument("--mods", nargs="+", default=["none", aot.ALL_MODS],
                     help="score-modifier sets: 'none' or '+'-joined names from "
                          f"{'/'.join(aot.SCORE_MODS)} (default: none and all three together)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/triton_compile_report.md"))
+    ap.add_argument("--tma", action="store_true",
+                    help="also compile the forward's TMA variant for sm_90")
+    ap.add_argument("--tma-only", action="store_true",
+                    help="compile only the forward's TMA variant for sm_90")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.out is None:
+        name = "triton_tma_compile_report.md" if args.tma_only else "triton_compile_report.md"
+        args.out = str(ROOT / "benchmarks/results" / name)
 
     if aot.ptxas_path() is None:
         print("ptxas not found on PATH: install the CUDA toolkit (registers and spills come "
               "from ptxas -v)", file=sys.stderr)
         return 2
     mods = ["" if m == "none" else m for m in args.mods]
-    variants = aot.default_variants(dtypes=args.dtypes, head_dims=args.head_dims,
-                                    modes=args.modes, archs=args.archs, mods=mods)
+    variants = [] if args.tma_only else aot.default_variants(
+        dtypes=args.dtypes, head_dims=args.head_dims, modes=args.modes, archs=args.archs,
+        mods=mods)
+    if (args.tma or args.tma_only) and 90 in args.archs:
+        variants += aot.tma_variants(dtypes=args.dtypes, head_dims=args.head_dims,
+                                     modes=args.modes, mods=mods)
     command = "PYTHONPATH=python_pkg python " + " ".join(
         shlex.quote(a) for a in ["benchmarks/triton_compile_report.py", *(argv or sys.argv[1:])])
     print(f"{len(variants)} variants, {args.jobs} jobs", flush=True)
@@ -97,7 +113,8 @@ def main(argv=None):
 
     bad = [r for r in results if not r.ok]
     lines = [
-        "# Triton kernels: ahead-of-time compile report (sm_80, sm_90)",
+        "# Triton kernels: ahead-of-time compile report "
+        + ("(sm_90, the forward's TMA variant)" if args.tma_only else "(sm_80, sm_90)"),
         "",
         f"- command: `{command}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
@@ -125,7 +142,10 @@ def main(argv=None):
         "and dK/dV at head dim 256); bwd_dkdv part 1/2 = the dV-only and "
         "dK-only launches used at head dim 256. Score mods: `none`, or `softcap+alibi+dropout` "
         "(the three constexpr switches on together: tanh from exp2, the ALiBi bias, the "
-        "dropout hash; bwd_preprocess has none).",
+        "dropout hash; bwd_preprocess has none). `tma` in the config = the forward's "
+        "tensor-descriptor variant (sm_90 only; FASTATTN_TRITON_TMA=1 or a validated "
+        "'triton-tma' entry selects it), which must also issue TMA copies "
+        "(`cp.async.bulk.tensor`, column TMA).",
         "",
     ]
     with_mods = [r for r in results if r.variant.mods]
@@ -144,11 +164,13 @@ def main(argv=None):
                       "Which is faster needs a GPU."]
     for arch in args.archs:
         sub = [r for r in results if r.variant.arch == arch]
+        if not sub:
+            continue
         lines += [f"## sm_{arch}", "",
                   "| kernel | dtype | head dim | mode | score mods | config | registers | "
                   "spills (B) | smem (KB) | " + ("wgmma" if arch >= 90 else "mma.sync")
-                  + " | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  + " | TMA | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
             v = r.variant
             name = v.kernel + (f" (part {v.part})" if v.part else "")
@@ -162,7 +184,8 @@ def main(argv=None):
                 mma = "yes" if r.mma_sync else "no"
             lines.append(f"| {name} | {v.dtype} | {v.head_dim} | {v.mode} | "
                          f"{v.mods or 'none'} | {v.config} | "
-                         f"{r.registers} | {r.spills} | {r.smem / 1024:.1f} | {mma} | {status} |")
+                         f"{r.registers} | {r.spills} | {r.smem / 1024:.1f} | {mma} | "
+                         f"{'yes' if r.tma_ops else 'no'} | {status} |")
         lines.append("")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))

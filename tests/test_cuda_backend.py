@@ -55,6 +55,27 @@ def test_explicit_cuda_backend_raises_with_reasons():
         fastattn.attention(q, q, q, backend="cuda")
 
 
+def test_decode_is_declared_and_explains():
+    """cuda serves decode_attention (split-KV kernels; numerics: test_cuda_decode_emulated.py);
+    without a GPU asking for it by name raises with the reasons."""
+    b = CUDABackend()
+    assert b.supports_decode and not b.supports_decode_backward
+    if torch.cuda.is_available() and b.available()[0]:
+        pytest.skip("the cuda backend can run here")
+    q, kc = torch.randn(1, 2, 1, 64), torch.randn(1, 1, 16, 64)
+    with pytest.raises(ValueError, match="backend 'cuda' cannot serve"):
+        fastattn.decode_attention(q, kc, kc, backend="cuda")
+
+
+def test_default_decode_splits():
+    from fastattn.backends.cuda import default_decode_splits
+
+    assert default_decode_splits(1, 8, 4, 128, 100_000, 132) == 33  # fills 2 CTAs per SM
+    assert default_decode_splits(64, 8, 4, 128, 100_000, 132) == 1  # the batch fills the GPU
+    assert default_decode_splits(1, 1, 1, 128, 300, 132) == 1  # short cache: one chunk
+    assert 1 <= default_decode_splits(1, 1, 1, 64, 10**7, 132) <= 128
+
+
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and CUDABackend().available()[0]),
                          reason="needs a GPU and the built fastattn._cuda extension")
 

@@ -28,11 +28,14 @@ def test_every_kernel_compiles_for_sm80_sm90_without_spills(tmp_path):
     assert rc == 0, text
     rows = [line for line in text.splitlines()
             if (line.startswith("| flash_") or line.startswith("| fa2_")) and "| sm_" in line]
-    # 3 wmma kernels x 2 head dims x 2 dtypes x {dense, sparse} + preprocess x 2 dtypes, and the
-    # FlashAttention-2 class forward x 2 head dims x 2 dtypes x {dense, sparse}, per arch
+    # 3 wmma kernels x 2 head dims x 2 dtypes x {dense, sparse} + preprocess x 2 dtypes, the
+    # FlashAttention-2 class forward x 2 head dims x 2 dtypes x {dense, sparse}, and the decode
+    # split kernel x 2 head dims x 2 dtypes + its combine kernel x 2 dtypes, per arch
     for arch in ("sm_80", "sm_90"):
         got = [r for r in rows if f"| {arch} |" in r]
-        assert len(got) == 34, (arch, len(got))
+        assert len(got) == 40, (arch, len(got))
+        dec = [r for r in got if r.startswith("| flash_decode_")]
+        assert len(dec) == 6, dec
     # the FA2 forward's static intensity: >= 16 FLOP per shared-memory byte at d = 64 and 128
     fa2 = [line for line in text.splitlines()
            if line.startswith("| fa2_fwd_kernel | hdim") and " warps, " in line]

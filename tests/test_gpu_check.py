@@ -17,7 +17,8 @@ import fastattn.gpu_validation as gv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-STEPS = ["build_cuda", "tests_triton", "tests_cuda", "sanitizer", "int64", "bench"]
+STEPS = ["build_cuda", "tests_triton", "tests_cuda", "tests_triton_tma", "sanitizer", "int64",
+         "bench"]
 
 
 def _module():
@@ -55,9 +56,10 @@ def test_dry_run_exits_0_and_writes_the_directory(dry_run):
 def test_dry_run_collects_every_gpu_test_module(dry_run):
     _, out = dry_run
     steps = {s["name"]: s for s in json.loads((out / "results.json").read_text())["steps"]}
-    collected = {**steps["tests_triton"]["collected"], **steps["tests_cuda"]["collected"]}
+    collected = {**steps["tests_triton"]["collected"], **steps["tests_cuda"]["collected"],
+                 **steps["tests_triton_tma"]["collected"]}
     assert set(collected) == {"tests/gpu/test_gpu_triton.py", "tests/gpu/test_gpu_cuda.py",
-                              "tests/test_cuda_backend.py"}
+                              "tests/test_cuda_backend.py", "tests/gpu/test_gpu_triton_tma.py"}
     assert all(n > 0 for n in collected.values()), collected
     assert "collect_errors" not in steps["tests_triton"]
 
@@ -76,7 +78,9 @@ def test_dry_run_builds_every_command_line(dry_run):
             assert any(tool in c and c[-1] == fam for c in san), (tool, fam)
     assert any("int64" in c["cmd"] for c in steps["int64"]["commands"])
     assert any("bench" in c["cmd"] for c in steps["bench"]["commands"])
-    for name in ("tests_triton", "tests_cuda"):
+    tma = steps["tests_triton_tma"]["commands"][0]
+    assert tma["env"] == {"FASTATTN_TRITON_TMA": "1"}  # the TMA forward, requested
+    for name in ("tests_triton", "tests_cuda", "tests_triton_tma"):
         cmd = steps[name]["commands"][0]["cmd"]
         assert "pytest" in cmd and all(m in cmd for m in steps[name]["collected"])
 
@@ -108,3 +112,24 @@ def test_faster_classes_rule():
     rows[-2]["ms"] = 4.1  # slower at one length: not recorded
     assert gc.faster_classes(rows, "triton") == []
     assert gc.faster_classes(rows[:4], "triton") == []  # fewer than 3 lengths
+
+
+def test_tma_entry_only_on_sm90(tmp_path):
+    """validation.json gets a "triton-tma" entry on sm_90+ GPUs, from the TMA tests, its
+    sanitizer runs and its bench rows; none on sm_80 (no TMA there)."""
+    gc = _module()
+    steps = [dict(name="build_cuda", status="pass"),
+             dict(name="tests_triton", status="pass", tests=dict(passed=5)),
+             dict(name="tests_cuda", status="pass", tests=dict(passed=5)),
+             dict(name="tests_triton_tma", status="pass", tests=dict(passed=3)),
+             dict(name="sanitizer", status="pass",
+                  per_family={"triton": "clean", "cuda": "clean", "triton-tma": "clean"})]
+    env = dict(arch="sm_90", gpu="H100")
+    entries = {e["backend"]: e for e in gc.validation_entries(env, steps, tmp_path)}
+    assert set(entries) == {"triton", "cuda", "triton-tma"}
+    assert entries["triton-tma"]["correct"] and entries["triton-tma"]["sanitizer"] == "clean"
+    assert not gc.plan(dict(arch="sm_80"), tmp_path)["sanitizer"][-1][0][-1] == "triton-tma"
+    assert gc.plan(env, tmp_path)["sanitizer"][-1][0][-1] == "triton-tma"
+    env80 = dict(arch="sm_80", gpu="A100")
+    assert {e["backend"] for e in gc.validation_entries(env80, steps, tmp_path)} == {"triton",
+                                                                                   "cuda"}

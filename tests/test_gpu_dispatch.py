@@ -93,6 +93,29 @@ def test_decode_goes_to_triton(gpu):
     assert name == "triton" and warned
 
 
+def test_cuda_decode_only_where_cuda_is_validated(gpu, monkeypatch):
+    """The cuda family serves decode (split-KV kernels), but auto takes it only where a
+    gpu-check validated the cuda family on this arch; before that decode stays on triton (with
+    the one-time warning), and backend="cuda" asks for it explicitly."""
+    d = DecodeProblem(device=CUDA, dtype=torch.bfloat16, B=2, Hq=8, Hkv=2, Nq=2, Ncache=4096,
+                      D=128, Dv=128, window=(-1, 0), scale=128 ** -0.5, needs_grad=False)
+    assert dispatch.reasons("cuda", d) == []  # it can serve it
+    assert dispatch.select(d, "cuda").name == "cuda"
+    assert pick(d)[0] == "triton"
+    record("cuda", correct=False)  # a failed check does not validate
+    assert pick(d)[0] == "triton"
+    record("cuda")
+    name, warned = pick(d)
+    assert name == "cuda" and not warned
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert pick(d)[0] == "triton"  # the sm_90 record does not count on sm_80
+    # what it cannot serve: head dims above 128, an input that requires grad
+    big = DecodeProblem(device=CUDA, dtype=torch.bfloat16, B=1, Hq=2, Hkv=1, Nq=1, Ncache=64,
+                        D=256, Dv=256, window=(-1, 0), scale=0.0625, needs_grad=True)
+    why = " ".join(dispatch.reasons("cuda", big))
+    assert "head dims up to 128" in why and "inference-only" in why
+
+
 def test_validated_and_faster_family_is_picked_for_its_class_only(gpu, monkeypatch):
     record("triton", faster=["fwd/d128/causal"])
     assert pick(problem(window=(-1, 0)))[0] == "triton"

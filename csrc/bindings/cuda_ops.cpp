@@ -14,6 +14,13 @@
 // (B, Hq) float32, dropout_p with a 64-bit dropout_seed (the bits of a signed int64); the
 // backward must get the same values as the forward (it regenerates the dropout keep bits).
 // dlse (optional, (B, Hq, Nq)) is the gradient of the returned lse.
+//
+//   fastattn::cuda_decode(q, k_cache, v_cache, cache_seqlens?, scale, window_left, window_right,
+//                         softcap, alibi_slopes?, num_splits, max_len) -> (out, lse)
+//
+// Split-KV decoding (csrc/cuda/decode.h): q (B, Hq, Nq, D) against caches (B, Hkv, Ncache, D|Dv)
+// whose row b holds cache_seqlens[b] tokens (int32/int64, or None = all); num_splits chunks over
+// the first max_len (>= max cache_seqlens) keys, merged by a combine kernel. Inference only.
 // The same functions are registered for CPU tensors only to fail with a clear message.
 #include <Python.h>
 
@@ -29,6 +36,7 @@
 #include <vector>
 
 #include "common/block_mask_fields.h"
+#include "cuda/decode.h"
 #include "cuda/flash.h"
 
 namespace fastattn::cuda {
@@ -247,6 +255,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
   return {dq, dk, dv};
 }
 
+std::tuple<at::Tensor, at::Tensor> cuda_decode(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const std::optional<at::Tensor>& cache_seqlens, double scale, int64_t wl, int64_t wr,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
+    int64_t max_len) {
+  CHECK_DEVICE(q_, q_);
+  CHECK_DEVICE(k_, q_);
+  CHECK_DEVICE(v_, q_);
+  TORCH_CHECK(q_.scalar_type() == at::kHalf || q_.scalar_type() == at::kBFloat16,
+              "fastattn::cuda_decode supports float16 and bfloat16, got ", q_.scalar_type());
+  TORCH_CHECK(k_.scalar_type() == q_.scalar_type() && v_.scalar_type() == q_.scalar_type(),
+              "fastattn::cuda_decode: q, k_cache, v_cache must share a dtype");
+  TORCH_CHECK(q_.dim() == 4 && k_.dim() == 4 && v_.dim() == 4,
+              "fastattn::cuda_decode: q, k_cache, v_cache must be 4-D (B, H, N, D)");
+  const int64_t B = q_.size(0), Hq = q_.size(1), Nq = q_.size(2), D = q_.size(3);
+  const int64_t Hkv = k_.size(1), Ncache = k_.size(2), Dv = v_.size(3);
+  CHECK_SHAPE(k_, B, Hkv, Ncache, D);
+  CHECK_SHAPE(v_, B, Hkv, Ncache, Dv);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastattn::cuda_decode: query heads (", Hq,
+              ") must be a multiple of kv heads (", Hkv, ")");
+  const Mods mods = make_mods(q_, softcap, alibi_slopes, 0.0, 0);
+  // the kernels index the last dim directly: make it contiguous, other strides are free
+  const at::Tensor q = q_.stride(3) == 1 ? q_ : q_.contiguous();
+  const at::Tensor k = k_.stride(3) == 1 ? k_ : k_.contiguous();
+  const at::Tensor v = v_.stride(3) == 1 ? v_ : v_.contiguous();
+  at::Tensor seqlens;
+  if (cache_seqlens.has_value() && cache_seqlens->defined()) {
+    CHECK_DEVICE(*cache_seqlens, q_);
+    CHECK_SHAPE(*cache_seqlens, B);
+    seqlens = cache_seqlens->to(at::kInt).contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({B, Hq, Nq, Dv}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || Ncache == 0 || max_len <= 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.cache_seqlens = seqlens.defined() ? seqlens.data_ptr<int32_t>() : nullptr;
+  p.alibi_slopes = mods.slopes.defined() ? mods.slopes.data_ptr<float>() : nullptr;
+  set_strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  set_strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  set_strides(v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  set_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+  p.b = B;
+  p.hq = Hq;
+  p.hkv = Hkv;
+  p.nq = Nq;
+  p.ncache = Ncache;
+  p.d = D;
+  p.dv = Dv;
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.window_left = wl;
+  p.window_right = wr;
+  p.num_splits = num_splits < 1 ? 1 : num_splits;
+  p.max_len = max_len < Ncache ? max_len : Ncache;
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(mods.softcap);
+  at::Tensor o_part, lse_part;
+  if (p.num_splits > 1) {  // float32 partials (B * Hkv, S, R, Dv) and their log2-sum-exp
+    const int64_t R = (Hq / Hkv) * Nq;
+    o_part = at::empty({B * Hkv, p.num_splits, R, Dv}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({B * Hkv, p.num_splits, R}, q.options().dtype(at::kFloat));
+    p.o_part = o_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  }
+  const char* why = check_decode_params(p);
+  TORCH_CHECK(why == nullptr, "fastattn::cuda_decode: ", why);
+  run_decode(p, c10::cuda::getCurrentCUDAStream().stream());
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace fastattn::cuda
 
@@ -259,11 +346,15 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         "float scale, int window_left, int window_right, Tensor[] block_mask, "
         "float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., int dropout_seed=0, "
         "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, "
+        "float scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
+        "int num_splits, int max_len) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("cuda_fwd", &fastattn::cuda::cuda_fwd);
   m.impl("cuda_bwd", &fastattn::cuda::cuda_bwd);
+  m.impl("cuda_decode", &fastattn::cuda::cuda_decode);
 }
 
 // On CPU tensors the same functions run only their device checks, which fail with a message
@@ -271,6 +362,7 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("cuda_fwd", &fastattn::cuda::cuda_fwd);
   m.impl("cuda_bwd", &fastattn::cuda::cuda_bwd);
+  m.impl("cuda_decode", &fastattn::cuda::cuda_decode);
 }
 
 // A Python module named fastattn._cuda; importing it runs the registrations above.

@@ -24,18 +24,20 @@ partial outputs by their log-sum-exp (Dao et al., "Flash-Decoding for long-conte
 inference", 2023), which keeps every core busy at batch 1. The backend is chosen by
 fastattn.dispatch exactly as for attention (Backend.why_not_decode / Backend.decode):
 "cpu" (csrc/cpu/decode_cpu.cpp), "triton" (backends/triton/decode.py; GPU, or
-TRITON_INTERPRET=1 on CPU tensors, by name), "reference" (naive masked softmax: the oracle,
-also differentiable). "auto" (FASTATTN_BACKEND overrides it when it names a backend with
-a decode kernel) picks triton for CUDA tensors,
+TRITON_INTERPRET=1 on CPU tensors, by name), "cuda" (csrc/cuda/decode_kernel.h: split-KV
+warp-level kernels + combine; float16/bfloat16, head dims <= 128), "reference" (naive masked
+softmax: the oracle, also differentiable). "auto" (FASTATTN_BACKEND overrides it when it names
+a backend with a decode kernel) picks, for CUDA tensors, the GPU dispatch policy's family:
+cuda only where a recorded gpu-check validated the cuda family on that arch, else triton;
 cpu for CPU tensors, the reference when an input requires grad; an explicit backend that
 cannot serve the call raises BackendUnavailableError with every backend's reasons.
 
 softcap and alibi_slopes ((Hq,) or (B, Hq)) act as in fastattn.score_mods, with the ALiBi
 distance measured from each row's own position p = L - Nq + i (-slope * |p - j|), as
-FlashAttention does with a KV cache. The cpu kernel implements all of it; the triton
+FlashAttention does with a KV cache. The cpu and cuda kernels implement all of it; the triton
 kernel implements softcap and ALiBi with window_right=0 (others go to the reference).
 
-Inference only: the cpu and triton kernels have no backward (train with
+Inference only: the cpu, triton and cuda kernels have no backward (train with
 fastattn.attention). Returns out (B, Hq, Nq, Dv) in q's dtype and, with return_lse=True,
 lse (B, Hq, Nq) float32 natural log (-inf, with out 0, for a query that sees no key).
 """

@@ -158,7 +158,10 @@ def _gpu_auto(p: Problem | DecodeProblem, names) -> Backend | None:
     if not torch.cuda.is_available():  # no GPU to ask: the ranking says why nothing serves it
         return None
     arch = gpu_validation.device_arch(p.device)
-    families = [n for n in GPU_FAMILIES if n in names and not reasons(n, p)]
+    # a family that declines auto for this call (auto_priority None: cuda decode where no
+    # gpu-check validated the cuda family) is no candidate
+    families = [n for n in GPU_FAMILIES if n in names and not reasons(n, p)
+                and get(n).auto_priority(p) is not None]
     if isinstance(p, Problem) and gpu_validation.sdpa_native(p) and not reasons("sdpa", p):
         for n in families:
             if gpu_validation.faster(n, arch, p):

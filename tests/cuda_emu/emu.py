@@ -200,4 +200,92 @@ def check_params_reason(q, k, v, *, window=(-1, -1), block_mask=None, backward=F
     return None if r is None else r.decode()
 
 
+# ---- split-KV decode (csrc/cuda/decode.h) --------------------------------------------------
+
+_DECODE_FIELDS = (
+    [(n, _P) for n in ("q", "k", "v", "o", "lse", "o_part", "lse_part", "cache_seqlens",
+                       "alibi_slopes")]
+    + [(f"{t}_{s}_stride", _I64) for t in ("q", "k", "v", "o") for s in ("batch", "head", "row")]
+    + [(n, _I64) for n in ("b", "hq", "hkv", "nq", "ncache", "d", "dv", "is_bf16", "window_left",
+                           "window_right", "num_splits", "max_len", "chunk")]
+    + [("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
+)
+
+
+class DecodeParams(ctypes.Structure):
+    _fields_ = _DECODE_FIELDS
+
+
+_decode_checked = False
+
+
+def _decode_lib():
+    global _decode_checked
+    L = lib()
+    if not _decode_checked:
+        L.fa_emu_decode.restype = ctypes.c_char_p
+        L.fa_emu_decode.argtypes = [ctypes.POINTER(DecodeParams)]
+        L.fa_emu_decode_params_size.restype = ctypes.c_long
+        L.fa_emu_decode_chunk.restype = ctypes.c_long
+        L.fa_emu_decode_chunk.argtypes = [ctypes.c_long, ctypes.c_long]
+        if L.fa_emu_decode_params_size() != ctypes.sizeof(DecodeParams):
+            raise RuntimeError("emu.DecodeParams does not mirror csrc/cuda/decode.h (size)")
+        offs = (ctypes.c_long * 64)()
+        n = L.fa_emu_decode_params_offsets(offs, 64)
+        mine = [getattr(DecodeParams, name).offset for name, _ in _DECODE_FIELDS]
+        if n != len(mine) or list(offs[:n]) != mine:
+            raise RuntimeError("emu.DecodeParams does not mirror csrc/cuda/decode.h (offsets)")
+        _decode_checked = True
+    return L
+
+
+def decode_chunk(max_len: int, num_splits: int) -> int:
+    return int(_decode_lib().fa_emu_decode_chunk(max_len, num_splits))
+
+
+def decode(q, k_cache, v_cache, *, cache_seqlens=None, scale=None, window=(-1, 0), num_splits=1,
+           softcap=0.0, alibi_slopes=None, max_len=None):
+    """The CUDA split-KV decode kernels on CPU tensors: (out (B, Hq, Nq, Dv), lse (B, Hq, Nq)).
+    Mirrors what the cuda_decode op does on a GPU (the S partials live in a float32 workspace)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Ncache, Dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    for t in (q, k_cache, v_cache):
+        assert t.stride(-1) == 1
+    scale = D ** -0.5 if scale is None else scale
+    keep = []
+    p = DecodeParams()
+    p.b, p.hq, p.hkv, p.nq, p.ncache, p.d, p.dv = B, Hq, Hkv, Nq, Ncache, D, Dv
+    p.is_bf16 = int(q.dtype == torch.bfloat16)
+    p.window_left, p.window_right = window
+    p.scale, p.softcap = float(scale), float(softcap)
+    if cache_seqlens is not None:
+        cache_seqlens = cache_seqlens.to(torch.int32).contiguous()
+        keep.append(cache_seqlens)
+        p.cache_seqlens = cache_seqlens.data_ptr()
+        max_len = int(cache_seqlens.max()) if max_len is None else max_len
+    p.max_len = max(1, Ncache if max_len is None else max_len)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(torch.float32).expand(B, Hq).contiguous()
+        keep.append(slopes)
+        p.alibi_slopes = slopes.data_ptr()
+    p.num_splits = num_splits
+    R = (Hq // Hkv) * Nq
+    out = torch.empty((B, Hq, Nq, Dv), dtype=q.dtype)
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32)
+    if num_splits > 1:  # NaN-filled: a partial the combine reads but nobody wrote shows up
+        o_part = torch.full((B * Hkv, num_splits, R, Dv), float("nan"))
+        lse_part = torch.full((B * Hkv, num_splits, R), float("nan"))
+        keep += [o_part, lse_part]
+        p.o_part, p.lse_part = o_part.data_ptr(), lse_part.data_ptr()
+    for name, t in (("q", q), ("k", k_cache), ("v", v_cache), ("o", out)):
+        setattr(p, name, t.data_ptr())
+        for i, s in enumerate(("batch", "head", "row")):
+            setattr(p, f"{name}_{s}_stride", t.stride(i))
+    p.lse = lse.data_ptr()
+    err = _decode_lib().fa_emu_decode(ctypes.byref(p))
+    if err is not None:
+        raise EmulatedKernelError(err.decode())
+    return out, lse
+
+
 del math

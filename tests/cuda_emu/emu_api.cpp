@@ -4,9 +4,11 @@
 #include <exception>
 #include <string>
 
+#include "cuda/decode.h"
 #include "cuda/flash.h"
 #include "cuda_emu.h"
 
+using fastattn::cuda::DecodeParams;
 using fastattn::cuda::FlashParams;
 
 namespace {
@@ -30,6 +32,19 @@ const size_t kOffsets[] = {
     F(q_mask_ids), F(partial_masks), F(mask_b), F(mask_h), F(nqb), F(nkb), F(kmax),
     F(kmax_full), F(qmax), F(qmax_full), F(mask_block_m), F(mask_block_n), F(scale),
     F(softcap), F(alibi_slopes), F(dropout_seed), F(dropout_threshold), F(dropout_p), F(dlse),
+#undef F
+};
+
+// Field order of DecodeParams (emu.py's DecodeParams mirrors it).
+const size_t kDecodeOffsets[] = {
+#define F(name) offsetof(DecodeParams, name)
+    F(q), F(k), F(v), F(o), F(lse), F(o_part), F(lse_part), F(cache_seqlens), F(alibi_slopes),
+    F(q_batch_stride), F(q_head_stride), F(q_row_stride),
+    F(k_batch_stride), F(k_head_stride), F(k_row_stride),
+    F(v_batch_stride), F(v_head_stride), F(v_row_stride),
+    F(o_batch_stride), F(o_head_stride), F(o_row_stride),
+    F(b), F(hq), F(hkv), F(nq), F(ncache), F(d), F(dv), F(is_bf16), F(window_left),
+    F(window_right), F(num_splits), F(max_len), F(chunk), F(scale), F(softcap),
 #undef F
 };
 }  // namespace
@@ -66,5 +81,28 @@ unsigned fa_emu_dropout_threshold(double p) { return fastattn::cuda::dropout_thr
 
 const char* fa_emu_check_params(const FlashParams* p, int backward) {
   return fastattn::cuda::check_params(*p, backward != 0);
+}
+
+long fa_emu_decode_params_size() { return static_cast<long>(sizeof(DecodeParams)); }
+
+long fa_emu_decode_params_offsets(long* out, long n) {
+  const long count = static_cast<long>(sizeof(kDecodeOffsets) / sizeof(kDecodeOffsets[0]));
+  for (long i = 0; i < count && i < n; ++i) out[i] = static_cast<long>(kDecodeOffsets[i]);
+  return count;
+}
+
+// Split-KV decode (csrc/cuda/flash_decode.cu). nullptr on success, else the error message.
+const char* fa_emu_decode(DecodeParams* p) {
+  try {
+    fastattn::cuda::run_decode(*p, nullptr);
+    return nullptr;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return g_error.c_str();
+  }
+}
+
+long fa_emu_decode_chunk(long max_len, long num_splits) {
+  return static_cast<long>(fastattn::cuda::decode_chunk(max_len, num_splits));
 }
 }

@@ -5,7 +5,7 @@ its reason). Run by `make gpu-check` after it builds the extension; skipped with
 import pytest
 
 from gpu_cases import first_tile_without_autotuning  # noqa: F401  (autouse fixture)
-from gpu_cases import CASES, check_attention, requires_gpu
+from gpu_cases import CASES, DECODE_CASES, check_attention, check_decode, requires_gpu
 
 pytestmark = requires_gpu
 
@@ -13,3 +13,8 @@ pytestmark = requires_gpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_attention(name):
     check_attention("cuda", name)
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_decode(name):
+    check_decode("cuda", name)

@@ -19,14 +19,22 @@ that are multiples of 8 up to 128 (compiled for 64 and 128, smaller ones zero-pa
 causal/window (bottom-right aligned), block masks whose BLOCK_M and BLOCK_N are multiples of 64,
 and the score modifiers of fastattn.score_mods inside the fused loops (softcap, ALiBi slopes
 (Hq,) or (B, Hq), dropout whose keep bits the backward regenerates from the seed).
+
+Decode (fastattn.decode_attention): fastattn::cuda_decode, the split-KV kernels of
+csrc/cuda/decode_kernel.h (one CTA per (key chunk, batch, kv head, row tile) over all query rows
+of the GQA group, then a combine kernel), float16/bfloat16, head dims up to 128, cache_seqlens,
+any (window_left, window_right), softcap and ALiBi; inference only. Under backend="auto" on a
+GPU it is a candidate only where gpu_validation records the cuda family validated on that arch
+(auto_priority); elsewhere auto keeps decode on triton, and backend="cuda" asks for it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import gpu_validation
 from .._extension import load as load_extension
-from .base import Backend, Problem, fake_outputs
+from .base import Backend, DecodeProblem, Problem, fake_outputs
 
 # loads the library that defines torch.ops.fastattn.cuda_* (None + reason when not built:
 # CPU-only torch, no nvcc, FASTATTN_BUILD_CUDA=0, or built against another torch)
@@ -73,6 +81,11 @@ def _register():
 
     torch.library.register_autograd("fastattn::cuda_fwd", backward, setup_context=setup_context)
 
+    @torch.library.register_fake("fastattn::cuda_decode")
+    def _decode_fake(q, k_cache, v_cache, cache_seqlens, scale, window_left, window_right,
+                     softcap, alibi_slopes, num_splits, max_len):
+        return fake_outputs(q, v_cache)
+
 
 if _cuda is not None:
     _register()
@@ -93,6 +106,19 @@ def _availability_reasons() -> list[str]:
     elif not torch.cuda.is_available():
         reasons.append("no GPU present (torch.cuda.is_available() is False)")
     return reasons
+
+
+DECODE_KEY_STEP = 16  # csrc/cuda/decode.h kDecodeKeyStep: keys per CTA step
+
+
+def default_decode_splits(B: int, Hkv: int, rows: int, head_dim: int, max_len: int,
+                          n_sm: int = 108) -> int:
+    """Key chunks of the cuda decode kernel: enough (chunk, batch, kv head, row tile) CTAs for
+    two per SM, each chunk at least 16 key steps (256 keys) so the combine stays cheap."""
+    per_cta = 8 if head_dim > 64 else 16  # decode.h decode_rows_per_cta
+    ctas = B * Hkv * -(-rows // per_cta)
+    want = max(1, -(-2 * n_sm // max(1, ctas)))
+    return max(1, min(want, max_len // (16 * DECODE_KEY_STEP), 128))
 
 
 class CUDABackend(Backend):
@@ -135,6 +161,43 @@ class CUDABackend(Backend):
                            f"got (BLOCK_M, BLOCK_N) = ({bm.BLOCK_M}, {bm.BLOCK_N}); build the "
                            f"mask with block_size=128 (the default) or 64")
         return reasons
+
+    supports_decode = True  # flash_decode.cu: split-KV + combine, inference-only
+
+    def auto_priority(self, p: Problem | DecodeProblem):
+        # decode joined this family after its GPU checks were designed: backend="auto" takes it
+        # only where a recorded gpu-check (which runs tests/gpu/test_gpu_cuda.py::test_decode)
+        # validated the cuda family on this arch; backend="cuda" always can
+        if isinstance(p, DecodeProblem):
+            if p.device.type != "cuda" or not torch.cuda.is_available():
+                return None
+            arch = gpu_validation.device_arch(p.device)
+            return self.priority if gpu_validation.validated(self.name, arch) else None
+        return self.priority
+
+    def why_not_decode(self, d: DecodeProblem) -> list[str]:
+        if not self.available()[0]:
+            return _availability_reasons()
+        reasons = self._input_reasons(d)
+        if d.needs_grad:
+            reasons.append("its decode kernel is inference-only (no backward) and an input "
+                           "requires grad; call it under torch.no_grad(), or use "
+                           "backend='reference' or fastattn.attention to train")
+        if d.B * d.Hkv > 65535:
+            reasons.append(f"supports batch * kv heads up to 65535, got {d.B * d.Hkv}")
+        return reasons
+
+    def decode(self, q, k_cache, v_cache, d: DecodeProblem):
+        Ncache = k_cache.shape[2]
+        max_len = int(d.cache_seqlens.max()) if d.cache_seqlens is not None else Ncache
+        splits = d.num_splits or default_decode_splits(
+            d.B, d.Hkv, (d.Hq // d.Hkv) * d.Nq, max(d.D, d.Dv), max_len,
+            torch.cuda.get_device_properties(q.device).multi_processor_count)
+        slopes = d.alibi_slopes
+        return torch.ops.fastattn.cuda_decode(q, k_cache, v_cache, d.cache_seqlens, float(d.scale),
+                                              int(d.window[0]), int(d.window[1]),
+                                              float(d.softcap or 0.0), slopes, int(splits),
+                                              int(max_len))
 
     def forward(self, q, k, v, p: Problem):
         mask = p.mask  # named hand-off (fastattn.kernel_mask); its window is the token rule

@@ -47,11 +47,13 @@ class Variant:
     part: int = 0  # bwd_dkdv: 0 = dK and dV, 1 = dV only, 2 = dK only (head dim 256)
     mods: str = ""  # score modifiers switched on, "+"-joined names from SCORE_MODS
     maxnreg: int | None = None  # triton.Config(maxnreg=...): the PTX's .maxnreg cap
+    tma: bool = False  # fwd only: the tensor-descriptor (TMA) variant (TMA=True), sm_90+
 
     @property
     def config(self) -> str:
         cap = f" r{self.maxnreg}" if self.maxnreg else ""
-        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{cap}"
+        tma = " tma" if self.tma else ""
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{cap}{tma}"
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Result:
     wgmma: bool
     mma_sync: bool
     error: str = ""
+    tma_ops: bool = False  # cp.async.bulk.tensor (TMA copies) in the PTX
     # set when it spills: the same PTX under `.maxnreg 255` (-1 = not tried)
     registers_maxnreg: int = -1
     spills_maxnreg: int = -1
@@ -83,12 +86,12 @@ class Result:
     @property
     def ok(self) -> bool:
         return (not self.error and self.spills == 0 and self.smem <= self.smem_limit
-                and self.tensor_cores)
+                and self.tensor_cores and (self.tma_ops or not self.variant.tma))
 
     def row(self) -> dict:
         d = asdict(self.variant)
         d.update(registers=self.registers, spills=self.spills, smem=self.smem, mma=self.mma,
-                 wgmma=self.wgmma, error=self.error, ok=self.ok)
+                 wgmma=self.wgmma, tma_ops=self.tma_ops, error=self.error, ok=self.ok)
         return d
 
 
@@ -105,7 +108,7 @@ def ptxas_path() -> str | None:
 
 def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                      head_dims=(16, 32, 64, 128, 256), modes=("causal", "sparse"), archs=(80, 90),
-                     mask_block=(128, 128), mods=("",)):
+                     mask_block=(128, 128), mods=("",), tma=False):
     """Every config the autotuner may pick for these problem classes (kernels.default_tiles
     on each arch's shared-memory limit, with or without score modifiers). float32 is not
     served on GPUs (see TritonBackend.why_not), so it is not among the defaults. "causal" holds both the masked and the unmasked
@@ -132,11 +135,20 @@ def default_variants(kernels=KERNELS, dtypes=("float16", "bfloat16"),
                         parts = kern.dkdv_parts(bd, bd) if short == "dkdv" else (0,)
                         for m in mods:
                             for bm, bn, w, s, r in kern.default_tiles(
-                                    short, bd, bd, eb, kern.SMEM_LIMIT[arch], mb, mods=bool(m)):
+                                    short, bd, bd, eb, kern.SMEM_LIMIT[arch], mb, mods=bool(m),
+                                    tma=tma):
                                 for part in parts:
                                     out.append(Variant(kernel, dtype, d, mode, bm, bn, w, s, arch,
-                                                       mb or (16, 16), part, m, r))
+                                                       mb or (16, 16), part, m, r, tma))
     return out
+
+
+def tma_variants(dtypes=("float16", "bfloat16"), head_dims=(64, 128), modes=("causal", "sparse"),
+                 mask_block=(128, 128), mods=("",)):
+    """The forward's TMA variant (TMA=True) for sm_90: every default tile of those classes.
+    Only sm_90 has TMA; on sm_80 the descriptors would lower to plain loads, and the backend
+    never takes the variant there (ops.tma_policy)."""
+    return default_variants(("fwd",), dtypes, head_dims, modes, (90,), mask_block, mods, tma=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,6 +184,8 @@ def _signature(fn, v: Variant):
                      DOT_PRECISION=kern.dot_precision(_ELEM_BYTES[v.dtype], bd))
         if v.kernel == "bwd_dkdv":
             const["PART"] = v.part
+        if v.kernel == "fwd":
+            const["TMA"] = v.tma
         on = set(filter(None, v.mods.split("+")))
         if on - set(SCORE_MODS):
             raise ValueError(f"unknown score modifiers {sorted(on - set(SCORE_MODS))}; known: "
@@ -347,16 +361,18 @@ def compile_variant(v: Variant, workdir: str | None = None) -> Result:
     wgmma = "wgmma.mma_async" in ptx
     mma_sync = re.search(r"\bmma\.sync\.aligned", ptx) is not None
     mma = wgmma if v.arch >= 90 else mma_sync
+    tma_ops = "cp.async.bulk.tensor" in ptx
     ptxas = ptxas_path()
     if ptxas is None:
-        return Result(v, -1, -1, -1, smem, limit, mma, wgmma, mma_sync, error="ptxas not found")
+        return Result(v, -1, -1, -1, smem, limit, mma, wgmma, mma_sync, error="ptxas not found",
+                      tma_ops=tma_ops)
     arch = f"sm_{v.arch}a" if v.arch >= 90 else f"sm_{v.arch}"
     text, ok = _ptxas(ptxas, arch, ptx, workdir)
     if not ok:
         return Result(v, -1, -1, -1, smem, limit, mma, wgmma, mma_sync,
-                      error="ptxas: " + text.strip().splitlines()[-1])
+                      error="ptxas: " + text.strip().splitlines()[-1], tma_ops=tma_ops)
     regs, spills, stack = _parse_ptxas(text)
-    r = Result(v, regs, spills, stack, smem, limit, mma, wgmma, mma_sync)
+    r = Result(v, regs, spills, stack, smem, limit, mma, wgmma, mma_sync, tma_ops=tma_ops)
     if spills > 0:
         # Without a register cap in the PTX, ptxas may spill a few bytes to reach the next
         # occupancy level (128 registers at 8 warps, 168 at 4) though 255 are allowed;

@@ -224,13 +224,19 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
                     MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
                     MASKED: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
                     BITMASK: tl.constexpr, DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    mods, dhash, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                    mods, dhash, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                    TMA: tl.constexpr = False):
     # One key block [start_n, start_n + BLOCK_N) of the online softmax.
+    # TMA: K and V are tensor descriptors (rows x head dim of this (batch, kv head)), whose
+    # loads zero-fill rows >= N_CTX_K and columns >= HEAD_DIM as the masked loads below do.
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kmask = offs_n[:, None] < N_CTX_K
-    if HEAD_DIM != offs_d.shape[0]:
-        kmask = kmask & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + _off2(offs_n, offs_d, stride_kn, stride_kk), mask=kmask, other=0.0)
+    if TMA:
+        k = K.load([start_n, 0])
+    else:
+        kmask = offs_n[:, None] < N_CTX_K
+        if HEAD_DIM != offs_d.shape[0]:
+            kmask = kmask & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(K + _off2(offs_n, offs_d, stride_kn, stride_kk), mask=kmask, other=0.0)
     qk = _dot(q, tl.trans(k), tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32),
               DOT_UPCAST, DOT_PRECISION)
     qk, _ = _score_mods(qk, offs_m[:, None], offs_n[None, :], N_CTX_K - N_CTX_Q, qk_scale, mods,
@@ -249,10 +255,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, start_n, offs_m, offs_d, offs_dv,
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + _row_sum(p)
     acc = acc * alpha[:, None]
-    vmask = offs_n[:, None] < N_CTX_K
-    if HEAD_DIM_V != offs_dv.shape[0]:
-        vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
-    v = tl.load(V + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
+    if TMA:
+        v = V.load([start_n, 0])
+    else:
+        vmask = offs_n[:, None] < N_CTX_K
+        if HEAD_DIM_V != offs_dv.shape[0]:
+            vmask = vmask & (offs_dv[None, :] < HEAD_DIM_V)
+        v = tl.load(V + _off2(offs_n, offs_dv, stride_vn, stride_vk), mask=vmask, other=0.0)
     if DROPOUT:  # l_i sums the undropped P; dropped entries leave P.V (1/(1-p): epilogue)
         p = tl.where(_dropout_keep(dhash[:, None], _col_hash(offs_n, mods)[None, :], mods), p, 0.0)
     if MASKED:  # non-finite policy (DESIGN.md): a NaN/inf v row reaches only the rows that
@@ -380,15 +389,27 @@ def smem_estimate(kernel, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_stages, elem_
     raise ValueError(kernel)
 
 
+# Table tiles the forward's TMA variant (TMA=True) leaves out under a block mask: on sm_90 the
+# descriptor loads of the flat sparse loop cost registers, and these spill there (128x128 w8
+# s3 at head dim 64: 255 registers + 24 B, 16 B under .maxnreg 255, in the first sm_90 TMA
+# compile run; the same tile is clean in the dense/causal loops and without TMA). Every tile
+# left is clean: benchmarks/results/triton_tma_compile_report.md.
+TILES_TMA_SPARSE_EXCLUDE = {"fwd": {64: [(128, 128, 8, 3)]}}
+
+
 def default_tiles(kernel, BLOCK_D, BLOCK_DV, elem_bytes, smem_limit, mask_block=None,
-                  mods=False):
+                  mods=False, tma=False):
     """The tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg or None) the autotuner
     may pick for this problem class: the table's entry for the head dim (TILES_MODS' when
     score modifiers are on), kept if it fits `smem_limit`; with a block mask, only tiles
-    dividing its blocks (powers of two: tile <= block), else the mask's own blocks."""
+    dividing its blocks (powers of two: tile <= block), else the mask's own blocks.
+    tma: the forward's TMA variant (drops TILES_TMA_SPARSE_EXCLUDE under a block mask)."""
     bd = min(max(BLOCK_D, BLOCK_DV, 16), 256)
     tiles = TILES_MODS.get(kernel, {}).get(bd) if mods else None
     tiles = [tuple(t) + (None,) * (5 - len(t)) for t in (tiles or TILES[kernel][bd])]
+    if tma and mask_block is not None:
+        drop = TILES_TMA_SPARSE_EXCLUDE.get(kernel, {}).get(bd, ())
+        tiles = [t for t in tiles if tuple(t[:4]) not in drop] or tiles
     if mods:
         tiles = [(bm, bn, w, s, r or MODS_MAXNREG) for bm, bn, w, s, r in tiles]
     if mask_block is not None:  # clip to the mask's blocks (powers of two: tile divides block)
@@ -435,7 +456,8 @@ def _make_prune(kernel, sparse):
         mask_block = (kwargs["MASK_BM"], kwargs["MASK_BN"]) if sparse else None
         mods = bool(kwargs["SOFTCAP"] or kwargs["ALIBI"] or kwargs["DROPOUT"])
         want = default_tiles(kernel, kwargs["BLOCK_D"], kwargs["BLOCK_DV"],
-                             named_args["Q"].element_size(), _device_smem(), mask_block, mods)
+                             named_args["Q"].element_size(), _device_smem(), mask_block, mods,
+                             tma=bool(kwargs.get("TMA", False)))
         keep = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
                     c.maxnreg) in want]
@@ -453,6 +475,7 @@ def _configs(kernel):
 # LEN_BUCKET_K) keep a new exact length from re-tuning: 1000 and 1024 share a bucket.
 _KEY = ["LEN_BUCKET_Q", "LEN_BUCKET_K", "BLOCK_D", "BLOCK_DV", "WINDOW_LEFT", "WINDOW_RIGHT",
         "SPARSE", "MASK_BM", "MASK_BN", "SOFTCAP", "ALIBI", "DROPOUT"]
+_KEY_FWD = _KEY + ["TMA"]  # the forward's TMA variant tunes apart from the pointer one
 
 
 def len_bucket(n: int) -> int:
@@ -486,7 +509,8 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
               WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr,
               SPARSE: tl.constexpr, BITMASK: tl.constexpr, EVEN_N: tl.constexpr,
               DOT_UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+              TMA: tl.constexpr = False):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
     start_m = tl.program_id(0)
@@ -516,7 +540,20 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     qmask = offs_m[:, None] < N_CTX_Q
     if HEAD_DIM != BLOCK_D:
         qmask = qmask & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + _off2(offs_m, offs_d, stride_qm, stride_qk), mask=qmask, other=0.0)
+    if TMA:
+        # sm_90 tensor descriptors (TMA): 2-D (rows x head dim) views of this program's
+        # (batch, head) slices of q, k, v, out. Bounds are the true sizes, so loads zero-fill
+        # past N_CTX / HEAD_DIM and the store is clipped; the host (ops.tma_layout_ok) checks
+        # the rules: unit inner stride, 16-byte aligned bases and row strides.
+        Qd = tl.make_tensor_descriptor(Q, shape=[N_CTX_Q, HEAD_DIM], strides=[stride_qm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])
+        K = tl.make_tensor_descriptor(K, shape=[N_CTX_K, HEAD_DIM], strides=[stride_kn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_D])
+        V = tl.make_tensor_descriptor(V, shape=[N_CTX_K, HEAD_DIM_V], strides=[stride_vn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_DV])
+        q = Qd.load([m0, 0])
+    else:
+        q = tl.load(Q + _off2(offs_m, offs_d, stride_qm, stride_qk), mask=qmask, other=0.0)
 
     if SPARSE:
         # kernel tiles divide the mask's blocks: this program is rows [mrow0, mrow0 + BLOCK_M)
@@ -541,7 +578,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, not EVEN_N, False, False, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT, TMA)
         # partial blocks: the mask's window rule, then its bitmask
         for j in range(0, tl.load(KV_NUM + lay) * (MASK_BN // BLOCK_N)):
             i = j // (MASK_BN // BLOCK_N)  # the i-th listed block
@@ -557,7 +594,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, mask_id, mrow0, sub,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, BITMASK,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT, TMA)
     else:
         lo, full_lo, full_hi, hi = _kv_range(m0, N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT,
                                              BLOCK_M, BLOCK_N, WINDOW_LEFT, WINDOW_RIGHT)
@@ -569,7 +606,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT, TMA)
         # interior: every token visible, no mask
         for start_n in range(full_lo, full_hi, BLOCK_N):
             acc, l_i, m_i = _attn_fwd_inner(
@@ -578,7 +615,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, False, False, False, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT, TMA)
         # masked blocks right of it (the causal diagonal, the ragged end)
         for start_n in range(full_hi, hi, BLOCK_N):
             acc, l_i, m_i = _attn_fwd_inner(
@@ -587,7 +624,7 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
                 N_CTX_Q, N_CTX_K, WIN_LEFT, WIN_RIGHT, PM, -1, 0, 0,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, MASK_BM, MASK_BN, True, WINDOW_LEFT, WINDOW_RIGHT, False,
                 DOT_UPCAST, DOT_PRECISION,
-                mods, dhash, SOFTCAP, ALIBI, DROPOUT)
+                mods, dhash, SOFTCAP, ALIBI, DROPOUT, TMA)
 
     # epilogue: rows that saw no key get out 0 and lse -inf
     empty = l_i == 0.0
@@ -600,8 +637,13 @@ def _attn_fwd(Q, K, V, Out, Lse, sm_scale,
     omask = row_ok[:, None]
     if HEAD_DIM_V != BLOCK_DV:
         omask = omask & (offs_dv[None, :] < HEAD_DIM_V)
-    tl.store(Out + _off2(offs_m, offs_dv, stride_om, stride_ok),
-             acc.to(Out.dtype.element_ty), mask=omask)
+    if TMA:
+        Od = tl.make_tensor_descriptor(Out, shape=[N_CTX_Q, HEAD_DIM_V], strides=[stride_om, 1],
+                                       block_shape=[BLOCK_M, BLOCK_DV])
+        Od.store([m0, 0], acc.to(Out.dtype.element_ty))
+    else:
+        tl.store(Out + _off2(offs_m, offs_dv, stride_om, stride_ok),
+                 acc.to(Out.dtype.element_ty), mask=omask)
 
 
 # --------------------------------------------------------------------------- backward
@@ -1027,7 +1069,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, sm_scale,
 
 if not triton.knobs.runtime.interpret:
     def _tuned(fn, kernel, sparse):
-        return triton.autotune(_configs(kernel), key=_KEY + (["PART"] if kernel == "dkdv" else []),
+        key = {"fwd": _KEY_FWD, "dkdv": _KEY + ["PART"]}.get(kernel, _KEY)
+        return triton.autotune(_configs(kernel), key=key,
                                prune_configs_by={"early_config_prune": _make_prune(kernel, sparse)})(fn)
 
     attn_fwd_dense = _tuned(_attn_fwd, "fwd", False)

@@ -152,7 +152,7 @@ def autotune_on() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _tiles(kern, kernel, bm, mbm, mbn, interpret, meta, elem_bytes):
+def _tiles(kern, kernel, bm, mbm, mbn, interpret, meta, elem_bytes, tma=False):
     """(kernel, extra constexprs and launch options). Compiled: the autotuner picks
     BLOCK_M/BLOCK_N (for block masks among tiles that divide the mask's blocks), or, with
     autotuning off, the first tile of kernels.default_tiles. Interpreter: INTERPRET_TILE,
@@ -166,7 +166,7 @@ def _tiles(kern, kernel, bm, mbm, mbn, interpret, meta, elem_bytes):
         mods = bool(meta.get("SOFTCAP") or meta.get("ALIBI") or meta.get("DROPOUT"))
         t_m, t_n, warps, stages, maxnreg = kern.default_tiles(
             kernel, meta["BLOCK_D"], meta["BLOCK_DV"], elem_bytes, kern._device_smem(),
-            (mbm, mbn) if bm else None, mods)[0]
+            (mbm, mbn) if bm else None, mods, tma=tma)[0]
         fn = getattr(kern, raw_name)
         tiles = dict(BLOCK_M=t_m, BLOCK_N=t_n, num_warps=warps, num_stages=stages)
         if maxnreg:
@@ -176,6 +176,70 @@ def _tiles(kern, kernel, bm, mbm, mbn, interpret, meta, elem_bytes):
     # dense calls never read MASK_BM/MASK_BN; 16 keeps them valid constexprs
     tiles.update(MASK_BM=mbm if bm else 16, MASK_BN=mbn if bm else 16)
     return fn, tiles
+
+
+TMA_ENV = "FASTATTN_TRITON_TMA"
+TMA_FAMILY = "triton-tma"  # its gpu_validation.json entries (backend field), per arch
+
+
+def tma_requested() -> bool | None:
+    """FASTATTN_TRITON_TMA: 1 asks for the forward's tensor-descriptor (TMA) variant, 0
+    forbids it; unset (None) leaves it to the GPU validation table."""
+    v = os.environ.get(TMA_ENV, "").strip().lower()
+    if v in ("1", "true", "on", "yes"):
+        return True
+    if v in ("0", "false", "off", "no"):
+        return False
+    return None
+
+
+def tma_policy(arch_major: int | None, requested: bool | None, validated: bool) -> bool:
+    """Whether a forward takes the TMA variant. arch_major None = Triton's interpreter (runs
+    descriptors on CPU tensors: taken only when requested). On GPUs only sm_90+ (TMA
+    hardware); there it is explicit-only: requested, or unset with a validated "triton-tma"
+    entry for the arch (a gpu-check result). backend="auto" never turns it on by itself."""
+    if requested is False:
+        return False
+    if arch_major is None:
+        return requested is True
+    if arch_major < 9:
+        return False
+    return requested is True or validated
+
+
+def tma_layout_ok(*ts) -> bool:
+    """TMA descriptor rules the kernel relies on: last dim contiguous, 16-byte aligned base of
+    every (batch, head) slice and row stride."""
+    for t in ts:
+        eb = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((s * eb) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _use_tma(q, k, v, out, interpret) -> bool:
+    if interpret:
+        arch, validated = None, False
+    else:
+        from ... import gpu_validation
+
+        major, minor = torch.cuda.get_device_capability(q.device)
+        arch = major
+        validated = gpu_validation.validated(TMA_FAMILY, f"sm_{major}{minor}")
+    return tma_policy(arch, tma_requested(), validated) and tma_layout_ok(q, k, v, out)
+
+
+def _ensure_allocator():
+    """Device-side tensor descriptors need a global scratch buffer per launch (128 bytes per
+    descriptor and program); Triton takes it from triton.set_allocator, a ContextVar (per
+    thread). Set here only where the caller has not set one of its own."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(lambda size, alignment, stream:
+                             torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _check_cuda_device(t):
@@ -202,14 +266,17 @@ def attention_forward(q, k, v, scale, window_left, window_right, block_mask, mas
     meta = _constexprs(q, k, v, window_left, window_right, bm, mask_block_n, interpret)
     margs, mmeta = _mod_args(scale, softcap, alibi_slopes, dropout_p, dropout_seed, B, H,
                              q.device)
+    tma = _use_tma(q, k, v, out, interpret)
     fn, tiles = _tiles(kern, "fwd", bm, mask_block_m, mask_block_n, interpret,
-                       {**meta, **mmeta}, q.element_size())
+                       {**meta, **mmeta}, q.element_size(), tma=tma)
+    if tma and not interpret:
+        _ensure_allocator()
     grid = lambda META: (_cdiv(Nq, META["BLOCK_M"]), B * H)
     fn[grid](q, k, v, out, lse, scale,
              *q.stride(), *k.stride(), *v.stride(), *out.stride(),
              H, H // Hkv, Nq, Nk, window_left, window_right,
              kern.len_bucket(Nq), kern.len_bucket(Nk),
-             *ptrs, *lstrides, *margs, **meta, **mmeta, **tiles)
+             *ptrs, *lstrides, *margs, **meta, **mmeta, **tiles, TMA=tma)
     return out, lse
 
 
