@@ -291,7 +291,7 @@ def test_sweep_sparse_all_mods(dtype, pattern):
 # ---- the backend's Python glue (autograd, argument passing), through the emulator -------------
 
 _GLUE_SCRIPT = r'''
-import re, sys
+import dataclasses, re, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from cuda_emu import emu
@@ -302,14 +302,14 @@ src = open(sys.argv[2]).read()
 lib = torch.library.Library("fastattn", "FRAGMENT")
 for body in re.findall(r'm\.def\(((?:\s*"[^"]*")+)\s*\);', src):
     lib.define("".join(re.findall(r'"([^"]*)"', body)))
-def fwd(q, k, v, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0):
+def fwd(q, k, v, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0, deterministic=True):
     return emu.forward(q, k, v, scale=scale, window=(wl, wr), block_mask=bm or None,
                        softcap=softcap, alibi_slopes=alibi, dropout_p=p, dropout_seed=seed)
 def bwd(dout, q, k, v, out, lse, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0,
-        dlse=None):
+        dlse=None, deterministic=True):
     return emu.backward(dout, q, k, v, out, lse, scale=scale, window=(wl, wr),
                         block_mask=bm or None, softcap=softcap, alibi_slopes=alibi,
-                        dropout_p=p, dropout_seed=seed, dlse=dlse)
+                        dropout_p=p, dropout_seed=seed, dlse=dlse, deterministic=deterministic)
 lib.impl("cuda_fwd", fwd, "CPU")
 lib.impl("cuda_bwd", bwd, "CPU")
 from fastattn.backends import cuda
@@ -345,6 +345,16 @@ for bm in (None, fs.causal(Nq, Nk, block_size=64)):
     assert torch.equal(out, o2) and torch.equal(lse, l2)
     for a, b in zip((qq.grad, kk.grad, vv.grad), grads):
         assert torch.equal(a, b)
+    # deterministic=False (Problem.deterministic) reaches the kernels: the FA2 atomic backward
+    # (bitwise equal here only because the emulator runs blocks in one fixed order)
+    prob_nd = dataclasses.replace(prob, deterministic=False)
+    qn, kn, vn = (t.clone().requires_grad_() for t in (q, k, v))
+    on, ln = cuda.CUDABackend().forward(qn, kn, vn, prob_nd)
+    torch.autograd.backward((on, ln), (dout, dlse))
+    grads_nd = emu.backward(dout, q, k, v, o2, l2, dlse=dlse, deterministic=False, **kw)
+    for a, b in zip((qn.grad, kn.grad, vn.grad), grads_nd):
+        assert torch.equal(a, b)
+    assert not torch.equal(grads_nd[0], grads[0])  # another kernel (another summation order)
     # and the same keep bits as the reference: out with p > 0 equals the reference's to the rule
     from fastattn.backends.reference import reference_attention
     mask = None if bm is None else bm.to_dense()

@@ -87,6 +87,12 @@ struct FlashParams {
   // Backward only: the gradient of lse, (B, Hq, Nq) contiguous float32, or nullptr (zero).
   // d lse_i / d s_ij = P_ij, so it enters as delta_i -= dlse_i (FlashAttention's trick).
   const float* dlse;
+
+  // Backward only: 1 selects the FlashAttention-2 class backward (fa2_bwd_kernel.h), which adds
+  // dQ into dq_accum ((B, Hq, Nq, d) contiguous float32 workspace) with floating-point atomics
+  // (not bitwise reproducible: deterministic=False); 0 the atomic-free backward.
+  float* dq_accum;
+  int64_t atomic_dq;
 };
 
 // score_mods.dropout_threshold: round(p * 2^24), ties to even (Python's round) — nearbyint in

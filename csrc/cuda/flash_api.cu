@@ -43,6 +43,7 @@ const char* check_params(const FlashParams& p, bool backward) {
     return "strides must be multiples of 8 elements";
   if (backward) {
     if (!p.dout || !p.dq || !p.dk || !p.dv || !p.delta) return "null gradient pointer";
+    if (p.atomic_dq && !p.dq_accum) return "atomic_dq needs the float32 dq_accum workspace";
     if (!aligned16(p.dout) || !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv))
       return "gradient tensors must be 16-byte aligned";
     if (!strides_ok(p.do_batch_stride, p.do_head_stride, p.do_row_stride) ||
@@ -91,7 +92,12 @@ void run_bwd(FlashParams& p, void* stream) {
   FP16_SWITCH(p.is_bf16, [&] {
     HEADDIM_SWITCH(p.d, [&] {
       BOOL_SWITCH(p.block_sparse, kSparse, [&] {
-        run_bwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
+        // deterministic=False (atomic_dq): the FlashAttention-2 class backward, atomic dQ; its
+        // 64-key / 32- or 64-query tiles divide every mask block the kernels accept.
+        if (p.atomic_dq)
+          run_fa2_bwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
+        else
+          run_bwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
       });
     });
   });

@@ -20,4 +20,8 @@ constexpr int64_t kFa2FwdBlockM = 128;
 template <typename T, int kHeadDim, bool kSparse>
 void run_fa2_fwd_(FlashParams& p, cudaStream_t stream);
 
+// The FlashAttention-2 class backward (fa2_bwd_kernel.h, atomic dQ), in fa2_bwd_hdim*_*.cu.
+template <typename T, int kHeadDim, bool kSparse>
+void run_fa2_bwd_(FlashParams& p, cudaStream_t stream);
+
 }  // namespace fastattn::cuda

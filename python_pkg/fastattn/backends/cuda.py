@@ -4,10 +4,16 @@ The kernels are torch.library custom ops defined in C++ (csrc/bindings/cuda_ops.
 fastattn._cuda only when torch has CUDA and nvcc is found):
 
     fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[],
-                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0) -> (out, lse)
+                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0,
+                       deterministic=True) -> (out, lse)
     fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask[],
-                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0, dlse=None)
-                       -> (dq, dk, dv)
+                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0, dlse=None,
+                       deterministic=True) -> (dq, dk, dv)
+
+deterministic (Problem.deterministic, the API's option) picks the backward: True the atomic-free
+wmma kernels (flash_bwd_kernel.h: separate dK/dV and dQ kernels, bitwise reproducible), False the
+FlashAttention-2 class kernel (fa2_bwd_kernel.h: mma.sync/ldmatrix/cp.async, dQ accumulated in
+float32 with atomicAdd: not bitwise reproducible). cuda_fwd takes it only to hand it to autograd.
 
 This module gives them fake (meta) implementations for torch.compile and registers the
 autograd formula, so calling torch.ops.fastattn.cuda_fwd is differentiable (through out and lse:
@@ -38,22 +44,25 @@ MASK_BLOCK_MULTIPLE = 64  # csrc/cuda/flash.h kMaskBlockMultiple
 def _register():
     @torch.library.register_fake("fastattn::cuda_fwd")
     def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask, softcap=0.0,
-                  alibi_slopes=None, dropout_p=0.0, dropout_seed=0):
+                  alibi_slopes=None, dropout_p=0.0, dropout_seed=0, deterministic=True):
         return fake_outputs(q, v)
 
     @torch.library.register_fake("fastattn::cuda_bwd")
     def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask,
-                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0, dlse=None):
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0, dlse=None,
+                  deterministic=True):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx, inputs, output):
         q, k, v, scale, wl, wr, block_mask, *mods = inputs
-        softcap, alibi, dropout_p, dropout_seed = (mods + [0.0, None, 0.0, 0][len(mods):])
+        softcap, alibi, dropout_p, dropout_seed, deterministic = (
+            mods + [0.0, None, 0.0, 0, True][len(mods):])
         out, lse = output
         ctx.has_alibi = alibi is not None
         ctx.save_for_backward(q, k, v, out, lse, *([alibi] if ctx.has_alibi else []), *block_mask)
         ctx.scale, ctx.wl, ctx.wr = scale, wl, wr
         ctx.softcap, ctx.dropout_p, ctx.dropout_seed = softcap, dropout_p, dropout_seed
+        ctx.deterministic = deterministic
 
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *rest = ctx.saved_tensors
@@ -63,7 +72,7 @@ def _register():
             dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.fastattn.cuda_bwd(
             dout, q, k, v, out, lse, ctx.scale, ctx.wl, ctx.wr, list(block_mask), ctx.softcap,
-            alibi, ctx.dropout_p, ctx.dropout_seed, dlse)
+            alibi, ctx.dropout_p, ctx.dropout_seed, dlse, ctx.deterministic)
         # One grad per input as the dispatcher passed them (it drops trailing arguments equal to
         # their defaults), shaped like it: a list for the Tensor[] block_mask. needs_input_grad
         # has exactly that structure here.
@@ -140,5 +149,6 @@ class CUDABackend(Backend):
         mask = p.mask  # named hand-off (fastattn.kernel_mask); its window is the token rule
         (wl, wr), bm = mask.window, mask.tensors
         out, lse = torch.ops.fastattn.cuda_fwd(q, k, v, p.scale, wl, wr, bm, float(p.softcap),
-                                               p.alibi_slopes, float(p.dropout_p), p.seed_int64)
+                                               p.alibi_slopes, float(p.dropout_p), p.seed_int64,
+                                               bool(p.deterministic))
         return out, lse
