@@ -307,9 +307,11 @@ def fwd(q, k, v, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0, dete
                        softcap=softcap, alibi_slopes=alibi, dropout_p=p, dropout_seed=seed)
 def bwd(dout, q, k, v, out, lse, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0,
         dlse=None, deterministic=True):
+    SEEN_DETERMINISTIC.append(deterministic)
     return emu.backward(dout, q, k, v, out, lse, scale=scale, window=(wl, wr),
                         block_mask=bm or None, softcap=softcap, alibi_slopes=alibi,
                         dropout_p=p, dropout_seed=seed, dlse=dlse, deterministic=deterministic)
+SEEN_DETERMINISTIC = []
 lib.impl("cuda_fwd", fwd, "CPU")
 lib.impl("cuda_bwd", bwd, "CPU")
 from fastattn.backends import cuda
@@ -345,16 +347,22 @@ for bm in (None, fs.causal(Nq, Nk, block_size=64)):
     assert torch.equal(out, o2) and torch.equal(lse, l2)
     for a, b in zip((qq.grad, kk.grad, vv.grad), grads):
         assert torch.equal(a, b)
-    # deterministic=False (Problem.deterministic) reaches the kernels: the FA2 atomic backward
-    # (bitwise equal here only because the emulator runs blocks in one fixed order)
+    # deterministic=False (Problem.deterministic) reaches the backward op, which runs the FA2
+    # atomic backward (bitwise equal here only because the emulator runs blocks in one order)
     prob_nd = dataclasses.replace(prob, deterministic=False)
     qn, kn, vn = (t.clone().requires_grad_() for t in (q, k, v))
+    del SEEN_DETERMINISTIC[:]
     on, ln = cuda.CUDABackend().forward(qn, kn, vn, prob_nd)
     torch.autograd.backward((on, ln), (dout, dlse))
+    assert SEEN_DETERMINISTIC == [False], SEEN_DETERMINISTIC
     grads_nd = emu.backward(dout, q, k, v, o2, l2, dlse=dlse, deterministic=False, **kw)
     for a, b in zip((qn.grad, kn.grad, vn.grad), grads_nd):
         assert torch.equal(a, b)
-    assert not torch.equal(grads_nd[0], grads[0])  # another kernel (another summation order)
+    del SEEN_DETERMINISTIC[:]
+    qd = q.clone().requires_grad_()
+    od, ld = cuda.CUDABackend().forward(qd, k, v, prob)  # Problem's default: True
+    torch.autograd.backward((od, ld), (dout, dlse))
+    assert SEEN_DETERMINISTIC == [True], SEEN_DETERMINISTIC
     # and the same keep bits as the reference: out with p > 0 equals the reference's to the rule
     from fastattn.backends.reference import reference_attention
     mask = None if bm is None else bm.to_dense()
