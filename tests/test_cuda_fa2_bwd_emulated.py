@@ -8,6 +8,12 @@ for dq, dk and dv. The atomics make dq's summation order launch-dependent on a G
 are compared by that rule, never bitwise; the deterministic=True backward stays bitwise
 reproducible (checked here too). Shapes stay small (the emulator runs every CUDA thread as a
 fiber); the wider sweep is marked slow.
+
+Negative controls (each made these tests fail, then was reverted): the cp.async wait of the
+tile loop removed (race: a cp.async lands on bytes another thread read), the barrier between
+writing P^T / dS^T and reading them removed (race at the ldmatrix), the per-head barrier before
+refilling the (Q, dO) stages removed (race, GQA), dO's B fragment registers swapped in dV
+(dv off the rule), dS read with ldmatrix.x4 instead of .x4.trans for dQ (dq off the rule).
 """
 
 from __future__ import annotations
