@@ -194,6 +194,15 @@ def test_same_seed_bitwise_identical_other_seed_differs():
     assert not torch.equal(other, runs[0][0])
 
 
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 192), (torch.bfloat16, 256)],
+                         ids=["fp16-d192", "bf16-d256"])
+def test_wide_head_dims_forward_all_mods(dtype, D):
+    # forward-only head dims (the FA2 class forward, 64-row tiles): softcap, ALiBi, dropout
+    run_case(1, 2, 1, 40, 70, D, dtype, window=(-1, 0), softcap=5.0, q_scale=3.0,
+             alibi_slopes=alibi_slopes(1, 2, False), dropout_p=0.2, dropout_seed=3, seed=14,
+             backward=False)
+
+
 # ---- gradients through lse -------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)

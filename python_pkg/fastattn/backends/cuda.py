@@ -21,7 +21,8 @@ the lse gradient reaches the kernels as dlse). block_mask[] is
 empty for dense/window calls, else BlockMask.kernel_tensors() with the mask's own token window.
 
 What the kernels do: float16/bfloat16 (fp32 softmax statistics and accumulation), head dims
-that are multiples of 8 up to 128 (compiled for 64 and 128, smaller ones zero-padded), GQA,
+that are multiples of 8 up to 128 (compiled for 64 and 128, smaller ones zero-padded), and
+forward-only up to 256 (the FlashAttention-2 class forward, compiled for 192 and 256), GQA,
 causal/window (bottom-right aligned), block masks whose BLOCK_M and BLOCK_N are multiples of 64,
 and the score modifiers of fastattn.score_mods inside the fused loops (softcap, ALiBi slopes
 (Hq,) or (B, Hq), dropout whose keep bits the backward regenerates from the seed).
@@ -109,7 +110,8 @@ class CUDABackend(Backend):
     priority = 40
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    max_head_dim = 128
+    max_head_dim = 256  # forward; the backward kernels stop at max_head_dim_grad
+    max_head_dim_grad = 128
     supports_window = True
     supports_block_mask = True
     supports_backward = True
@@ -132,6 +134,9 @@ class CUDABackend(Backend):
                            f"{str(p.dtype).replace('torch.', '')}")
         if max(p.D, p.Dv) > self.max_head_dim:
             reasons.append(f"supports head dims up to {self.max_head_dim}, got {max(p.D, p.Dv)}")
+        elif p.needs_grad and max(p.D, p.Dv) > self.max_head_dim_grad:
+            reasons.append(f"supports head dims up to {self.max_head_dim_grad} with gradients "
+                           f"({self.max_head_dim} forward-only), got {max(p.D, p.Dv)}")
         if p.D % 8 != 0:
             reasons.append(f"needs a head dim that is a multiple of 8, got {p.D}")
         if p.D != p.Dv:
