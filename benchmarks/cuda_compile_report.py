@@ -43,6 +43,7 @@ SMEM_PROGRAM = r"""
 #include <cstdio>
 #include "cuda/kernel_traits.h"
 #include "cuda/fa2_fwd_kernel.h"
+#include "cuda/fa2_bwd_kernel.h"
 using namespace fastattn::cuda;
 template <int D, typename T> void row(const char* t) {
   using F = typename Fa2FwdConfig<D, T>::type;
@@ -54,10 +55,21 @@ template <int D, typename T> void row(const char* t) {
   std::printf("flash_bwd_dkdv_kernel %d %s %d\n", D, t, BwdDkdvConfig<D, T>::type::kSmemBytes);
   std::printf("flash_bwd_dq_kernel %d %s %d\n", D, t, BwdDqConfig<D, T>::type::kSmemBytes);
   std::printf("flash_bwd_preprocess_kernel %d %s 0\n", D, t);
+  std::printf("fa2_bwd_dkdv_kernel %d %s %d\n", D, t, Fa2BwdConfig<D, T>::type::kSmemBytes);
+}
+// Forward-only head dims: the FA2 class forward alone.
+template <int D, typename T> void row_fa2(const char* t) {
+  using F = typename Fa2FwdConfig<D, T>::type;
+  std::printf("fa2_fwd_kernel %d %s %d\n", D, t, F::kSmemBytes);
+  std::printf("INTENSITY fa2_fwd_kernel %d %s %d %d %d %d %ld %ld %ld\n", D, t, F::kBlockM,
+              F::kBlockN, F::kNWarps, F::kStages, F::kFlopsPerTile, F::kSmemWriteBytesPerTile,
+              F::kSmemReadBytesPerTile);
 }
 int main() {
   row<64, __half>("fp16"); row<64, __nv_bfloat16>("bf16");
   row<128, __half>("fp16"); row<128, __nv_bfloat16>("bf16");
+  row_fa2<192, __half>("fp16"); row_fa2<192, __nv_bfloat16>("bf16");
+  row_fa2<256, __half>("fp16"); row_fa2<256, __nv_bfloat16>("bf16");
 }
 """
 

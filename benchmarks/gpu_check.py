@@ -11,17 +11,18 @@ timeout in one step does not stop the others:
   build_cuda    (130) the CUDA extension for this GPU's arch only (FASTATTN_CUDA_ARCHS=<XY>;
                       its instantiations are head dims 64 and 128, fp16 and bf16, dense and
                       sparse), then an import check
-  tests_triton  (180) tests/gpu/test_gpu_triton.py: fp16/bf16, head dims 40/64/128/256,
+  tests_triton  (160) tests/gpu/test_gpu_triton.py: fp16/bf16, head dims 40/64/128/256,
                       dense/causal/window/block-sparse, GQA/MQA, ragged lengths, softcap,
                       ALiBi, dropout, decode; forward + backward against the float64 oracle
-  tests_cuda     (40) tests/gpu/test_gpu_cuda.py (same cases, those the cuda backend serves;
-                      decode included) and the GPU tests of tests/test_cuda_backend.py
+  tests_cuda     (70) tests/gpu/test_gpu_cuda.py (same cases, those the cuda backend serves,
+                      with each backward: deterministic=True and False; decode included) and
+                      the GPU tests of tests/test_cuda_backend.py
   tests_triton_tma (45) sm_90+ only: tests/gpu/test_gpu_triton_tma.py, the triton forward's
                       tensor-descriptor (TMA) variant (FASTATTN_TRITON_TMA=1) on the
                       attention cases; its result is the "triton-tma" validation entry
   sanitizer      (90) compute-sanitizer memcheck, racecheck, synccheck on one small causal
-                      forward + backward per kernel family (and a decode call for triton and
-                      cuda; triton-tma on sm_90+)
+                      forward + backward per kernel family (cuda: both backwards; a decode
+                      call for triton and cuda; triton-tma on sm_90+)
   int64          (30) a strided (B, N, H, D) view past 2^31 elements through each family
                       (windowed, so the work stays small) and a KV cache of >= 2^31 elements
                       through triton decode, checked on slices against the float64 oracle
@@ -57,7 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SCRIPT = str(Path(__file__).resolve())
-CAPS = {"build_cuda": 130, "tests_triton": 180, "tests_cuda": 40, "tests_triton_tma": 45,
+CAPS = {"build_cuda": 130, "tests_triton": 160, "tests_cuda": 70, "tests_triton_tma": 45,
         "sanitizer": 90, "int64": 30, "bench": 140}
 STEPS = tuple(CAPS)
 TEST_MODULES = {"tests_triton": ["tests/gpu/test_gpu_triton.py"],
@@ -445,6 +446,9 @@ def _worker_sanitize(family: str) -> int:
                for _ in range(3))
     out = fastattn.attention(q, k, v, causal=True, backend=family)
     out.backward(torch.randn_like(out))
+    if family == "cuda":  # and the FlashAttention-2 class backward (atomic dQ)
+        out = fastattn.attention(q, k, v, causal=True, backend=family, deterministic=False)
+        out.backward(torch.randn_like(out))
     if family in ("triton", "cuda"):
         with torch.no_grad():
             kc, vc = (torch.randn(2, 2, 300, 64, device="cuda", dtype=torch.float16)

@@ -29,15 +29,26 @@ def test_available_says_why_not():
 
 
 def test_why_not_lists_every_reason():
-    reasons = CUDABackend().why_not(_problem(D=140, Dv=128))
+    reasons = CUDABackend().why_not(_problem(D=140, Dv=128, needs_grad=True))
     text = "\n".join(reasons)
     assert "runs on cuda" in text
     assert "float16, bfloat16" in text
-    assert "head dims up to 128" in text
+    assert "head dims up to 128 with gradients" in text
     assert "multiple of 8" in text
     assert "equal head dims" in text
     if not torch.cuda.is_available():
         assert "GPU" in text or "not built" in text
+
+
+def test_why_not_head_dims_forward_only_up_to_256():
+    # 192 / 256: the FA2 class forward only (no backward kernels above 128)
+    fwd = "\n".join(CUDABackend().why_not(_problem(D=256, Dv=256, dtype=torch.float16)))
+    assert "head dims" not in fwd
+    grad = "\n".join(CUDABackend().why_not(_problem(D=192, Dv=192, dtype=torch.float16,
+                                                     needs_grad=True)))
+    assert "up to 128 with gradients" in grad
+    wide = "\n".join(CUDABackend().why_not(_problem(D=264, Dv=264, dtype=torch.float16)))
+    assert "head dims up to 256" in wide
 
 
 def test_why_not_block_size():

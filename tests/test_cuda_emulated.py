@@ -298,9 +298,31 @@ def test_block_sparse_block_size_requirement():
 
 
 def test_rejects_unsupported_head_dim():
-    q = torch.randn(1, 1, 10, 136).half()
+    q = torch.randn(1, 1, 10, 264).half()
     with pytest.raises(emu.EmulatedKernelError, match="head dim"):
         emu.forward(q, q, q)
+    q = torch.randn(1, 1, 10, 136).half()  # forward-only above 128
+    out, lse = emu.forward(q, q, q)
+    with pytest.raises(emu.EmulatedKernelError, match=r"head dim .*\(backward\)"):
+        emu.backward(out, q, q, q, out, lse)
+
+
+# ---- forward-only head dims 192 / 256 (the FA2 class forward, 64-row tiles) -------------------
+
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 256), (torch.bfloat16, 192),
+                                     (torch.bfloat16, 160)], ids=["fp16-d256", "bf16-d192",
+                                                                   "bf16-d160-padded"])
+@pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (20, 5)], ids=["full", "causal", "win"])
+def test_wide_head_dims_forward(dtype, D, window):
+    run_case(2, 2, 1, 77, 45, D, dtype, window=window, seed=12, backward=False)
+
+
+@needs_sparse
+@pytest.mark.parametrize("bs", [64, (128, 64)], ids=["64", "128x64"])
+def test_wide_head_dims_block_sparse(bs):
+    Nq = Nk = 150
+    bm = sparse_patterns(Nq, Nk, 2, bs=bs)["per_head_random_bitmask"]()
+    run_case(1, 2, 2, Nq, Nk, 256, torch.bfloat16, block_mask=bm, seed=13, backward=False)
 
 
 # ---- wide sweep (slow) ------------------------------------------------------------------------

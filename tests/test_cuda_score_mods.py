@@ -194,6 +194,15 @@ def test_same_seed_bitwise_identical_other_seed_differs():
     assert not torch.equal(other, runs[0][0])
 
 
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 192), (torch.bfloat16, 256)],
+                         ids=["fp16-d192", "bf16-d256"])
+def test_wide_head_dims_forward_all_mods(dtype, D):
+    # forward-only head dims (the FA2 class forward, 64-row tiles): softcap, ALiBi, dropout
+    run_case(1, 2, 1, 40, 70, D, dtype, window=(-1, 0), softcap=5.0, q_scale=3.0,
+             alibi_slopes=alibi_slopes(1, 2, False), dropout_p=0.2, dropout_seed=3, seed=14,
+             backward=False)
+
+
 # ---- gradients through lse -------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -291,7 +300,7 @@ def test_sweep_sparse_all_mods(dtype, pattern):
 # ---- the backend's Python glue (autograd, argument passing), through the emulator -------------
 
 _GLUE_SCRIPT = r'''
-import re, sys
+import dataclasses, re, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from cuda_emu import emu
@@ -302,14 +311,16 @@ src = open(sys.argv[2]).read()
 lib = torch.library.Library("fastattn", "FRAGMENT")
 for body in re.findall(r'm\.def\(((?:\s*"[^"]*")+)\s*\);', src):
     lib.define("".join(re.findall(r'"([^"]*)"', body)))
-def fwd(q, k, v, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0):
+def fwd(q, k, v, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0, deterministic=True):
     return emu.forward(q, k, v, scale=scale, window=(wl, wr), block_mask=bm or None,
                        softcap=softcap, alibi_slopes=alibi, dropout_p=p, dropout_seed=seed)
 def bwd(dout, q, k, v, out, lse, scale, wl, wr, bm, softcap=0.0, alibi=None, p=0.0, seed=0,
-        dlse=None):
+        dlse=None, deterministic=True):
+    SEEN_DETERMINISTIC.append(deterministic)
     return emu.backward(dout, q, k, v, out, lse, scale=scale, window=(wl, wr),
                         block_mask=bm or None, softcap=softcap, alibi_slopes=alibi,
-                        dropout_p=p, dropout_seed=seed, dlse=dlse)
+                        dropout_p=p, dropout_seed=seed, dlse=dlse, deterministic=deterministic)
+SEEN_DETERMINISTIC = []
 lib.impl("cuda_fwd", fwd, "CPU")
 lib.impl("cuda_bwd", bwd, "CPU")
 from fastattn.backends import cuda
@@ -345,6 +356,22 @@ for bm in (None, fs.causal(Nq, Nk, block_size=64)):
     assert torch.equal(out, o2) and torch.equal(lse, l2)
     for a, b in zip((qq.grad, kk.grad, vv.grad), grads):
         assert torch.equal(a, b)
+    # deterministic=False (Problem.deterministic) reaches the backward op, which runs the FA2
+    # atomic backward (bitwise equal here only because the emulator runs blocks in one order)
+    prob_nd = dataclasses.replace(prob, deterministic=False)
+    qn, kn, vn = (t.clone().requires_grad_() for t in (q, k, v))
+    del SEEN_DETERMINISTIC[:]
+    on, ln = cuda.CUDABackend().forward(qn, kn, vn, prob_nd)
+    torch.autograd.backward((on, ln), (dout, dlse))
+    assert SEEN_DETERMINISTIC == [False], SEEN_DETERMINISTIC
+    grads_nd = emu.backward(dout, q, k, v, o2, l2, dlse=dlse, deterministic=False, **kw)
+    for a, b in zip((qn.grad, kn.grad, vn.grad), grads_nd):
+        assert torch.equal(a, b)
+    del SEEN_DETERMINISTIC[:]
+    qd = q.clone().requires_grad_()
+    od, ld = cuda.CUDABackend().forward(qd, k, v, prob)  # Problem's default: True
+    torch.autograd.backward((od, ld), (dout, dlse))
+    assert SEEN_DETERMINISTIC == [True], SEEN_DETERMINISTIC
     # and the same keep bits as the reference: out with p > 0 equals the reference's to the rule
     from fastattn.backends.reference import reference_attention
     mask = None if bm is None else bm.to_dense()

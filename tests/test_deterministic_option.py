@@ -1,6 +1,8 @@
 """fastattn.attention(..., deterministic=...) (issue 16): every backend accepts both values;
-cpu (and every backward today: no fastattn backward uses atomics) gives bitwise identical
-gradients either way and across runs. The option reaches the backends in Problem."""
+cpu (and reference) give bitwise identical gradients either way and across runs. The option
+reaches the backends in Problem. (cuda with deterministic=False runs the atomic-dQ
+FlashAttention-2 backward: tests/test_cuda_fa2_bwd_emulated.py checks it by the accuracy rule,
+and that deterministic=True stays bitwise reproducible.)"""
 
 from __future__ import annotations
 

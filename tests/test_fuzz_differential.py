@@ -12,6 +12,7 @@ return_lse. Families:
     triton     backend="triton" in Triton's interpreter (TRITON_INTERPRET=1), tiny shapes
     cuda-emu   the CUDA kernels through the CUDA emulator (tests/cuda_emu), fp16/bf16,
                D == Dv in multiples of 8, block masks of 64 x 64 blocks
+    cuda-emu-atomic  the same with deterministic=False (the FA2-class atomic-dQ backward)
     sdpa       backend="sdpa" where it applies (no lse, no softcap/ALiBi/dropout)
 
 Cross-family: on the cases several families serve, every pair must agree within the sum of
@@ -173,7 +174,7 @@ def run_api(backend):
     return run
 
 
-def run_cuda_emu(c: Case, q, k, v, dout, slopes):
+def run_cuda_emu(c: Case, q, k, v, dout, slopes, deterministic=True):
     if c.dtype not in (torch.float16, torch.bfloat16) or c.D != c.Dv or c.D % 8 or c.D > 128:
         raise Unserved("cuda: fp16/bf16, D == Dv, a multiple of 8 up to 128")
     from cuda_emu import emu
@@ -196,7 +197,7 @@ def run_cuda_emu(c: Case, q, k, v, dout, slopes):
     scale = c.D ** -0.5
     out, lse = emu.forward(q, k, v, scale=scale, window=win, block_mask=kt, **mods)
     dq, dk, dv = emu.backward(dout.to(c.dtype), q, k, v, out, lse, scale=scale, window=win,
-                              block_mask=kt, **mods)
+                              block_mask=kt, deterministic=deterministic, **mods)
     return out, lse, dq, dk, dv
 
 
@@ -216,8 +217,14 @@ def run_sdpa(c: Case, *args):
     return run_api("sdpa")(c, *args)
 
 
+def run_cuda_emu_atomic(c: Case, *args):
+    """The CUDA kernels with deterministic=False: the FlashAttention-2 class backward
+    (fa2_bwd_kernel.h, atomic dQ)."""
+    return run_cuda_emu(c, *args, deterministic=False)
+
+
 FAMILIES = {"cpu": run_api("cpu"), "triton": run_api("triton"), "cuda-emu": run_cuda_emu,
-            "sdpa": run_sdpa}
+            "cuda-emu-atomic": run_cuda_emu_atomic, "sdpa": run_sdpa}
 
 
 @pytest.fixture
@@ -408,6 +415,14 @@ def test_fuzz_cuda_emu_vs_cpu(c):
     check_case(c, ["cpu", "cuda-emu"])
 
 
+@requires_cpu
+@_settings(FAST or 3)
+@given(cases(max_n=40, dtypes=(torch.float16, torch.bfloat16), dims=(16, 64, 128),
+             blocks=((64, 64), (128, 64)), dv_same=True))
+def test_fuzz_cuda_emu_atomic_bwd_vs_cpu(c):
+    check_case(c, ["cpu", "cuda-emu-atomic"])
+
+
 # ------------------------------------------------------------------ the long run (-m slow)
 
 
@@ -437,7 +452,7 @@ def test_fuzz_triton_long(interpreter, c):
 @given(cases(max_n=80, dtypes=(torch.float16, torch.bfloat16), dims=(16, 40, 64, 128),
              blocks=((64, 64), (128, 64)), dv_same=True))
 def test_fuzz_cuda_emu_long(c):
-    check_case(c, ["cpu", "cuda-emu"])
+    check_case(c, ["cpu", "cuda-emu", "cuda-emu-atomic"])
 
 
 # ------------------------------------------------------------------ regressions

@@ -180,7 +180,9 @@ std::tuple<at::Tensor, at::Tensor> cuda_fwd(const at::Tensor& q_, const at::Tens
                                             int64_t wr, std::vector<at::Tensor> bm,
                                             double softcap,
                                             const std::optional<at::Tensor>& alibi_slopes,
-                                            double dropout_p, int64_t dropout_seed) {
+                                            double dropout_p, int64_t dropout_seed,
+                                            bool deterministic) {
+  (void)deterministic;  // a backward option: in the schema so that autograd sees it
   check_qkv(q_, k_, v_);
   const Mods mods = make_mods(q_, softcap, alibi_slopes, dropout_p, dropout_seed);
   const at::Tensor q = kernel_layout(q_), k = kernel_layout(k_), v = kernel_layout(v_);
@@ -206,7 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse_, double scale, int64_t wl, int64_t wr,
     std::vector<at::Tensor> bm, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-    double dropout_p, int64_t dropout_seed, const std::optional<at::Tensor>& dlse_) {
+    double dropout_p, int64_t dropout_seed, const std::optional<at::Tensor>& dlse_,
+    bool deterministic) {
   check_qkv(q_, k_, v_);
   const Mods mods = make_mods(q_, softcap, alibi_slopes, dropout_p, dropout_seed);
   CHECK_DEVICE(dout_, q_);
@@ -244,6 +247,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
   p.dv = dv.data_ptr();
   p.delta = delta.data_ptr<float>();
   p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  // deterministic=False: the FlashAttention-2 class backward, dQ accumulated in float32 with
+  // atomics (zeroed by its preprocess kernel).
+  at::Tensor dq_accum;
+  if (!deterministic) {
+    dq_accum = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr<float>();
+    p.atomic_dq = 1;
+  }
   set_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
   set_strides(dout, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
   set_strides(dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
@@ -341,11 +352,11 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode(
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def("cuda_fwd(Tensor q, Tensor k, Tensor v, float scale, int window_left, int window_right, "
         "Tensor[] block_mask, float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., "
-        "int dropout_seed=0) -> (Tensor, Tensor)");
+        "int dropout_seed=0, bool deterministic=True) -> (Tensor, Tensor)");
   m.def("cuda_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float scale, int window_left, int window_right, Tensor[] block_mask, "
         "float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., int dropout_seed=0, "
-        "Tensor? dlse=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? dlse=None, bool deterministic=True) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? cache_seqlens, "
         "float scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
         "int num_splits, int max_len) -> (Tensor, Tensor)");

@@ -59,7 +59,7 @@ struct Fa2FwdTraits {
   static_assert(kNI % 2 == 0 && kDI % 2 == 0, "ldmatrix.x4 loads pairs of n8 tiles");
 };
 
-// Tile choices (4 warps x 32 rows, 128-row query tiles):
+// Tile choices (d <= 128: 4 warps x 32 rows, 128-row query tiles):
 //   d=64:  64-key tiles, 3 stages: 16 KB Q + 3 x 16 KB K/V = 64 KB.
 //   d=128: 32-key tiles (the O fragments are 128 floats per thread, S stays at 32), 3 stages:
 //          32 KB Q + 3 x 16 KB = 80 KB.
@@ -72,6 +72,17 @@ struct Fa2FwdConfig<64, T> {
 template <typename T>
 struct Fa2FwdConfig<128, T> {
   using type = Fa2FwdTraits<128, 128, 32, 4, 3, T>;
+};
+// Forward-only head dims (the backward kernels stop at 128): one m16 row tile per warp (64-row
+// query tiles) so that O fits in registers (d=256: 128 floats per thread), 32-key tiles, 2 stages:
+//   d=192: 24 KB Q + 2 x 24 KB K/V = 72 KB;  d=256: 32 KB Q + 2 x 32 KB = 96 KB.
+template <typename T>
+struct Fa2FwdConfig<192, T> {
+  using type = Fa2FwdTraits<192, 64, 32, 4, 2, T>;
+};
+template <typename T>
+struct Fa2FwdConfig<256, T> {
+  using type = Fa2FwdTraits<256, 64, 32, 4, 2, T>;
 };
 
 // Element offset of (row, 16-byte chunk) in a swizzled tile of kChunks chunks per row.

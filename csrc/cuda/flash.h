@@ -87,6 +87,12 @@ struct FlashParams {
   // Backward only: the gradient of lse, (B, Hq, Nq) contiguous float32, or nullptr (zero).
   // d lse_i / d s_ij = P_ij, so it enters as delta_i -= dlse_i (FlashAttention's trick).
   const float* dlse;
+
+  // Backward only: 1 selects the FlashAttention-2 class backward (fa2_bwd_kernel.h), which adds
+  // dQ into dq_accum ((B, Hq, Nq, d) contiguous float32 workspace) with floating-point atomics
+  // (not bitwise reproducible: deterministic=False); 0 the atomic-free backward.
+  float* dq_accum;
+  int64_t atomic_dq;
 };
 
 // score_mods.dropout_threshold: round(p * 2^24), ties to even (Python's round) — nearbyint in
@@ -96,8 +102,10 @@ inline uint32_t dropout_threshold_24(double p) {
   return t <= 0 ? 0u : (t >= 16777216.0 ? 16777216u : static_cast<uint32_t>(t));
 }
 
-// Head dims the kernels are compiled for: d is padded up to 64 or 128 (d % 8 == 0).
+// Head dims the kernels are compiled for: d is padded up to 64 or 128 (d % 8 == 0); the forward
+// also up to 192 or 256 (the FA2 class kernel only; no backward above 128).
 constexpr int64_t kMaxHeadDim = 128;
+constexpr int64_t kMaxHeadDimFwd = 256;
 // Block-sparse calls need mask blocks that are multiples of every kernel tile (see
 // kernel_traits.h): BLOCK_M and BLOCK_N multiples of 64.
 constexpr int64_t kMaskBlockMultiple = 64;

@@ -24,8 +24,9 @@ const char* check_params(const FlashParams& p, bool backward) {
   if (p.b < 1 || p.hq < 1 || p.hkv < 1 || p.nq < 1 || p.nk < 1)
     return "sizes must be positive (empty inputs are handled before the kernels)";
   if (p.hq % p.hkv != 0) return "the number of query heads must be a multiple of kv heads";
-  if (p.d < 8 || p.d > kMaxHeadDim || p.d % 8 != 0)
-    return "head dim must be a multiple of 8 in [8, 128]";
+  if (p.d < 8 || p.d % 8 != 0 || p.d > (backward ? kMaxHeadDim : kMaxHeadDimFwd))
+    return backward ? "head dim must be a multiple of 8 in [8, 128] (backward)"
+                    : "head dim must be a multiple of 8 in [8, 256]";
   if (p.b * p.hq > 65535) return "batch * heads must be at most 65535 (grid y)";
   if (p.window_left < -1 || p.window_right < -1) return "window sides must be >= -1";
   if (!p.q || !p.k || !p.v || !p.o || !p.lse) return "null tensor pointer";
@@ -43,6 +44,7 @@ const char* check_params(const FlashParams& p, bool backward) {
     return "strides must be multiples of 8 elements";
   if (backward) {
     if (!p.dout || !p.dq || !p.dk || !p.dv || !p.delta) return "null gradient pointer";
+    if (p.atomic_dq && !p.dq_accum) return "atomic_dq needs the float32 dq_accum workspace";
     if (!aligned16(p.dout) || !aligned16(p.dq) || !aligned16(p.dk) || !aligned16(p.dv))
       return "gradient tensors must be 16-byte aligned";
     if (!strides_ok(p.do_batch_stride, p.do_head_stride, p.do_row_stride) ||
@@ -72,6 +74,17 @@ const char* check_params(const FlashParams& p, bool backward) {
 
 void run_fwd(FlashParams& p, void* stream) {
   if (const char* why = check_params(p, false)) throw std::invalid_argument(why);
+  if (p.d > 128) {  // forward-only head dims: the FA2 class kernel, padded up to 192 or 256
+    FP16_SWITCH(p.is_bf16, [&] {
+      BOOL_SWITCH(p.block_sparse, kSparse, [&] {
+        if (p.d <= 192)
+          run_fa2_fwd_<elem_type, 192, kSparse>(p, static_cast<cudaStream_t>(stream));
+        else
+          run_fa2_fwd_<elem_type, 256, kSparse>(p, static_cast<cudaStream_t>(stream));
+      });
+    });
+    return;
+  }
   FP16_SWITCH(p.is_bf16, [&] {
     HEADDIM_SWITCH(p.d, [&] {
       BOOL_SWITCH(p.block_sparse, kSparse, [&] {
@@ -91,7 +104,12 @@ void run_bwd(FlashParams& p, void* stream) {
   FP16_SWITCH(p.is_bf16, [&] {
     HEADDIM_SWITCH(p.d, [&] {
       BOOL_SWITCH(p.block_sparse, kSparse, [&] {
-        run_bwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
+        // deterministic=False (atomic_dq): the FlashAttention-2 class backward, atomic dQ; its
+        // 64-key / 32- or 64-query tiles divide every mask block the kernels accept.
+        if (p.atomic_dq)
+          run_fa2_bwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
+        else
+          run_bwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
       });
     });
   });

@@ -1,7 +1,8 @@
 // Backward kernels, FlashAttention-2 style, recomputing P from the saved log-sum-exp:
 //
 //   1. flash_bwd_preprocess_kernel   delta_i = sum_c dO[i, c] * O[i, c] - dlse_i  (fp32; dlse_i,
-//                                    the gradient of lse_i, is 0 unless given)
+//                                    the gradient of lse_i, is 0 unless given); with atomic_dq
+//                                    it also zeroes dq_accum (shared with fa2_bwd_kernel.h)
 //   2. flash_bwd_dkdv_kernel         per key tile: dV = sum P^T dO, dK = scale * sum dS^T Q,
 //                                    over every visiting query chunk of every query head of
 //                                    the kv head's group (GQA: no atomics, deterministic)
@@ -38,6 +39,8 @@ __global__ void __launch_bounds__(kNWarps * 32) flash_bwd_preprocess_kernel(cons
     for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
     const int64_t idx = (b * p.hq + h) * p.nq + i;
     if (lane == 0) p.delta[idx] = p.dlse != nullptr ? acc - p.dlse[idx] : acc;
+    if (p.atomic_dq)  // the FA2 backward's fp32 dQ accumulator starts at 0
+      for (int64_t c = lane; c < p.d; c += 32) p.dq_accum[idx * p.d + c] = 0.f;
   }
 }
 

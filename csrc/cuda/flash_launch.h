@@ -15,9 +15,15 @@ template <typename T, int kHeadDim, bool kSparse>
 void run_bwd_(FlashParams& p, cudaStream_t stream);
 
 // The FlashAttention-2 class forward (fa2_fwd_kernel.h), in fa2_fwd_hdim*_*.cu. Its query tile
-// is kFa2FwdBlockM rows: block-sparse calls use it when the mask's BLOCK_M is a multiple of that.
+// is kFa2FwdBlockM rows for d <= 128: block-sparse calls use it when the mask's BLOCK_M is a
+// multiple of that. Head dims 192 and 256 (forward only, 64-row tiles) always use it.
 constexpr int64_t kFa2FwdBlockM = 128;
+constexpr int64_t kFa2FwdBlockMWide = 64;  // d = 192, 256
 template <typename T, int kHeadDim, bool kSparse>
 void run_fa2_fwd_(FlashParams& p, cudaStream_t stream);
+
+// The FlashAttention-2 class backward (fa2_bwd_kernel.h, atomic dQ), in fa2_bwd_hdim*_*.cu.
+template <typename T, int kHeadDim, bool kSparse>
+void run_fa2_bwd_(FlashParams& p, cudaStream_t stream);
 
 }  // namespace fastattn::cuda

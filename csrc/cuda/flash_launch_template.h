@@ -31,7 +31,8 @@ void run_fwd_(FlashParams& p, cudaStream_t stream) {
 template <typename T, int kHeadDim, bool kSparse>
 void run_fa2_fwd_(FlashParams& p, cudaStream_t stream) {
   using Kt = typename Fa2FwdConfig<kHeadDim, T>::type;
-  static_assert(Kt::kBlockM == kFa2FwdBlockM, "flash_launch.h names the query tile");
+  static_assert(Kt::kBlockM == (kHeadDim <= 128 ? kFa2FwdBlockM : kFa2FwdBlockMWide),
+                "flash_launch.h names the query tile");
   auto kernel = &fa2_fwd_kernel<Kt, kSparse>;
   allow_smem(kernel, Kt::kSmemBytes);
   const dim3 grid(ceil_div(p.nq, Kt::kBlockM), static_cast<unsigned>(p.b * p.hq));

@@ -75,9 +75,9 @@ def attention(q, k, v, *, causal=False, window=None, block_mask=None, scale=None
 
     deterministic=True (the default) asks for a bitwise reproducible backward pass; False
     allows one that accumulates dQ with floating-point atomics (FlashAttention's default).
-    Every backend accepts both. Today every fastattn backward (cpu, triton, cuda) is
-    atomic-free, so both give reproducible results; the CUDA family's atomic dQ backward
-    (issue 16) is what False will select once it exists.
+    Every backend accepts both. cpu and triton are atomic-free either way; on cuda, False
+    selects the FlashAttention-2 class backward (atomic dQ: gradients not bitwise
+    reproducible run to run), True the atomic-free one.
     """
     opts = check_options(causal=causal, window=window, scale=scale, softcap=softcap,
                          dropout_p=dropout_p, dropout_seed=dropout_seed, backend=backend,

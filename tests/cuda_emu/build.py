@@ -6,8 +6,10 @@
 Sources compile as C++ (g++ -x c++) with tests/cuda_emu/include first on the include path, so
 <cuda_runtime.h>, <cuda_fp16.h>, <cuda_bf16.h> and <mma.h> resolve to the emulator. Objects
 build in parallel (one job per core), each cached under
-$FASTATTN_CUDA_EMU_CACHE (default /tmp/fastattn-cuda-emu-<uid>) by the hash of its source, every
-header it may include, and the flags; an unchanged tree links nothing and compiles nothing.
+$FASTATTN_CUDA_EMU_CACHE (default /tmp/fastattn-cuda-emu-<uid>) by the hash of its source, the
+headers it includes (transitively, found by a textual scan of its #include lines) and the flags:
+editing one kernel header recompiles only the sources that include it; an unchanged tree links
+nothing and compiles nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ctypes
 import glob
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 
@@ -44,15 +47,37 @@ def cache_dir() -> str:
     return d
 
 
-def _headers_hash() -> str:
+_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
+
+
+def _deps(src: str) -> list[str]:
+    """Every header src includes, transitively, that resolves on the emulated build's include
+    path (the file's own directory, tests/cuda_emu/include, tests/cuda_emu, csrc); system headers
+    do not resolve and are left out. A textual scan (no preprocessor): an #include inside an
+    #if counts either way, which can only add files to the hash."""
+    seen, todo = set(), [src]
+    while todo:
+        path = todo.pop()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        for name in _INCLUDE.findall(text):
+            for base in (os.path.dirname(path), os.path.join(HERE, "include"), HERE, CSRC):
+                cand = os.path.normpath(os.path.join(base, name))
+                if os.path.isfile(cand):
+                    if cand not in seen:
+                        seen.add(cand)
+                        todo.append(cand)
+                    break
+    return sorted(seen)
+
+
+def _deps_hash(src: str) -> bytes:
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(CSRC, "cuda", "*.h"))
-                       + glob.glob(os.path.join(HERE, "*.h"))
-                       + glob.glob(os.path.join(HERE, "include", "*.h"))):
+    for path in _deps(src):
         h.update(path.encode())
         with open(path, "rb") as f:
             h.update(f.read())
-    return h.hexdigest()
+    return h.digest()
 
 
 def _compile(src: str, obj: str) -> None:
@@ -68,11 +93,12 @@ def _compile(src: str, obj: str) -> None:
 def build(name: str, jobs: int | None = None) -> str:
     """Path of the up-to-date shared library `name`, compiling what changed."""
     sources = LIBS[name]()
-    base = hashlib.sha256((_headers_hash() + CXX + " ".join(FLAGS)).encode())
+    base = hashlib.sha256((CXX + " ".join(FLAGS)).encode())
     objs, todo = [], []
     for src in sources:
         with open(src, "rb") as f:
-            key = hashlib.sha256(base.digest() + src.encode() + f.read()).hexdigest()[:20]
+            key = hashlib.sha256(base.digest() + _deps_hash(src) + src.encode()
+                                 + f.read()).hexdigest()[:20]
         obj = os.path.join(cache_dir(), f"{os.path.basename(src)}.{key}.o")
         objs.append(obj)
         if not os.path.exists(obj):

@@ -38,7 +38,7 @@ _FIELDS = (
                            "qmax_full", "mask_block_m", "mask_block_n")]
     + [("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("alibi_slopes", _P),
        ("dropout_seed", ctypes.c_uint64), ("dropout_threshold", ctypes.c_uint32),
-       ("dropout_p", ctypes.c_float), ("dlse", _P)]
+       ("dropout_p", ctypes.c_float), ("dlse", _P), ("dq_accum", _P), ("atomic_dq", _I64)]
 )
 
 
@@ -165,8 +165,10 @@ def forward(q, k, v, *, scale=None, window=(-1, -1), block_mask=None, **mods):
 
 
 def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask=None,
-             dlse=None, **mods):
-    """dlse: optional gradient of lse (B, Hq, Nq)."""
+             dlse=None, deterministic=True, **mods):
+    """dlse: optional gradient of lse (B, Hq, Nq). deterministic=False runs the FlashAttention-2
+    class backward (csrc/cuda/fa2_bwd_kernel.h: atomic dQ into a float32 workspace), as the
+    binding does for fastattn.attention(deterministic=False)."""
     q, k, v, out, dout = _prep(q), _prep(k), _prep(v), _prep(out), _prep(dout)
     lse = lse.float().contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -184,6 +186,11 @@ def backward(dout, q, k, v, out, lse, *, scale=None, window=(-1, -1), block_mask
         dlse = dlse.float().contiguous()
         keep.append(dlse)
         p.dlse = dlse.data_ptr()
+    if not deterministic:
+        # NaN-filled: the kernels must zero it themselves (the preprocess kernel does)
+        accum = torch.full(q.shape[:3] + (q.shape[-1],), float("nan"), dtype=torch.float32)
+        keep.append(accum)
+        p.dq_accum, p.atomic_dq = accum.data_ptr(), 1
     _run(p, True)
     return dq, dk, dv
 

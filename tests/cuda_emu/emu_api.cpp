@@ -32,6 +32,7 @@ const size_t kOffsets[] = {
     F(q_mask_ids), F(partial_masks), F(mask_b), F(mask_h), F(nqb), F(nkb), F(kmax),
     F(kmax_full), F(qmax), F(qmax_full), F(mask_block_m), F(mask_block_n), F(scale),
     F(softcap), F(alibi_slopes), F(dropout_seed), F(dropout_threshold), F(dropout_p), F(dlse),
+    F(dq_accum), F(atomic_dq),
 #undef F
 };
 

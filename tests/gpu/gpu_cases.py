@@ -84,7 +84,9 @@ def _skip_unless_served(backend, dtype, B, Hq, Hkv, Nq, Nk, D, bm, opts, needs_g
         pytest.skip(f"{backend} does not serve this case: {'; '.join(why)}")
 
 
-def check_attention(backend, name):
+def check_attention(backend, name, deterministic=True):
+    """deterministic=False runs the backend's non-reproducible backward where it has one (cuda:
+    the FlashAttention-2 class backward with atomic dQ)."""
     dtype, B, Hq, Hkv, Nq, Nk, D, opts = CASES[name]
     opts = dict(opts)
     bm = _block_mask(opts.pop("block_mask")) if "block_mask" in opts else None
@@ -98,7 +100,9 @@ def check_attention(backend, name):
     window = opts.pop("window", None)
     kw = dict(causal=causal, window=window, block_mask=bm, alibi_slopes=slopes, **opts)
     got = run_with_grads(lambda a, b, c: fastattn.attention(a, b, c, backend=backend,
-                                                           return_lse=True, **kw), q, k, v, dout)
+                                                           return_lse=True,
+                                                           deterministic=deterministic, **kw),
+                         q, k, v, dout)
     # the oracle: naive attention, same mask and modifiers, in float64 / in the input dtype
     wl, wr = window if window is not None else (-1, -1)
     if causal:

@@ -43,7 +43,8 @@ class Problem:
     dropout_p: float = 0.0
     dropout_seed: int = 0  # 64-bit seed of the counter-based dropout hash
     # True: the backward must be bitwise reproducible (no floating-point atomics); False
-    # allows an atomic one. Every backend accepts both; all of today's are atomic-free.
+    # allows an atomic one. Every backend accepts both; cuda runs its atomic-dQ FA2 backward
+    # for False (cpu and triton are atomic-free either way).
     deterministic: bool = True
 
     @property

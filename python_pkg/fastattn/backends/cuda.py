@@ -4,10 +4,16 @@ The kernels are torch.library custom ops defined in C++ (csrc/bindings/cuda_ops.
 fastattn._cuda only when torch has CUDA and nvcc is found):
 
     fastattn::cuda_fwd(q, k, v, scale, window_left, window_right, block_mask[],
-                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0) -> (out, lse)
+                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0,
+                       deterministic=True) -> (out, lse)
     fastattn::cuda_bwd(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask[],
-                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0, dlse=None)
-                       -> (dq, dk, dv)
+                       softcap=0., alibi_slopes=None, dropout_p=0., dropout_seed=0, dlse=None,
+                       deterministic=True) -> (dq, dk, dv)
+
+deterministic (Problem.deterministic, the API's option) picks the backward: True the atomic-free
+wmma kernels (flash_bwd_kernel.h: separate dK/dV and dQ kernels, bitwise reproducible), False the
+FlashAttention-2 class kernel (fa2_bwd_kernel.h: mma.sync/ldmatrix/cp.async, dQ accumulated in
+float32 with atomicAdd: not bitwise reproducible). cuda_fwd takes it only to hand it to autograd.
 
 This module gives them fake (meta) implementations for torch.compile and registers the
 autograd formula, so calling torch.ops.fastattn.cuda_fwd is differentiable (through out and lse:
@@ -15,7 +21,8 @@ the lse gradient reaches the kernels as dlse). block_mask[] is
 empty for dense/window calls, else BlockMask.kernel_tensors() with the mask's own token window.
 
 What the kernels do: float16/bfloat16 (fp32 softmax statistics and accumulation), head dims
-that are multiples of 8 up to 128 (compiled for 64 and 128, smaller ones zero-padded), GQA,
+that are multiples of 8 up to 128 (compiled for 64 and 128, smaller ones zero-padded), and
+forward-only up to 256 (the FlashAttention-2 class forward, compiled for 192 and 256), GQA,
 causal/window (bottom-right aligned), block masks whose BLOCK_M and BLOCK_N are multiples of 64,
 and the score modifiers of fastattn.score_mods inside the fused loops (softcap, ALiBi slopes
 (Hq,) or (B, Hq), dropout whose keep bits the backward regenerates from the seed).
@@ -46,22 +53,25 @@ MASK_BLOCK_MULTIPLE = 64  # csrc/cuda/flash.h kMaskBlockMultiple
 def _register():
     @torch.library.register_fake("fastattn::cuda_fwd")
     def _fwd_fake(q, k, v, scale, window_left, window_right, block_mask, softcap=0.0,
-                  alibi_slopes=None, dropout_p=0.0, dropout_seed=0):
+                  alibi_slopes=None, dropout_p=0.0, dropout_seed=0, deterministic=True):
         return fake_outputs(q, v)
 
     @torch.library.register_fake("fastattn::cuda_bwd")
     def _bwd_fake(dout, q, k, v, out, lse, scale, window_left, window_right, block_mask,
-                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0, dlse=None):
+                  softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=0, dlse=None,
+                  deterministic=True):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def setup_context(ctx, inputs, output):
         q, k, v, scale, wl, wr, block_mask, *mods = inputs
-        softcap, alibi, dropout_p, dropout_seed = (mods + [0.0, None, 0.0, 0][len(mods):])
+        softcap, alibi, dropout_p, dropout_seed, deterministic = (
+            mods + [0.0, None, 0.0, 0, True][len(mods):])
         out, lse = output
         ctx.has_alibi = alibi is not None
         ctx.save_for_backward(q, k, v, out, lse, *([alibi] if ctx.has_alibi else []), *block_mask)
         ctx.scale, ctx.wl, ctx.wr = scale, wl, wr
         ctx.softcap, ctx.dropout_p, ctx.dropout_seed = softcap, dropout_p, dropout_seed
+        ctx.deterministic = deterministic
 
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *rest = ctx.saved_tensors
@@ -71,7 +81,7 @@ def _register():
             dout = torch.zeros_like(out)
         dq, dk, dv = torch.ops.fastattn.cuda_bwd(
             dout, q, k, v, out, lse, ctx.scale, ctx.wl, ctx.wr, list(block_mask), ctx.softcap,
-            alibi, ctx.dropout_p, ctx.dropout_seed, dlse)
+            alibi, ctx.dropout_p, ctx.dropout_seed, dlse, ctx.deterministic)
         # One grad per input as the dispatcher passed them (it drops trailing arguments equal to
         # their defaults), shaped like it: a list for the Tensor[] block_mask. needs_input_grad
         # has exactly that structure here.
@@ -126,7 +136,8 @@ class CUDABackend(Backend):
     priority = 40
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    max_head_dim = 128
+    max_head_dim = 256  # forward; the backward kernels stop at max_head_dim_grad
+    max_head_dim_grad = 128
     supports_window = True
     supports_block_mask = True
     supports_backward = True
@@ -149,6 +160,9 @@ class CUDABackend(Backend):
                            f"{str(p.dtype).replace('torch.', '')}")
         if max(p.D, p.Dv) > self.max_head_dim:
             reasons.append(f"supports head dims up to {self.max_head_dim}, got {max(p.D, p.Dv)}")
+        elif p.needs_grad and max(p.D, p.Dv) > self.max_head_dim_grad:
+            reasons.append(f"supports head dims up to {self.max_head_dim_grad} with gradients "
+                           f"({self.max_head_dim} forward-only), got {max(p.D, p.Dv)}")
         if p.D % 8 != 0:
             reasons.append(f"needs a head dim that is a multiple of 8, got {p.D}")
         if p.D != p.Dv:
@@ -203,5 +217,6 @@ class CUDABackend(Backend):
         mask = p.mask  # named hand-off (fastattn.kernel_mask); its window is the token rule
         (wl, wr), bm = mask.window, mask.tensors
         out, lse = torch.ops.fastattn.cuda_fwd(q, k, v, p.scale, wl, wr, bm, float(p.softcap),
-                                               p.alibi_slopes, float(p.dropout_p), p.seed_int64)
+                                               p.alibi_slopes, float(p.dropout_p), p.seed_int64,
+                                               bool(p.deterministic))
         return out, lse

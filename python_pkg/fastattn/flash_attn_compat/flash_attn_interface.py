@@ -29,8 +29,10 @@ Semantics shared by all functions (as in FlashAttention >= 2.1):
     seeded from torch's default generator, so torch.manual_seed(s) reproduces the
     forward and the backward regenerates the same bits (no N x N mask is stored).
   - deterministic: passed through to fastattn.attention(deterministic=...) (FlashAttention's
-    default False allows an atomic dQ backward). Every fastattn backward pass today is
-    atomic-free, so both values give bitwise reproducible gradients.
+    default False allows an atomic dQ backward). On the cuda backend False runs the
+    FlashAttention-2 class backward, whose dQ is accumulated with float atomics (gradients are
+    not bitwise reproducible run to run); True the atomic-free one. cpu and triton are
+    bitwise reproducible either way.
   - Scalars (softmax_scale, softcap, dropout_p, max_seqlen_*, num_splits, an int
     cache_seqlens) may also be numpy scalars or one-element tensors, as in FlashAttention.
   - return_attn_probs=True returns (out, softmax_lse, S_dmask): softmax_lse (batch, nheads,
