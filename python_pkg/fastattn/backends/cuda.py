@@ -193,6 +193,9 @@ class CUDABackend(Backend):
         if not self.available()[0]:
             return _availability_reasons()
         reasons = self._input_reasons(d)
+        hd = max(d.D, d.Dv)
+        if self.max_head_dim_grad < hd <= self.max_head_dim:  # the forward goes to 256; decode stops at 128
+            reasons.append(f"its decode kernel supports head dims up to {self.max_head_dim_grad}, got {hd}")
         if d.needs_grad:
             reasons.append("its decode kernel is inference-only (no backward) and an input "
                            "requires grad; call it under torch.no_grad(), or use "
