@@ -43,10 +43,11 @@ def test_every_kernel_compiles_for_sm80_sm90_without_spills(tmp_path):
     # the FA2 forward's static intensity: >= 16 FLOP per shared-memory byte at d = 64 and 128
     fa2 = [line for line in text.splitlines()
            if line.startswith("| fa2_fwd_kernel | hdim") and " warps, " in line]
-    assert len(fa2) == 4
+    assert len(fa2) == 8  # head dims 64, 128, 192, 256 x fp16/bf16; the rule holds at 64 and 128
     for r in fa2:
         cells = [c.strip() for c in r.strip("|").split("|")]
-        assert float(cells[6]) >= 16.0, r
+        if cells[1].split()[0] in ("hdim64", "hdim128"):
+            assert float(cells[6]) >= 16.0, r
     for r in rows:
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert cells[4] == "0" and cells[5] == "0", f"spills: {r}"
