@@ -57,15 +57,18 @@ cp "$BUILD"/lib/fastattn/*.so "$BUILD/pkg/fastattn/"
 step "import and CPU-tensor checks"
 PYTHONPATH="$BUILD/pkg" "$PY" - <<'PYEOF'
 import torch
-import fastattn._cuda  # noqa: F401  registers torch.ops.fastattn.cuda_fwd / cuda_bwd
+import fastattn._cuda  # noqa: F401  registers torch.ops.fastattn.cuda_fwd / cuda_bwd / cuda_decode
 from fastattn.backends.cuda import CUDABackend
 
 ops = torch.ops.fastattn
-print("ops:", ops.cuda_fwd, ops.cuda_bwd)
+print("ops:", ops.cuda_fwd, ops.cuda_bwd, ops.cuda_decode)
 q = torch.randn(1, 2, 8, 64, dtype=torch.float16)
 for name, call in [
     ("cuda_fwd", lambda: ops.cuda_fwd(q, q, q, 0.125, -1, -1, [])),
     ("cuda_bwd", lambda: ops.cuda_bwd(q, q, q, q, q, q[..., 0].float(), 0.125, -1, -1, [])),
+    ("cuda_bwd (deterministic=False)", lambda: ops.cuda_bwd(q, q, q, q, q, q[..., 0].float(), 0.125, -1, -1, [],
+                                                            deterministic=False)),
+    ("cuda_decode", lambda: ops.cuda_decode(q[:, :, :1], q, q, None, 0.125, -1, -1, 0.0, None, 1, 8)),
 ]:
     try:
         call()
