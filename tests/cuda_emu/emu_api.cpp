@@ -64,8 +64,23 @@ void fa_emu_set_schedule(int schedule, unsigned long long seed) {
   cuda_emu::set_schedule(schedule, seed);
 }
 
+// The launches of the last fa_emu_run: up to n records of (grid x, grid y, threads per block,
+// dynamic shared memory bytes) into out[4 i ..]; returns how many launches there were.
+long fa_emu_last_launches(long* out, long n) {
+  const auto& log = cuda_emu::detail::launch_log();
+  const long count = static_cast<long>(log.size());
+  for (long i = 0; i < count && i < n; ++i) {
+    out[4 * i] = log[i].grid.x;
+    out[4 * i + 1] = log[i].grid.y;
+    out[4 * i + 2] = static_cast<long>(log[i].block.x) * log[i].block.y * log[i].block.z;
+    out[4 * i + 3] = static_cast<long>(log[i].smem);
+  }
+  return count;
+}
+
 // Returns nullptr on success, else the error message (valid until the next call).
 const char* fa_emu_run(FlashParams* p, int backward) {
+  cuda_emu::detail::launch_log().clear();
   try {
     if (backward)
       fastattn::cuda::run_bwd(*p, nullptr);
