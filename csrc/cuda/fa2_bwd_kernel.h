@@ -58,6 +58,17 @@ struct Fa2BwdTraits {
   // One block of 8 warps per SM promised to ptxas (up to 255 registers a thread): at two
   // (128 registers) dK, dV, S^T, dP^T and the addresses spill.
   static constexpr int kMinBlocksPerSm = 1;
+  // Static counts per (key tile, query tile), all warps (the compile report prints them): FLOPs
+  // of the 5 GEMMs; shared-memory bytes written (cp.async of Q and dO, st.shared of P^T and
+  // dS^T) and read by ldmatrix (K / V rows and Q / dO slices for S^T / dP^T; P^T / dS^T rows and
+  // dO / Q columns for dV / dK; dS^T and K columns for dQ, dS^T re-read per 16-column group).
+  static constexpr long kFlopsPerTile = 10L * kBlockN * kBlockM * kHeadDim;
+  static constexpr long kSmemWriteBytesPerTile = 2L * kBlockM * kHeadDim * 2 +
+                                                 2L * kBlockN * kBlockM * 2;
+  static constexpr long kSmemReadBytesPerTile =
+      long(kNWarps) * (2L * 16 * kHeadDim * 2 + 2L * kMW * kHeadDim * 2 +  // S^T, dP^T
+                       2L * 16 * kBlockM * 2 + 2L * kBlockM * kDW * 2 +    // dV, dK
+                       (kColsQ / 16) * (kBlockN * 16L * 2 + kBlockN * 16L * 2));  // dQ
   static_assert(kChunks % 4 == 0, "the swizzle needs head dims that are multiples of 32");
   static_assert(kBlockN % 16 == 0 && 64 % kBlockN == 0 && 64 % kBlockM == 0, "mask blocks");
   static_assert((kNI % 2 == 0 || kNI == 1) && kDI % 2 == 0 && kColsQ % 16 == 0,
