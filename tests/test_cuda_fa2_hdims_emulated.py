@@ -144,6 +144,42 @@ def _fwd_kernel(D, bs):
     return "fa2" if bm % (128 if D <= 128 else 64) == 0 else "wmma"
 
 
+# ---- the swizzle itself (csrc/cuda/fa2_fwd_kernel.h Swz, through the emulated library) ---------
+
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
+def test_swizzle_is_bank_conflict_free_and_matches_the_lane_offsets(head_dim):
+    # A 16-byte chunk's bank group is (byte address / 16) mod 8. An ldmatrix phase (8 lanes) reads
+    # one logical chunk from 8 consecutive rows; a cp.async phase of 8 threads writes 8
+    # consecutive (row, chunk) pairs in row-major order: both must hit 8 distinct groups. The
+    # lane offsets the kernels add (Swz::lane_ofs + step_imm) must address the chunk swz() wrote.
+    import ctypes
+
+    L = emu.lib()
+    L.fa_emu_swz.restype = ctypes.c_long
+    L.fa_emu_swz.argtypes = [ctypes.c_long] * 5
+    kc = head_dim // 8
+
+    def swz(row, chunk):
+        return L.fa_emu_swz(kc, 0, row, chunk, 0)
+
+    def group(row, chunk):
+        return swz(row, chunk) // 8 % 8  # element offset -> 16-byte chunk -> bank group
+
+    for row in range(16):  # a permutation of the row's chunks
+        assert sorted(swz(row, c) - row * kc * 8 for c in range(kc)) == [8 * c for c in range(kc)]
+    for r0 in range(0, 32, 8):
+        for c in range(kc):
+            assert len({group(r0 + i, c) for i in range(8)}) == 8, ("ldmatrix", r0, c)
+    for t in range(0, 16 * kc, 8):
+        assert len({group(*divmod(t + i, kc)) for i in range(8)}) == 8, ("cp.async", t)
+    for lane in range(32):
+        for kk in range(kc // 2):
+            for bit in (0, 1):
+                row = lane % 8 + 8 * (lane // 8)  # any row == lane (mod 8)
+                want = swz(row, 2 * kk + bit) - row * kc * 8
+                assert L.fa_emu_swz(kc, 1, lane, kk, bit) == want, (lane, kk, bit)
+
+
 # ---- default sample ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
