@@ -12,8 +12,18 @@ instantiation ran (emu.last_launches: threads and dynamic shared memory of the l
 dispatch that pads 96 up to 128 again fails here. A representative sample runs by default; the
 sweep over shapes, masks and dtypes is marked slow.
 
-Negative controls run by hand for this file (each made tests here fail, then was reverted) are
-listed in the commit that added it.
+Negative controls (run by hand on a copy of the tree, each made tests here fail, then dropped):
+  - the 8-chunk XOR (chunk ^ (row % 8)) on rows of 4 / 12 chunks: a shared-memory race (cp.async
+    writes land in the next row) in the first d = 32 test (run with -x);
+  - d = 96 only, the ldmatrix lane offset without its low XOR bit (readers address other chunks
+    than swz() wrote): out / dq off the rule in every d = 96 and d = 80 test;
+  - d = 192 only, the two k16 halves of the kNI == 1 B fragment swapped in S^T / dP^T: dq off
+    the rule in every d = 192 and d = 160 test;
+  - d = 256 only, the barrier between writing P^T / dS^T and the dV / dK ldmatrix removed:
+    reported as a race (ldmatrix after another thread's write) in every d = 256 / 232 test;
+  - d = 32 only, the forward's one barrier per key tile removed: a race at the Q K^T ldmatrix;
+  - the 4-chunk swizzle mask (row / 2) % 4 replaced by row % 4 (still a permutation, numerics
+    unchanged): the bank-conflict test fails at d = 32 and 96.
 """
 
 from __future__ import annotations
