@@ -57,19 +57,35 @@ template <int D, typename T> void row(const char* t) {
   std::printf("flash_bwd_preprocess_kernel %d %s 0\n", D, t);
   std::printf("fa2_bwd_dkdv_kernel %d %s %d\n", D, t, Fa2BwdConfig<D, T>::type::kSmemBytes);
 }
-// Forward-only head dims: the FA2 class forward alone.
+// Head dims of the FA2 class kernels alone (the wmma kernels are compiled for 64 / 128 only).
 template <int D, typename T> void row_fa2(const char* t) {
   using F = typename Fa2FwdConfig<D, T>::type;
   std::printf("fa2_fwd_kernel %d %s %d\n", D, t, F::kSmemBytes);
   std::printf("INTENSITY fa2_fwd_kernel %d %s %d %d %d %d %ld %ld %ld\n", D, t, F::kBlockM,
               F::kBlockN, F::kNWarps, F::kStages, F::kFlopsPerTile, F::kSmemWriteBytesPerTile,
               F::kSmemReadBytesPerTile);
+  std::printf("fa2_bwd_dkdv_kernel %d %s %d\n", D, t, Fa2BwdConfig<D, T>::type::kSmemBytes);
+}
+// The FA2 backward's static counts (every head dim): tile N keys x M queries, 2 stages.
+template <int D, typename T> void bwd_intensity(const char* t) {
+  using B = typename Fa2BwdConfig<D, T>::type;
+  std::printf("INTENSITY fa2_bwd_dkdv_kernel %d %s %d %d %d %d %ld %ld %ld\n", D, t, B::kBlockN,
+              B::kBlockM, B::kNWarps, 2, B::kFlopsPerTile, B::kSmemWriteBytesPerTile,
+              B::kSmemReadBytesPerTile);
 }
 int main() {
+  row_fa2<32, __half>("fp16"); row_fa2<32, __nv_bfloat16>("bf16");
   row<64, __half>("fp16"); row<64, __nv_bfloat16>("bf16");
+  row_fa2<96, __half>("fp16"); row_fa2<96, __nv_bfloat16>("bf16");
   row<128, __half>("fp16"); row<128, __nv_bfloat16>("bf16");
   row_fa2<192, __half>("fp16"); row_fa2<192, __nv_bfloat16>("bf16");
   row_fa2<256, __half>("fp16"); row_fa2<256, __nv_bfloat16>("bf16");
+  bwd_intensity<32, __half>("fp16"); bwd_intensity<32, __nv_bfloat16>("bf16");
+  bwd_intensity<64, __half>("fp16"); bwd_intensity<64, __nv_bfloat16>("bf16");
+  bwd_intensity<96, __half>("fp16"); bwd_intensity<96, __nv_bfloat16>("bf16");
+  bwd_intensity<128, __half>("fp16"); bwd_intensity<128, __nv_bfloat16>("bf16");
+  bwd_intensity<192, __half>("fp16"); bwd_intensity<192, __nv_bfloat16>("bf16");
+  bwd_intensity<256, __half>("fp16"); bwd_intensity<256, __nv_bfloat16>("bf16");
 }
 """
 
@@ -291,7 +307,28 @@ def main(argv=None) -> int:
     ]
     for t in table:
         lines.append(f"| {t[0]} | {t[1]} | sm_{t[2]} | {t[3]} | {t[4]} | {t[5]} | {t[6]} | {t[7]} | {t[8]} | {delta(t)} |")
-    if INTENSITY:
+    fwd_int = [it for it in INTENSITY if it["kernel"] == "fa2_fwd_kernel"]
+    bwd_int = [it for it in INTENSITY if it["kernel"] == "fa2_bwd_dkdv_kernel"]
+
+    def intensity_rows(items, tile_word):
+        out = []
+        for it in items:
+            occ = []
+            for arch in ("80", "90"):
+                cells = [t for t in table if t[0] == it["kernel"] and t[2] == arch
+                         and t[1].startswith(f"hdim{it['hdim']} {it['dtype']}") and t[3] > 0]
+                occ.append(", ".join(
+                    f"{t[1].split()[-1]} {blocks_per_sm(arch, t[3], it['warps'] * 32, t[8])}"
+                    for t in cells) or "-")
+            ratio = it["flops"] / (it["smem_write"] + it["smem_read"])
+            out.append(
+                f"| {it['kernel']} | hdim{it['hdim']} {it['dtype']} | {it['block_m']} x "
+                f"{it['block_n']}{tile_word}, {it['warps']} warps, {it['stages']} stages | "
+                f"{it['flops']} | {it['smem_write']} | {it['smem_read']} | {ratio:.1f} | "
+                f"{occ[0]} | {occ[1]} |")
+        return out
+
+    if fwd_int:
         lines += [
             "",
             "## FlashAttention-2 class forward: occupancy and static intensity per tile",
@@ -306,20 +343,21 @@ def main(argv=None) -> int:
             "",
             "| kernel | config | tile (M x N, warps, stages) | FLOP / tile | smem write (B) | smem read (B) | FLOP / smem byte | blocks/SM sm_80 | blocks/SM sm_90 |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
-        ]
-        for it in INTENSITY:
-            occ = []
-            for arch in ("80", "90"):
-                cells = [t for t in table if t[0] == it["kernel"] and t[2] == arch
-                         and t[1].startswith(f"hdim{it['hdim']} {it['dtype']}") and t[3] > 0]
-                occ.append(", ".join(
-                    f"{t[1].split()[-1]} {blocks_per_sm(arch, t[3], it['warps'] * 32, t[8])}"
-                    for t in cells) or "-")
-            ratio = it["flops"] / (it["smem_write"] + it["smem_read"])
-            lines.append(
-                f"| {it['kernel']} | hdim{it['hdim']} {it['dtype']} | {it['block_m']} x "
-                f"{it['block_n']}, {it['warps']} warps, {it['stages']} stages | {it['flops']} | "
-                f"{it['smem_write']} | {it['smem_read']} | {ratio:.1f} | {occ[0]} | {occ[1]} |")
+        ] + intensity_rows(fwd_int, "")
+    if bwd_int:
+        lines += [
+            "",
+            "## FlashAttention-2 class backward (dK/dV kernel, atomic dQ): static intensity per tile",
+            "",
+            "Per (key tile, query tile), all warps, from the tile constants (fa2_bwd_kernel.h): "
+            "FLOPs of the 5 GEMMs (S^T, dP^T, dV, dK, dQ: 10 N M d); shared-memory bytes written "
+            "(cp.async of Q and dO, st.shared of P^T and dS^T) and read by ldmatrix (K / V rows and "
+            "Q / dO slices for S^T / dP^T, P^T / dS^T rows and dO / Q columns for dV / dK, dS^T "
+            "and K for dQ). Blocks/SM from ptxas registers and the requested shared memory.",
+            "",
+            "| kernel | config | tile (N keys x M queries, warps, stages) | FLOP / tile | smem write (B) | smem read (B) | FLOP / smem byte | blocks/SM sm_80 | blocks/SM sm_90 |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+        ] + intensity_rows(bwd_int, "")
     for src, arch, text in failures:
         lines += ["", f"## FAILED: {os.path.relpath(src, ROOT)} sm_{arch}", "", "```", text.strip()[-4000:], "```"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

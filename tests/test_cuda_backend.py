@@ -40,13 +40,19 @@ def test_why_not_lists_every_reason():
         assert "GPU" in text or "not built" in text
 
 
-def test_why_not_head_dims_forward_only_up_to_256():
-    # 192 / 256: the FA2 class forward only (no backward kernels above 128)
+def test_why_not_head_dims_up_to_256():
+    # 192 / 256: the FA2 class forward, and gradients through its atomic-dQ backward
+    # (deterministic=False); the deterministic backward (wmma kernels) stops at 128
     fwd = "\n".join(CUDABackend().why_not(_problem(D=256, Dv=256, dtype=torch.float16)))
     assert "head dims" not in fwd
     grad = "\n".join(CUDABackend().why_not(_problem(D=192, Dv=192, dtype=torch.float16,
                                                      needs_grad=True)))
-    assert "up to 128 with gradients" in grad
+    assert "up to 128 with gradients when deterministic=True" in grad
+    assert "deterministic=False" in grad
+    for D in (192, 256):
+        atomic = CUDABackend().why_not(_problem(D=D, Dv=D, dtype=torch.float16, needs_grad=True,
+                                                deterministic=False))
+        assert not any("head dim" in r for r in atomic), atomic
     wide = "\n".join(CUDABackend().why_not(_problem(D=264, Dv=264, dtype=torch.float16)))
     assert "head dims up to 256" in wide
 

@@ -3,7 +3,7 @@
 //
 //   1. flash_bwd_preprocess_kernel (flash_bwd_kernel.h)  delta = rowsum(dO * O) - dlse, and
 //      zeroes the fp32 dQ accumulator (dq_accum, (B, Hq, Nq, d) contiguous);
-//   2. fa2_bwd_dkdv_kernel: one block per (64-key tile, batch * kv head), 4 warps, 16 keys each;
+//   2. fa2_bwd_dkdv_kernel: one block per (key tile, batch * kv head), two warps per 16 keys;
 //      K and V stay in shared memory; the block walks every query tile that sees the key tile,
 //      for every query head of the kv head's group (GQA: dK/dV reduced in registers), with a
 //      2-stage cp.async pipeline of (Q tile, dO tile). Per query tile, 5 mma.sync GEMMs:
@@ -18,7 +18,7 @@
 //                             with atomicAdd (key tiles of other blocks add to the same rows:
 //                             the order, hence the rounding, is not reproducible);
 //   3. fa2_bwd_convert_dq_kernel: dq = scale * dq_accum, rounded to the input type.
-// Q, dO, K and V tiles are XOR-swizzled as in the forward (chunk ^ (row % 8)); the dS^T tile is
+// Q, dO, K and V tiles are XOR-swizzled as in the forward (Swz); the dS^T tile is
 // row-padded by 16 bytes (its rows are kBlockM = 32 or 64 elements: too short to swizzle by 8).
 // Masking, score modifiers (softcap, ALiBi), dropout keep bits, lse gradient (through delta)
 // are as in flash.h / flash_bwd_kernel.h.
@@ -31,12 +31,13 @@
 
 namespace fastattn::cuda {
 
-template <int kHeadDim_, int kBlockM_, int kSplit_, typename T>
+template <int kHeadDim_, int kBlockN_, int kBlockM_, int kSplit_, typename T>
 struct Fa2BwdTraits {
   using elem_type = T;
-  // 64-key tiles: 4 key groups of 16 (one m16 tile), kSplit warps per key group.
-  static constexpr int kHeadDim = kHeadDim_, kBlockN = 64, kBlockM = kBlockM_, kSplit = kSplit_;
-  static constexpr int kNWarps = 4 * kSplit, kNThreads = kNWarps * 32;
+  // kBlockN-key tiles: kKeyGroups key groups of 16 (one m16 tile), kSplit warps per key group.
+  static constexpr int kHeadDim = kHeadDim_, kBlockN = kBlockN_, kBlockM = kBlockM_;
+  static constexpr int kSplit = kSplit_, kKeyGroups = kBlockN / 16;
+  static constexpr int kNWarps = kKeyGroups * kSplit, kNThreads = kNWarps * 32;
   static constexpr int kMW = kBlockM / kSplit;  // queries of S^T / dP^T per warp
   static constexpr int kNI = kMW / 8;           // their n8 tiles
   static constexpr int kDW = kHeadDim / kSplit; // dK / dV columns per warp
@@ -57,24 +58,65 @@ struct Fa2BwdTraits {
   // One block of 8 warps per SM promised to ptxas (up to 255 registers a thread): at two
   // (128 registers) dK, dV, S^T, dP^T and the addresses spill.
   static constexpr int kMinBlocksPerSm = 1;
-  static_assert(kChunks >= 8, "the swizzle needs head dims >= 64");
-  static_assert(kNI % 2 == 0 && kDI % 2 == 0 && kColsQ % 16 == 0, "ldmatrix.x4 pairs");
+  // Static counts per (key tile, query tile), all warps (the compile report prints them): FLOPs
+  // of the 5 GEMMs; shared-memory bytes written (cp.async of Q and dO, st.shared of P^T and
+  // dS^T) and read by ldmatrix (K / V rows and Q / dO slices for S^T / dP^T; P^T / dS^T rows and
+  // dO / Q columns for dV / dK; dS^T and K columns for dQ, dS^T re-read per 16-column group).
+  static constexpr long kFlopsPerTile = 10L * kBlockN * kBlockM * kHeadDim;
+  static constexpr long kSmemWriteBytesPerTile = 2L * kBlockM * kHeadDim * 2 +
+                                                 2L * kBlockN * kBlockM * 2;
+  static constexpr long kSmemReadBytesPerTile =
+      long(kNWarps) * (2L * 16 * kHeadDim * 2 + 2L * kMW * kHeadDim * 2 +  // S^T, dP^T
+                       2L * 16 * kBlockM * 2 + 2L * kBlockM * kDW * 2 +    // dV, dK
+                       (kColsQ / 16) * (kBlockN * 16L * 2 + kBlockN * 16L * 2));  // dQ
+  static_assert(kChunks % 4 == 0, "the swizzle needs head dims that are multiples of 32");
+  static_assert(kBlockN % 16 == 0 && 64 % kBlockN == 0 && 64 % kBlockM == 0, "mask blocks");
+  static_assert((kNI % 2 == 0 || kNI == 1) && kDI % 2 == 0 && kColsQ % 16 == 0,
+                "ldmatrix.x4 pairs");
+  static_assert(kNI % 2 == 0 || kKD % 2 == 0, "kNI == 1 loads two k16 steps per ldmatrix.x4");
   static_assert(kRowTiles * kColSplits == kNWarps, "dQ warp split");
 };
 
-// Tile choices (64-key tiles, 8 warps: two per 16-key group, which split the queries of S^T /
-// dP^T and the columns of dK / dV; mask blocks, multiples of 64, hold whole tiles):
-//   d=64:  64-query tiles: dK, dV 2 x 16 floats/thread, S^T, dP^T 2 x 16; 66 KB smem.
-//   d=128: 32-query tiles: dK, dV 2 x 32 floats/thread, S^T, dP^T 2 x 8; 74 KB smem.
+// Tile choices (two warps per 16-key group, which split the queries of S^T / dP^T and the
+// columns of dK / dV; mask blocks, multiples of 64, hold whole tiles):
+//   d=32:  64 keys, 64-query tiles, 8 warps: dK, dV 2 x 8 floats/thread, S^T, dP^T 2 x 16.
+//   d=64:  64 keys, 64-query tiles, 8 warps: dK, dV 2 x 16 floats/thread, S^T, dP^T 2 x 16;
+//          66 KB smem.
+//   d=96:  64 keys, 64-query tiles, 8 warps: dK, dV 2 x 24, S^T, dP^T 2 x 16 (32-query tiles
+//          would leave dQ's 4 column parts 24 columns: not whole 16-column ldmatrix pairs).
+//   d=128: 64 keys, 32-query tiles, 8 warps: dK, dV 2 x 32 floats/thread, S^T, dP^T 2 x 8;
+//          74 KB smem.
+//   d=192, 256: 32 keys (2 key groups), 32-query tiles, FOUR warps per key group (8 warps):
+//          dK, dV 2 x 24 / 2 x 32 floats per thread; each warp's S^T / dP^T slice is 16 keys x
+//          8 queries (kNI == 1: one n8 tile, B by one ldmatrix.x4 per two k16 steps), 2 x 4
+//          floats. (Two warps per key group, 4 warps, hold 2 x 64 floats of dK / dV at d=256
+//          and spill at 255 registers.) smem at d=256: 32 KB K/V + 2 stages x 32 KB (Q, dO) +
+//          5 KB P^T / dS^T = 101 KB; 64-query tiles would need 169 KB (over sm_80's 163 KB).
 template <int kHeadDim, typename T>
 struct Fa2BwdConfig;
 template <typename T>
+struct Fa2BwdConfig<32, T> {
+  using type = Fa2BwdTraits<32, 64, 64, 2, T>;
+};
+template <typename T>
 struct Fa2BwdConfig<64, T> {
-  using type = Fa2BwdTraits<64, 64, 2, T>;
+  using type = Fa2BwdTraits<64, 64, 64, 2, T>;
+};
+template <typename T>
+struct Fa2BwdConfig<96, T> {
+  using type = Fa2BwdTraits<96, 64, 64, 2, T>;
 };
 template <typename T>
 struct Fa2BwdConfig<128, T> {
-  using type = Fa2BwdTraits<128, 32, 2, T>;
+  using type = Fa2BwdTraits<128, 64, 32, 2, T>;
+};
+template <typename T>
+struct Fa2BwdConfig<192, T> {
+  using type = Fa2BwdTraits<192, 32, 32, 4, T>;
+};
+template <typename T>
+struct Fa2BwdConfig<256, T> {
+  using type = Fa2BwdTraits<256, 32, 32, 4, T>;
 };
 
 // The query tiles one key tile [n0, n0 + kBlockN) is seen by through query head h, indexable
@@ -153,7 +195,8 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
   const FlashParams& p = params;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane >> 2, t4 = lane & 3;
-  const int kg = warp % 4, part = warp / 4;  // 16-key group; query part (S^T), column part (dK)
+  constexpr int kKeyGroups = Kt::kKeyGroups;
+  const int kg = warp % kKeyGroups, part = warp / kKeyGroups;  // 16-key group; query / column part
   const int64_t b = blockIdx.y / p.hkv, hk = blockIdx.y % p.hkv;
   const int64_t group = p.hq / p.hkv;
   const int64_t n0 = int64_t(blockIdx.x) * kBlockN;
@@ -180,25 +223,41 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
   ptx::cp_async_commit();
 
   // ldmatrix lane offsets, as in the forward (fa2_fwd_kernel.h): every operand's lane row is
-  // == lane (mod 8), so chunk (2 kk + c) ^ (lane & 7) splits into a lane part and immediates.
+  // == lane (mod 8), so the swizzled chunk of step kk splits into Swz::lane_ofs (a lane part)
+  // and Swz::step_imm (immediates).
   //   a_ofs: A operand, the 16 K / V rows of this warp's key group, non-trans;
   //   b_ofs: B operand from a row-major [n][k] tile (Q, dO for S^T, dP^T), non-trans;
   //   t_ofs: B operand from a row-major [k][n] tile (dO, Q for dV, dK), trans, for this warp's
   //          kDW / 16 column groups (16 columns: chunks 2 cp, 2 cp + 1; cp = part * kPairs + i).
   constexpr int kPairs = kDW / 16;
-  const int x6 = lane & 6, x1 = lane & 1;
-  auto chunk_ofs = [&](int r, int c) { return ((((2 * r) ^ x6) | (c ^ x1)) * 8); };
-  int a_ofs[4], b_ofs[4], t_ofs[kPairs];
+  using Sw = Swz<kChunks>;
+  constexpr int kR = Sw::kSteps;
+  auto chunk_ofs = [&](int r, int c) { return Sw::lane_ofs(lane, r, c); };
+  // t_ofs: when kPairs is a multiple of kR, the warp's first column (part * kPairs pairs) is a
+  // whole number of swizzle spans, so kR lane offsets plus immediates cover every pair (d=128,
+  // 256); otherwise one offset per pair.
+  constexpr bool kTCompact = kPairs % kR == 0;
+  constexpr int kT = kTCompact ? kR : kPairs;
+  int a_ofs[kR], b_ofs[kR], t_ofs[kT];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
+  for (int r = 0; r < kR; ++r) {
     a_ofs[r] = (kg * 16 + (lane & 15)) * kHeadDim + chunk_ofs(r, lane >> 4);
     b_ofs[r] = (part * kMW + (lane >> 4) * 8 + (lane & 7)) * kHeadDim +
                chunk_ofs(r, (lane >> 3) & 1);
   }
 #pragma unroll
-  for (int i = 0; i < kPairs; ++i)
+  for (int i = 0; i < kT; ++i)
     t_ofs[i] = ((lane & 7) + ((lane >> 3) & 1) * 8) * kHeadDim +
-               (((2 * (part * kPairs + i) + (lane >> 4)) ^ (lane & 7)) * 8);
+               (kTCompact ? part * kPairs * 16 + Sw::lane_ofs(lane, i, lane >> 4)
+                          : Sw::chunk(lane, 2 * (part * kPairs + i) + (lane >> 4)) * 8);
+  // kNI == 1 (8 queries per warp): B of two k16 steps per ldmatrix.x4: lanes 8 i .. 8 i + 7
+  // address rows 0..7 at chunk 4 j + i of step pair j; kSpan / 4 lane offsets plus immediates.
+  constexpr int kB1 = Sw::kSpan / 4;
+  int b1_ofs[kB1];
+#pragma unroll
+  for (int r = 0; r < kB1; ++r)
+    b1_ofs[r] = (part * kMW + (lane & 7)) * kHeadDim + Sw::chunk(lane, 4 * r + (lane >> 3)) * 8;
+  auto t_at = [&](int i) { return kTCompact ? t_ofs[i % kR] + Sw::step_imm(i) : t_ofs[i]; };
   // P^T / dS^T as the A operand of dV / dK (rows: the key group, non-trans), and dS as the A
   // operand of dQ (this warp's m16 query rows: ldmatrix.trans of dS^T).
   const int pa_ofs = (kg * 16 + (lane & 15)) * kLdS + (lane >> 4) * 8;
@@ -273,16 +332,32 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
       for (int ni = 0; ni < kNI; ++ni)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[ni][e] = acc_dp[ni][e] = 0.f;
+      if constexpr (kNI == 1) {  // one n8 tile: B of steps 2j, 2j + 1 by one ldmatrix.x4
+        auto gemm = [&](float (*acc)[4], const T* sA, const T* sB) {
+#pragma unroll
+          for (int j = 0; j < kKD / 2; ++j) {
+            uint32_t a0[4], a1[4], bb[4];
+            ptx::ldmatrix_x4(a0, sA + a_ofs[(2 * j) % kR] + Sw::step_imm(2 * j));
+            ptx::ldmatrix_x4(a1, sA + a_ofs[(2 * j + 1) % kR] + Sw::step_imm(2 * j + 1));
+            ptx::ldmatrix_x4(bb, sB + b1_ofs[j % kB1] + (4 * j / Sw::kSpan) * Sw::kSpan * 8);
+            const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+            ptx::mma_m16n8k16<T>(acc[0], a0, b0);
+            ptx::mma_m16n8k16<T>(acc[0], a1, b1);
+          }
+        };
+        gemm(acc_s, sK, sQ);
+        gemm(acc_dp, sV, sdO);
+      } else {
 #pragma unroll
       for (int kk = 0; kk < kKD; ++kk) {
         uint32_t ka[4], va[4];
-        ptx::ldmatrix_x4(ka, sK + a_ofs[kk % 4] + (kk / 4) * 64);
-        ptx::ldmatrix_x4(va, sV + a_ofs[kk % 4] + (kk / 4) * 64);
+        ptx::ldmatrix_x4(ka, sK + a_ofs[kk % kR] + Sw::step_imm(kk));
+        ptx::ldmatrix_x4(va, sV + a_ofs[kk % kR] + Sw::step_imm(kk));
 #pragma unroll
         for (int np = 0; np < kNI / 2; ++np) {
           uint32_t qb[4], ob[4];
-          ptx::ldmatrix_x4(qb, sQ + b_ofs[kk % 4] + np * 16 * kHeadDim + (kk / 4) * 64);
-          ptx::ldmatrix_x4(ob, sdO + b_ofs[kk % 4] + np * 16 * kHeadDim + (kk / 4) * 64);
+          ptx::ldmatrix_x4(qb, sQ + b_ofs[kk % kR] + np * 16 * kHeadDim + Sw::step_imm(kk));
+          ptx::ldmatrix_x4(ob, sdO + b_ofs[kk % kR] + np * 16 * kHeadDim + Sw::step_imm(kk));
           const uint32_t q0[2] = {qb[0], qb[1]}, q1[2] = {qb[2], qb[3]};
           const uint32_t o0[2] = {ob[0], ob[1]}, o1[2] = {ob[2], ob[3]};
           ptx::mma_m16n8k16<T>(acc_s[2 * np], ka, q0);
@@ -290,6 +365,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
           ptx::mma_m16n8k16<T>(acc_dp[2 * np], va, o0);
           ptx::mma_m16n8k16<T>(acc_dp[2 * np + 1], va, o1);
         }
+      }
       }
 
       // P^T (dropped and rescaled: what dV needs) and dS^T, 16-bit, to shared memory, in 32-bit
@@ -354,7 +430,28 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
       __syncthreads();  // P^T and dS^T complete (both query parts of every key group)
 
       // dV += P^T dO and dK += dS^T Q on this warp's 16 keys x kDW columns: A by ldmatrix.x4
-      // of P^T / dS^T, B by ldmatrix.x4.trans of dO / Q.
+      // of P^T / dS^T, B by ldmatrix.x4.trans of dO / Q. d > 128 (dK, dV 2 x 24 or 2 x 32
+      // floats per thread, 12 / 16 n8 tiles): one GEMM after the other, so half the operand
+      // registers are live.
+      if constexpr (kHeadDim > 128) {
+        auto gemm = [&](float (*acc)[4], const T* sA, const T* sB) {
+#pragma unroll
+          for (int kk = 0; kk < kKM; ++kk) {
+            uint32_t a[4];
+            ptx::ldmatrix_x4(a, sA + pa_ofs + kk * 16);
+#pragma unroll
+            for (int dp2 = 0; dp2 < kPairs; ++dp2) {
+              uint32_t bb[4];
+              ptx::ldmatrix_x4_trans(bb, sB + t_at(dp2) + kk * 16 * kHeadDim);
+              const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+              ptx::mma_m16n8k16<T>(acc[2 * dp2], a, b0);
+              ptx::mma_m16n8k16<T>(acc[2 * dp2 + 1], a, b1);
+            }
+          }
+        };
+        gemm(acc_dv, sP, sdO);
+        gemm(acc_dk, sdS, sQ);
+      } else {
 #pragma unroll
       for (int kk = 0; kk < kKM; ++kk) {
         uint32_t pa[4], da[4];
@@ -363,7 +460,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
 #pragma unroll
         for (int dp2 = 0; dp2 < kPairs; ++dp2) {
           uint32_t ob[4], qb[4];
-          const int ofs = t_ofs[dp2] + kk * 16 * kHeadDim;
+          const int ofs = t_at(dp2) + kk * 16 * kHeadDim;
           ptx::ldmatrix_x4_trans(ob, sdO + ofs);
           ptx::ldmatrix_x4_trans(qb, sQ + ofs);
           const uint32_t o0[2] = {ob[0], ob[1]}, o1[2] = {ob[2], ob[3]};
@@ -373,6 +470,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
           ptx::mma_m16n8k16<T>(acc_dk[2 * dp2], da, q0);
           ptx::mma_m16n8k16<T>(acc_dk[2 * dp2 + 1], da, q1);
         }
+      }
       }
 
       // dQ (this warp's 16 query rows x kColsQ columns) = dS K over the tile's kBlockN keys,
@@ -385,7 +483,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
         // K by ldmatrix.x4.trans: rows kk * 16 + (lane & 7) + 8 ((lane >> 3) & 1), chunk
         // 2 cp + (lane >> 4), swizzled.
         const int k_ofs = ((lane & 7) + ((lane >> 3) & 1) * 8) * kHeadDim +
-                          (((2 * cp + (lane >> 4)) ^ (lane & 7)) * 8);
+                          Sw::chunk(lane, 2 * cp + (lane >> 4)) * 8;
         float acc_dq[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int kk = 0; kk < kKN; ++kk) {

@@ -3,8 +3,9 @@
 //   - one block per (128-row query tile, batch * query head); 4 warps, 32 query rows each
 //     (two m16 row tiles per warp);
 //   - shared memory: the Q tile and kStages stages of (K tile, V tile), rows of 16-byte chunks
-//     XOR-swizzled (chunk ^ (row % 8)) so that cp.async writes and ldmatrix reads are free of
-//     bank conflicts; every byte arrives by cp.async (zero-filled past the sequence / head dim);
+//     XOR-swizzled (Swz below: chunk ^ (row % 8), or for rows of 4 / 12 chunks (d = 32, 96)
+//     chunk ^ (row / 2 % 4) within groups of 4) so that cp.async writes and ldmatrix reads are
+//     free of bank conflicts; every byte arrives by cp.async (zero-filled past the sequence / head dim);
 //   - a kStages-deep cp.async pipeline over the key tiles with ONE __syncthreads per tile: wait
 //     for tile i's group, barrier (tile i visible to all, stage of tile i-1 free), issue tile
 //     i + kStages - 1 into that free stage, compute tile i;
@@ -54,7 +55,7 @@ struct Fa2FwdTraits {
   static constexpr long kSmemWriteBytesPerTile = 2L * kSmemTileKV;        // cp.async of K, V
   static constexpr long kSmemReadBytesPerTile =
       long(kNWarps) * (2L * kSmemTileKV + kMI * 16L * kHeadDim * 2);       // ldmatrix K, V, Q
-  static_assert(kChunks >= 8, "the swizzle needs head dims >= 64");
+  static_assert(kChunks % 4 == 0, "the swizzle needs head dims that are multiples of 32");
   static_assert(kMI >= 1 && kBlockM == kMI * 16 * kNWarps, "row tiles");
   static_assert(kNI % 2 == 0 && kDI % 2 == 0, "ldmatrix.x4 loads pairs of n8 tiles");
 };
@@ -73,7 +74,19 @@ template <typename T>
 struct Fa2FwdConfig<128, T> {
   using type = Fa2FwdTraits<128, 128, 32, 4, 3, T>;
 };
-// Forward-only head dims (the backward kernels stop at 128): one m16 row tile per warp (64-row
+// d=32 and d=96 (rows of 4 / 12 chunks: the 4-chunk swizzle span), 3 stages:
+//   d=32: 64-key tiles (O is 32 floats per thread, S 64): 8 KB Q + 3 x 8 KB K/V = 32 KB.
+//   d=96: 32-key tiles (O is 96 floats per thread; with 64-key tiles, S 64 more, ptxas spills
+//         at 255 registers), 24 KB Q + 3 x 12 KB K/V = 60 KB.
+template <typename T>
+struct Fa2FwdConfig<32, T> {
+  using type = Fa2FwdTraits<32, 128, 64, 4, 3, T>;
+};
+template <typename T>
+struct Fa2FwdConfig<96, T> {
+  using type = Fa2FwdTraits<96, 128, 32, 4, 3, T>;
+};
+// Head dims 192 and 256: one m16 row tile per warp (64-row
 // query tiles) so that O fits in registers (d=256: 128 floats per thread), 32-key tiles, 2 stages:
 //   d=192: 24 KB Q + 2 x 24 KB K/V = 72 KB;  d=256: 32 KB Q + 2 x 32 KB = 96 KB.
 template <typename T>
@@ -85,10 +98,42 @@ struct Fa2FwdConfig<256, T> {
   using type = Fa2FwdTraits<256, 64, 32, 4, 2, T>;
 };
 
+// Shared-memory swizzle of a tile whose rows are kChunks 16-byte chunks. An ldmatrix phase reads
+// one chunk from each of 8 consecutive rows (== lane mod 8); a cp.async phase of 8 threads
+// writes 8 consecutive chunks. Both are bank-conflict free iff those 8 chunks fall in 8 distinct
+// 16-byte bank groups (address / 16 mod 8).
+//   kChunks % 8 == 0 (d = 64, 128, 192, 256): chunk ^ (row % 8); a row starts at bank group 0,
+//     so the 8 rows' chunks land in groups c ^ 0 .. c ^ 7.
+//   kChunks % 8 == 4 (d = 32: 4 chunks, d = 96: 12 chunks): a row starts at bank group
+//     4 (row % 2), so row % 8 already spreads over two half-lines; the chunk within its aligned
+//     group of 4 is XORed with (row / 2) % 4: the 8 rows land in groups
+//     4 (row % 2) + (c ^ (row / 2 % 4)) (+ the constant of c's group), all distinct. (The same
+//     rule as FlashAttention-2's d96 layout, which tiles 32-element column blocks with a 2-bit
+//     swizzle; here rows stay contiguous, one layout for every kChunks % 4 == 0.)
+template <int kChunks>
+struct Swz {
+  static_assert(kChunks % 4 == 0, "rows must be a multiple of 4 16-byte chunks (d % 32 == 0)");
+  static constexpr int kSpan = kChunks % 8 == 0 ? 8 : 4;  // chunks one XOR stays within
+  static constexpr int kSteps = kSpan / 2;                // k16 steps (chunk pairs) per span
+  // The XOR mask of a row (depends on row % 8 only: offsets by multiples of 8 rows keep it).
+  __device__ __forceinline__ static int mask(int row) {
+    return kSpan == 8 ? (row & 7) : ((row >> 1) & 3);
+  }
+  __device__ __forceinline__ static int chunk(int row, int c) { return c ^ mask(row); }
+  // ldmatrix lane offsets of k16 step r (< kSteps) of a span, chunk bit c (elements), for a lane
+  // whose row is == lane (mod 8): ((2 r + c) ^ m) = ((2 r) ^ (m & ~1)) | (c ^ (m & 1)). Step kk
+  // of a row adds the immediate (kk / kSteps) * kSpan * 8 to lane_ofs(lane, kk % kSteps, c).
+  __device__ __forceinline__ static int lane_ofs(int lane, int r, int c) {
+    const int m = mask(lane);
+    return ((((2 * r) ^ (m & ~1)) | (c ^ (m & 1))) * 8);
+  }
+  __host__ __device__ static constexpr int step_imm(int kk) { return (kk / kSteps) * kSpan * 8; }
+};
+
 // Element offset of (row, 16-byte chunk) in a swizzled tile of kChunks chunks per row.
 template <int kChunks>
 __device__ __forceinline__ int swz(int row, int chunk) {
-  return row * kChunks * 8 + ((chunk ^ (row & 7)) * 8);
+  return row * kChunks * 8 + Swz<kChunks>::chunk(row, chunk) * 8;
 }
 
 // How one (query tile, key tile) is masked: on == false: not at all; else keys past the
@@ -263,15 +308,16 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
   };
 
   // ldmatrix row addresses. Every operand's lane row is == lane (mod 8), so its swizzled chunk
-  // (2 kk + c) ^ (lane & 7) for k step kk (c: the lane's chunk bit) is
-  // 8 (kk / 4) + ((2 (kk % 4)) ^ (lane & 6) | (c ^ lane & 1)): four lane-dependent offsets per
-  // operand, the rest immediates (keeps the unrolled loops from holding one address register per
-  // ldmatrix).
-  const int x6 = lane & 6, x1 = lane & 1;
-  auto chunk_ofs = [&](int r, int c) { return ((((2 * r) ^ x6) | (c ^ x1)) * 8); };
-  int q_ofs[kMI][4], k_ofs[4], v_ofs[4];
+  // for k step kk (c: the lane's chunk bit) splits into Swz::lane_ofs(lane, kk % kSteps, c) and
+  // the immediate Swz::step_imm(kk) (for 8-chunk spans: 8 (kk / 4) + ((2 (kk % 4)) ^ (lane & 6)
+  // | (c ^ lane & 1))): kSteps lane-dependent offsets per operand, the rest immediates (keeps the
+  // unrolled loops from holding one address register per ldmatrix).
+  using Sw = Swz<kChunks>;
+  constexpr int kR = Sw::kSteps;  // lane offsets per operand (4, or 2 for 4-chunk spans)
+  auto chunk_ofs = [&](int r, int c) { return Sw::lane_ofs(lane, r, c); };
+  int q_ofs[kMI][kR], k_ofs[kR], v_ofs[kR];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
+  for (int r = 0; r < kR; ++r) {
 #pragma unroll
     for (int mi = 0; mi < kMI; ++mi)
       q_ofs[mi][r] = (warp * kMI * 16 + mi * 16 + (lane & 15)) * kHeadDim + chunk_ofs(r, lane >> 4);
@@ -298,11 +344,11 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
       uint32_t qa[kMI][4];
 #pragma unroll
       for (int mi = 0; mi < kMI; ++mi)
-        ptx::ldmatrix_x4(qa[mi], sQ + q_ofs[mi][kk % 4] + (kk / 4) * 64);
+        ptx::ldmatrix_x4(qa[mi], sQ + q_ofs[mi][kk % kR] + Sw::step_imm(kk));
 #pragma unroll
       for (int np = 0; np < kNI / 2; ++np) {
         uint32_t kb[4];
-        ptx::ldmatrix_x4(kb, sK + k_ofs[kk % 4] + np * 16 * kHeadDim + (kk / 4) * 64);
+        ptx::ldmatrix_x4(kb, sK + k_ofs[kk % kR] + np * 16 * kHeadDim + Sw::step_imm(kk));
         const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
 #pragma unroll
         for (int mi = 0; mi < kMI; ++mi) {
@@ -419,7 +465,7 @@ __global__ void __launch_bounds__(Kt::kNThreads, Kt::kMinBlocksPerSm)
 #pragma unroll
         for (int dp = 0; dp < kDI / 2; ++dp) {
           uint32_t vb[4];
-          ptx::ldmatrix_x4_trans(vb, sV + v_ofs[dp % 4] + kk * 16 * kHeadDim + (dp / 4) * 64);
+          ptx::ldmatrix_x4_trans(vb, sV + v_ofs[dp % kR] + kk * 16 * kHeadDim + Sw::step_imm(dp));
           const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
 #pragma unroll
           for (int mi = 0; mi < kMI; ++mi) {

@@ -102,10 +102,11 @@ inline uint32_t dropout_threshold_24(double p) {
   return t <= 0 ? 0u : (t >= 16777216.0 ? 16777216u : static_cast<uint32_t>(t));
 }
 
-// Head dims the kernels are compiled for: d is padded up to 64 or 128 (d % 8 == 0); the forward
-// also up to 192 or 256 (the FA2 class kernel only; no backward above 128).
-constexpr int64_t kMaxHeadDim = 128;
-constexpr int64_t kMaxHeadDimFwd = 256;
+// Head dims the kernels are compiled for (d % 8 == 0, padded up to the next one): the FA2 class
+// forward and atomic-dQ backward (atomic_dq = 1) for 32, 64, 96, 128, 192, 256; the wmma kernels
+// (the deterministic backward, the forward of block masks with BLOCK_M = 64) for 64 and 128.
+constexpr int64_t kMaxHeadDim = 128;     // wmma kernels: the deterministic backward stops here
+constexpr int64_t kMaxHeadDimFwd = 256;  // FA2 class kernels, forward and atomic backward
 // Block-sparse calls need mask blocks that are multiples of every kernel tile (see
 // kernel_traits.h): BLOCK_M and BLOCK_N multiples of 64.
 constexpr int64_t kMaskBlockMultiple = 64;

@@ -24,9 +24,12 @@ const char* check_params(const FlashParams& p, bool backward) {
   if (p.b < 1 || p.hq < 1 || p.hkv < 1 || p.nq < 1 || p.nk < 1)
     return "sizes must be positive (empty inputs are handled before the kernels)";
   if (p.hq % p.hkv != 0) return "the number of query heads must be a multiple of kv heads";
-  if (p.d < 8 || p.d % 8 != 0 || p.d > (backward ? kMaxHeadDim : kMaxHeadDimFwd))
-    return backward ? "head dim must be a multiple of 8 in [8, 128] (backward)"
+  if (p.d < 8 || p.d % 8 != 0 || p.d > kMaxHeadDimFwd)
+    return backward ? "head dim must be a multiple of 8 in [8, 256] (backward)"
                     : "head dim must be a multiple of 8 in [8, 256]";
+  if (backward && !p.atomic_dq && p.d > kMaxHeadDim)
+    return "head dim must be a multiple of 8 in [8, 128] (backward) with the deterministic "
+           "backward (atomic_dq = 0, deterministic=True); the atomic-dQ backward serves up to 256";
   if (p.b * p.hq > 65535) return "batch * heads must be at most 65535 (grid y)";
   if (p.window_left < -1 || p.window_right < -1) return "window sides must be >= -1";
   if (!p.q || !p.k || !p.v || !p.o || !p.lse) return "null tensor pointer";
@@ -74,27 +77,21 @@ const char* check_params(const FlashParams& p, bool backward) {
 
 void run_fwd(FlashParams& p, void* stream) {
   if (const char* why = check_params(p, false)) throw std::invalid_argument(why);
-  if (p.d > 128) {  // forward-only head dims: the FA2 class kernel, padded up to 192 or 256
-    FP16_SWITCH(p.is_bf16, [&] {
-      BOOL_SWITCH(p.block_sparse, kSparse, [&] {
-        if (p.d <= 192)
-          run_fa2_fwd_<elem_type, 192, kSparse>(p, static_cast<cudaStream_t>(stream));
-        else
-          run_fa2_fwd_<elem_type, 256, kSparse>(p, static_cast<cudaStream_t>(stream));
-      });
-    });
-    return;
-  }
   FP16_SWITCH(p.is_bf16, [&] {
-    HEADDIM_SWITCH(p.d, [&] {
-      BOOL_SWITCH(p.block_sparse, kSparse, [&] {
-        // The FlashAttention-2 class kernel serves every dense call and the block masks whose
-        // BLOCK_M is a multiple of its 128-row query tile; the wmma kernel the other masks.
-        if (!kSparse || p.mask_block_m % kFa2FwdBlockM == 0)
+    BOOL_SWITCH(p.block_sparse, kSparse, [&] {
+      // The FlashAttention-2 class kernel (head dims 32 / 64 / 96 / 128 / 192 / 256) serves every
+      // dense call and the block masks whose BLOCK_M is a multiple of its query tile (128 rows
+      // for d <= 128, 64 above: always); the wmma kernel (64 / 128) the other masks.
+      const int64_t fa2_block_m = p.d <= 128 ? kFa2FwdBlockM : kFa2FwdBlockMWide;
+      if (!kSparse || p.mask_block_m % fa2_block_m == 0) {
+        FA2_HEADDIM_SWITCH(p.d, [&] {
           run_fa2_fwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
-        else
+        });
+      } else {
+        HEADDIM_SWITCH(p.d, [&] {
           run_fwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
-      });
+        });
+      }
     });
   });
 }
@@ -102,15 +99,19 @@ void run_fwd(FlashParams& p, void* stream) {
 void run_bwd(FlashParams& p, void* stream) {
   if (const char* why = check_params(p, true)) throw std::invalid_argument(why);
   FP16_SWITCH(p.is_bf16, [&] {
-    HEADDIM_SWITCH(p.d, [&] {
-      BOOL_SWITCH(p.block_sparse, kSparse, [&] {
-        // deterministic=False (atomic_dq): the FlashAttention-2 class backward, atomic dQ; its
-        // 64-key / 32- or 64-query tiles divide every mask block the kernels accept.
-        if (p.atomic_dq)
+    BOOL_SWITCH(p.block_sparse, kSparse, [&] {
+      // deterministic=False (atomic_dq): the FlashAttention-2 class backward, atomic dQ (head
+      // dims 32 / 64 / 96 / 128 / 192 / 256); its key / query tiles (32 or 64) divide every
+      // mask block the kernels accept. deterministic=True: the wmma kernels (64 / 128).
+      if (p.atomic_dq) {
+        FA2_HEADDIM_SWITCH(p.d, [&] {
           run_fa2_bwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
-        else
+        });
+      } else {
+        HEADDIM_SWITCH(p.d, [&] {
           run_bwd_<elem_type, kHeadDim, kSparse>(p, static_cast<cudaStream_t>(stream));
-      });
+        });
+      }
     });
   });
 }

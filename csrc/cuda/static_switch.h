@@ -25,8 +25,8 @@
     }                                     \
   }()
 
-// Head dims are padded up to the next compiled size (zero-filled columns): d <= 64 -> 64,
-// d <= 128 -> 128. check_params() has rejected anything larger.
+// The wmma kernels: head dims are padded up to the next compiled size (zero-filled columns):
+// d <= 64 -> 64, d <= 128 -> 128. Their callers have checked d <= 128.
 #define HEADDIM_SWITCH(HEADDIM, ...)        \
   [&] {                                     \
     if ((HEADDIM) <= 64) {                  \
@@ -34,6 +34,32 @@
       return __VA_ARGS__();                 \
     } else {                                \
       constexpr static int kHeadDim = 128;  \
+      return __VA_ARGS__();                 \
+    }                                       \
+  }()
+
+// The FlashAttention-2 class kernels (fa2_fwd_kernel.h, fa2_bwd_kernel.h) are compiled for head
+// dims 32, 64, 96, 128, 192 and 256; d pads up to the next one. check_params() has rejected
+// anything above 256.
+#define FA2_HEADDIM_SWITCH(HEADDIM, ...)    \
+  [&] {                                     \
+    if ((HEADDIM) <= 32) {                  \
+      constexpr static int kHeadDim = 32;   \
+      return __VA_ARGS__();                 \
+    } else if ((HEADDIM) <= 64) {           \
+      constexpr static int kHeadDim = 64;   \
+      return __VA_ARGS__();                 \
+    } else if ((HEADDIM) <= 96) {           \
+      constexpr static int kHeadDim = 96;   \
+      return __VA_ARGS__();                 \
+    } else if ((HEADDIM) <= 128) {          \
+      constexpr static int kHeadDim = 128;  \
+      return __VA_ARGS__();                 \
+    } else if ((HEADDIM) <= 192) {          \
+      constexpr static int kHeadDim = 192;  \
+      return __VA_ARGS__();                 \
+    } else {                                \
+      constexpr static int kHeadDim = 256;  \
       return __VA_ARGS__();                 \
     }                                       \
   }()

@@ -60,7 +60,7 @@ def _info(args) -> int:
             dts = ",".join(str(d).replace("torch.", "") for d in b.dtypes)
             hd = f"head dim <= {b.max_head_dim}" if b.max_head_dim < 1 << 20 else "any head dim"
             if getattr(b, "max_head_dim_grad", None):  # cuda: the backward stops lower
-                hd += f" (<= {b.max_head_dim_grad} with gradients)"
+                hd += f" (<= {b.max_head_dim_grad} with deterministic gradients)"
             caps = (f" [{'/'.join(b.devices)}; {dts}; {hd}; "
                     f"window={'y' if b.supports_window else 'n'} "
                     f"block_mask={'y' if b.supports_block_mask else 'n'} "

@@ -447,8 +447,19 @@ inline void run_block(Launch& l, std::vector<int>& order, std::mt19937_64& rng) 
   }
 }
 
+// Every launch's configuration, in order (tests read it to see which instantiation ran).
+struct LaunchRecord {
+  dim3 grid, block;
+  size_t smem;
+};
+inline std::vector<LaunchRecord>& launch_log() {
+  static thread_local std::vector<LaunchRecord> log;
+  return log;
+}
+
 inline void run_grid(const void* fn, dim3 grid, dim3 block, size_t smem,
                      std::function<void()> body) {
+  launch_log().push_back(LaunchRecord{grid, block, smem});
   const size_t nthreads = size_t(block.x) * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024 || block.z > 64)
     throw Error("invalid block size " + std::to_string(block.x) + "x" + std::to_string(block.y) +

@@ -149,6 +149,17 @@ def _run(p, backward):
         raise EmulatedKernelError(err.decode())
 
 
+def last_launches() -> list[dict]:
+    """The kernel launches of the last forward / backward call, in order: grid (x, y), threads
+    per block and dynamic shared memory bytes (which instantiation ran: tiles and head dim)."""
+    L = lib()
+    L.fa_emu_last_launches.restype = ctypes.c_long
+    buf = (ctypes.c_long * (4 * 16))()
+    n = L.fa_emu_last_launches(buf, 16)
+    return [dict(grid=(buf[4 * i], buf[4 * i + 1]), threads=buf[4 * i + 2], smem=buf[4 * i + 3])
+            for i in range(min(n, 16))]
+
+
 def forward(q, k, v, *, scale=None, window=(-1, -1), block_mask=None, **mods):
     """mods: softcap=, alibi_slopes= ((Hq,) or (B, Hq)), dropout_p=, dropout_seed=."""
     q, k, v = _prep(q), _prep(k), _prep(v)

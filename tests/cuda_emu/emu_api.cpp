@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cuda/decode.h"
+#include "cuda/fa2_fwd_kernel.h"
 #include "cuda/flash.h"
 #include "cuda_emu.h"
 
@@ -50,6 +51,18 @@ const size_t kDecodeOffsets[] = {
 };
 }  // namespace
 
+// The FA2 kernels' shared-memory swizzle (fa2_fwd_kernel.h Swz) for rows of kchunks 16-byte
+// chunks: mode 0: swz(row, chunk) (element offset); mode 1: the ldmatrix lane offset of k16 step
+// a (chunk bit b) plus its immediate, Swz::lane_ofs(lane = row, a % kSteps, b) + step_imm(a).
+// -1 for a row width the kernels do not use.
+template <int K>
+static long swz_query(long mode, long row, long a, long b) {
+  using S = fastattn::cuda::Swz<K>;
+  if (mode == 0) return fastattn::cuda::swz<K>(static_cast<int>(row), static_cast<int>(a));
+  return S::lane_ofs(static_cast<int>(row), static_cast<int>(a % S::kSteps),
+                     static_cast<int>(b)) + S::step_imm(static_cast<int>(a));
+}
+
 extern "C" {
 
 long fa_emu_params_size() { return static_cast<long>(sizeof(FlashParams)); }
@@ -64,8 +77,35 @@ void fa_emu_set_schedule(int schedule, unsigned long long seed) {
   cuda_emu::set_schedule(schedule, seed);
 }
 
+// The launches of the last fa_emu_run: up to n records of (grid x, grid y, threads per block,
+// dynamic shared memory bytes) into out[4 i ..]; returns how many launches there were.
+long fa_emu_last_launches(long* out, long n) {
+  const auto& log = cuda_emu::detail::launch_log();
+  const long count = static_cast<long>(log.size());
+  for (long i = 0; i < count && i < n; ++i) {
+    out[4 * i] = log[i].grid.x;
+    out[4 * i + 1] = log[i].grid.y;
+    out[4 * i + 2] = static_cast<long>(log[i].block.x) * log[i].block.y * log[i].block.z;
+    out[4 * i + 3] = static_cast<long>(log[i].smem);
+  }
+  return count;
+}
+
+long fa_emu_swz(long kchunks, long mode, long row, long a, long b) {
+  switch (kchunks) {
+    case 4: return swz_query<4>(mode, row, a, b);
+    case 8: return swz_query<8>(mode, row, a, b);
+    case 12: return swz_query<12>(mode, row, a, b);
+    case 16: return swz_query<16>(mode, row, a, b);
+    case 24: return swz_query<24>(mode, row, a, b);
+    case 32: return swz_query<32>(mode, row, a, b);
+    default: return -1;
+  }
+}
+
 // Returns nullptr on success, else the error message (valid until the next call).
 const char* fa_emu_run(FlashParams* p, int backward) {
+  cuda_emu::detail::launch_log().clear();
   try {
     if (backward)
       fastattn::cuda::run_bwd(*p, nullptr);

@@ -1,6 +1,6 @@
 """The cuda backend (csrc/cuda, the fastattn._cuda extension) on a real GPU against the
-float64 oracle (cases: gpu_cases.py; the ones it does not serve, e.g. head dim 256, skip with
-its reason), with both backwards (deterministic=True: the wmma one; False: the FA2 class one). Run by `make gpu-check` after it builds the extension; skipped without a GPU."""
+float64 oracle (cases: gpu_cases.py; the ones it does not serve, e.g. head dim 256 with
+deterministic=True, skip with its reason), with both backwards (deterministic=True: the wmma one; False: the FA2 class one). Run by `make gpu-check` after it builds the extension; skipped without a GPU."""
 
 import pytest
 

@@ -21,8 +21,10 @@ the lse gradient reaches the kernels as dlse). block_mask[] is
 empty for dense/window calls, else BlockMask.kernel_tensors() with the mask's own token window.
 
 What the kernels do: float16/bfloat16 (fp32 softmax statistics and accumulation), head dims
-that are multiples of 8 up to 128 (compiled for 64 and 128, smaller ones zero-padded), and
-forward-only up to 256 (the FlashAttention-2 class forward, compiled for 192 and 256), GQA,
+that are multiples of 8 up to 256: the FlashAttention-2 class forward and the deterministic=False
+backward are compiled for 32, 64, 96, 128, 192 and 256 (others zero-padded up to the next), the
+deterministic=True backward (and the forward of block masks with BLOCK_M = 64) for 64 and 128,
+so gradients above head dim 128 need deterministic=False; GQA,
 causal/window (bottom-right aligned), block masks whose BLOCK_M and BLOCK_N are multiples of 64,
 and the score modifiers of fastattn.score_mods inside the fused loops (softcap, ALiBi slopes
 (Hq,) or (B, Hq), dropout whose keep bits the backward regenerates from the seed).
@@ -136,8 +138,8 @@ class CUDABackend(Backend):
     priority = 40
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
-    max_head_dim = 256  # forward; the backward kernels stop at max_head_dim_grad
-    max_head_dim_grad = 128
+    max_head_dim = 256  # forward, and the deterministic=False (atomic-dQ) backward
+    max_head_dim_grad = 128  # the deterministic=True backward (the wmma kernels)
     supports_window = True
     supports_block_mask = True
     supports_backward = True
@@ -160,9 +162,11 @@ class CUDABackend(Backend):
                            f"{str(p.dtype).replace('torch.', '')}")
         if max(p.D, p.Dv) > self.max_head_dim:
             reasons.append(f"supports head dims up to {self.max_head_dim}, got {max(p.D, p.Dv)}")
-        elif p.needs_grad and max(p.D, p.Dv) > self.max_head_dim_grad:
+        elif p.needs_grad and p.deterministic and max(p.D, p.Dv) > self.max_head_dim_grad:
             reasons.append(f"supports head dims up to {self.max_head_dim_grad} with gradients "
-                           f"({self.max_head_dim} forward-only), got {max(p.D, p.Dv)}")
+                           f"when deterministic=True (its bitwise-reproducible backward), got "
+                           f"{max(p.D, p.Dv)}; deterministic=False (the atomic-dQ backward) "
+                           f"serves up to {self.max_head_dim}")
         if p.D % 8 != 0:
             reasons.append(f"needs a head dim that is a multiple of 8, got {p.D}")
         if p.D != p.Dv:

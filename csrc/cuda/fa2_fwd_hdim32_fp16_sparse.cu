@@ -1,0 +1,6 @@
+// One instantiation per file (see flash_launch.h).
+#include "flash_launch_template.h"
+
+namespace fastattn::cuda {
+template void run_fa2_fwd_<__half, 32, true>(FlashParams&, cudaStream_t);
+}  // namespace fastattn::cuda

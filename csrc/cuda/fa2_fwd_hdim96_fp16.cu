@@ -1,0 +1,6 @@
+// One instantiation per file (see flash_launch.h).
+#include "flash_launch_template.h"
+
+namespace fastattn::cuda {
+template void run_fa2_fwd_<__half, 96, false>(FlashParams&, cudaStream_t);
+}  // namespace fastattn::cuda
