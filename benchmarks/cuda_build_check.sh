@@ -74,7 +74,7 @@ for name, call in [
         call()
     except RuntimeError as e:
         msg = str(e).splitlines()[0]
-        assert "CUDA tensors" in msg and "backend='cpu'" in msg, msg
+        assert "CUDA tensors" in msg and "backend='cpu'" in msg and "but q is on" in msg, msg
         print(f"{name} on CPU tensors -> RuntimeError: {msg}")
     else:
         raise SystemExit(f"{name} on CPU tensors did not raise")

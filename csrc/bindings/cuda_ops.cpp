@@ -42,14 +42,17 @@
 namespace fastattn::cuda {
 namespace {
 
-#define CHECK_DEVICE(x, ref)                                                                  \
-  TORCH_CHECK((x).is_cuda(), "fastattn::cuda ops run on CUDA tensors, but " #x " is on ",    \
+// name: how the message calls x (the op's argument name)
+#define CHECK_DEVICE_AS(x, name, ref)                                                         \
+  TORCH_CHECK((x).is_cuda(), "fastattn::cuda ops run on CUDA tensors, but " name " is on ",   \
               (x).device(), "; use backend='cpu' (or move the inputs with .cuda())");         \
-  TORCH_CHECK((x).device() == (ref).device(), "fastattn::cuda: " #x " is on ", (x).device(), \
+  TORCH_CHECK((x).device() == (ref).device(), "fastattn::cuda: " name " is on ", (x).device(), \
               " but q is on ", (ref).device())
-#define CHECK_SHAPE(x, ...)                                                                    \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "fastattn::cuda: " #x " must have " \
+#define CHECK_DEVICE(x, ref) CHECK_DEVICE_AS(x, #x, ref)
+#define CHECK_SHAPE_AS(x, name, ...)                                                           \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "fastattn::cuda: " name " must have " \
               "shape (" #__VA_ARGS__ "), got ", (x).sizes())
+#define CHECK_SHAPE(x, ...) CHECK_SHAPE_AS(x, #x, __VA_ARGS__)
 
 // Last dim contiguous, other strides multiples of 8 elements, 16-byte aligned; else a copy.
 at::Tensor kernel_layout(const at::Tensor& t) {
@@ -101,7 +104,7 @@ Mods make_mods(const at::Tensor& q, double softcap, const std::optional<at::Tens
   m.dropout_seed = dropout_seed;
   if (alibi.has_value() && alibi->defined()) {
     const at::Tensor& a = *alibi;
-    CHECK_DEVICE(a, q);
+    CHECK_DEVICE_AS(a, "alibi_slopes", q);
     const int64_t B = q.size(0), Hq = q.size(1);
     TORCH_CHECK((a.dim() == 1 && a.size(0) == Hq) || (a.dim() == 2 && a.size(0) == B &&
                                                       a.size(1) == Hq),
@@ -143,7 +146,7 @@ FlashParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
     TORCH_CHECK(bm.size() == kBlockMaskFieldCount, "fastattn::cuda: block_mask must be the ",
                 int(kBlockMaskFieldCount), " tensors of BlockMask.kernel_mask().lists, got ", bm.size());
     for (int f = 0; f < kBlockMaskFieldCount; ++f) {
-      CHECK_DEVICE(bm[f], q);
+      CHECK_DEVICE_AS(bm[f], "block_mask", q);
       const auto want = f == kPartialMasks ? at::kByte : at::kInt;
       TORCH_CHECK(bm[f].scalar_type() == want && bm[f].is_contiguous() && bm[f].dim() == block_mask_field_rank(f),
                   "fastattn::cuda: block_mask.", kBlockMaskFieldNames[f], " must be a contiguous ",
@@ -212,19 +215,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_bwd(
     bool deterministic) {
   check_qkv(q_, k_, v_);
   const Mods mods = make_mods(q_, softcap, alibi_slopes, dropout_p, dropout_seed);
-  CHECK_DEVICE(dout_, q_);
-  CHECK_DEVICE(out_, q_);
-  CHECK_DEVICE(lse_, q_);
-  CHECK_SHAPE(out_, q_.size(0), q_.size(1), q_.size(2), q_.size(3));
-  CHECK_SHAPE(dout_, q_.size(0), q_.size(1), q_.size(2), q_.size(3));
-  CHECK_SHAPE(lse_, q_.size(0), q_.size(1), q_.size(2));
+  CHECK_DEVICE_AS(dout_, "dout", q_);
+  CHECK_DEVICE_AS(out_, "out", q_);
+  CHECK_DEVICE_AS(lse_, "lse", q_);
+  CHECK_SHAPE_AS(out_, "out", q_.size(0), q_.size(1), q_.size(2), q_.size(3));
+  CHECK_SHAPE_AS(dout_, "dout", q_.size(0), q_.size(1), q_.size(2), q_.size(3));
+  CHECK_SHAPE_AS(lse_, "lse", q_.size(0), q_.size(1), q_.size(2));
   const at::Tensor q = kernel_layout(q_), k = kernel_layout(k_), v = kernel_layout(v_);
   const at::Tensor out = kernel_layout(out_), dout = kernel_layout(dout_.to(q.scalar_type()));
   const at::Tensor lse = lse_.to(at::kFloat).contiguous();
   at::Tensor dlse;
   if (dlse_.has_value() && dlse_->defined()) {
-    CHECK_DEVICE(*dlse_, q_);
-    CHECK_SHAPE(*dlse_, q_.size(0), q_.size(1), q_.size(2));
+    CHECK_DEVICE_AS(*dlse_, "dlse", q_);
+    CHECK_SHAPE_AS(*dlse_, "dlse", q_.size(0), q_.size(1), q_.size(2));
     dlse = dlse_->to(at::kFloat).contiguous();
   }
   const c10::cuda::CUDAGuard guard(q.device());
@@ -271,9 +274,9 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode(
     const std::optional<at::Tensor>& cache_seqlens, double scale, int64_t wl, int64_t wr,
     double softcap, const std::optional<at::Tensor>& alibi_slopes, int64_t num_splits,
     int64_t max_len) {
-  CHECK_DEVICE(q_, q_);
-  CHECK_DEVICE(k_, q_);
-  CHECK_DEVICE(v_, q_);
+  CHECK_DEVICE_AS(q_, "q", q_);
+  CHECK_DEVICE_AS(k_, "k_cache", q_);
+  CHECK_DEVICE_AS(v_, "v_cache", q_);
   TORCH_CHECK(q_.scalar_type() == at::kHalf || q_.scalar_type() == at::kBFloat16,
               "fastattn::cuda_decode supports float16 and bfloat16, got ", q_.scalar_type());
   TORCH_CHECK(k_.scalar_type() == q_.scalar_type() && v_.scalar_type() == q_.scalar_type(),
@@ -282,8 +285,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode(
               "fastattn::cuda_decode: q, k_cache, v_cache must be 4-D (B, H, N, D)");
   const int64_t B = q_.size(0), Hq = q_.size(1), Nq = q_.size(2), D = q_.size(3);
   const int64_t Hkv = k_.size(1), Ncache = k_.size(2), Dv = v_.size(3);
-  CHECK_SHAPE(k_, B, Hkv, Ncache, D);
-  CHECK_SHAPE(v_, B, Hkv, Ncache, Dv);
+  CHECK_SHAPE_AS(k_, "k_cache", B, Hkv, Ncache, D);
+  CHECK_SHAPE_AS(v_, "v_cache", B, Hkv, Ncache, Dv);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "fastattn::cuda_decode: query heads (", Hq,
               ") must be a multiple of kv heads (", Hkv, ")");
   const Mods mods = make_mods(q_, softcap, alibi_slopes, 0.0, 0);
@@ -293,8 +296,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode(
   const at::Tensor v = v_.stride(3) == 1 ? v_ : v_.contiguous();
   at::Tensor seqlens;
   if (cache_seqlens.has_value() && cache_seqlens->defined()) {
-    CHECK_DEVICE(*cache_seqlens, q_);
-    CHECK_SHAPE(*cache_seqlens, B);
+    CHECK_DEVICE_AS(*cache_seqlens, "cache_seqlens", q_);
+    CHECK_SHAPE_AS(*cache_seqlens, "cache_seqlens", B);
     seqlens = cache_seqlens->to(at::kInt).contiguous();
   }
   const c10::cuda::CUDAGuard guard(q.device());
