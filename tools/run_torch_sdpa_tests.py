@@ -23,6 +23,8 @@ by this script, and pytest runs it there; the user's copy is never modified. The
   - drops parametrizations whose sequence lengths exceed --max-len (parameters named
     *seq_len*, and the (B, H, Lq, Lk, D) `shape` tuples of TestAttnBias), then runs a
     seeded random sample of --sample of them (0: all);
+  - (--no-patch: the same selection without the patch, i.e. torch's own function: the
+    baseline that tells fastattn's failures from the file's own failures on this torch)
   - counts, per test and in total, the calls of the patched function that fastattn's
     kernels served and those it handed to torch's original (fastattn.patching.stats), and
     tallies the fallbacks by the argument feature that sent them to torch, so that a pass
@@ -88,7 +90,8 @@ import fastattn.patching as _patching
 
 # Patched before the test file is imported: its `from torch.nn.functional import
 # scaled_dot_product_attention` binds fastattn's wrapper.
-_PATCH = fastattn.patch_sdpa()
+_BASELINE = os.environ.get("FASTATTN_SDPA_BASELINE") == "1"  # --no-patch: torch alone
+_PATCH = None if _BASELINE else fastattn.patch_sdpa()
 _STATS = _patching.stats
 _totals = {"calls": 0, "fastattn": 0, "torch": 0}
 _per_test = {}
@@ -149,7 +152,8 @@ def _classifying(*args, **kwargs):
 
 
 # The patched wrapper looks the API function up on the module at call time.
-_api.scaled_dot_product_attention = _classifying
+if not _BASELINE:
+    _api.scaled_dot_product_attention = _classifying
 
 
 @pytest.fixture(autouse=True)
@@ -276,6 +280,8 @@ def main(argv=None) -> int:
                     help="comma-separated test class names (without the CPU suffix)")
     ap.add_argument("--with-transformers", action="store_true",
                     help="also run all of TestTransformers (nn.MultiheadAttention etc.)")
+    ap.add_argument("--no-patch", action="store_true",
+                    help="baseline: run the same selection on torch's own function (no patch)")
     ap.add_argument("--stats", help="write the call counts (JSON) to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     # anything after `--` goes to pytest (e.g. -- -k causal -x)
@@ -302,7 +308,8 @@ def main(argv=None) -> int:
         env = dict(os.environ, FASTATTN_SDPA_CLASSES=a.classes,
                    FASTATTN_SDPA_WITH_TRANSFORMERS="1" if a.with_transformers else "0",
                    FASTATTN_SDPA_MAX_LEN=str(a.max_len), FASTATTN_SDPA_SAMPLE=str(a.sample),
-                   FASTATTN_SDPA_SEED=str(a.seed))
+                   FASTATTN_SDPA_SEED=str(a.seed),
+                   FASTATTN_SDPA_BASELINE="1" if a.no_patch else "0")
         if a.stats:
             env["FASTATTN_SDPA_STATS"] = str(Path(a.stats).resolve())
         cmd = [sys.executable, "-m", "pytest", "test_transformers.py", "-q", "-rfEs", *extra]

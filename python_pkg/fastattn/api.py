@@ -156,35 +156,82 @@ def run(q, k, v, opts: Options, *, block_mask=None, alibi_slopes=None):
 _SDPA_FUSED = ("cuda", "triton", "cpu")
 
 
+def _causal_bias_variant(attn_mask):
+    """'upper_left' / 'lower_right' for torch's CausalBias objects
+    (torch.nn.attention.bias.causal_upper_left / causal_lower_right), else None."""
+    bias = getattr(getattr(torch.nn, "attention", None), "bias", None)
+    if bias is None or not isinstance(attn_mask, bias.CausalBias):
+        return None
+    return "upper_left" if attn_mask.variant == bias.CausalVariant.UPPER_LEFT else "lower_right"
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention, same signature and semantics
-    (is_causal is top-left aligned, as in torch). Calls fastattn's fused kernels where they
-    apply (4-D inputs, no attn_mask, no dropout) and torch's own function otherwise."""
+    (is_causal is top-left aligned, as in torch; torch's CausalBias masks as torch applies
+    them). Calls fastattn's fused kernels where they apply (3-D or 4-D inputs, no tensor
+    attn_mask, no dropout, a dtype and head dim a kernel takes) and torch's own function
+    otherwise."""
     validate_attn_mask(attn_mask, query, key)  # before torch or a kernel sees it
     torch_sdpa = _torch_sdpa()
+    lower_right = False
+    variant = _causal_bias_variant(attn_mask)
+    if variant is not None:
+        # What torch's CausalBias does (torch.nn.attention.bias.CausalBias._dispatch), done
+        # here: torch finds that code through F.scaled_dot_product_attention, which the
+        # patch replaces, so handing the bias object to torch's builtin would ignore it.
+        if is_causal:
+            raise ValueError("CausalBias should not be used with causal=True")
+        L, S = attn_mask.seq_len_q, attn_mask.seq_len_kv
+        if L == S or variant == "upper_left":
+            attn_mask, is_causal = None, True  # torch: is_causal=True, top-left
+        else:
+            attn_mask, lower_right = None, True  # bottom-right: query i sees j <= i + S - L
     args = (query, key, value)
     kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                   enable_gqa=enable_gqa)
+
+    def to_torch():
+        if lower_right:  # the mask torch's CausalBias materializes for this case
+            L, S = query.shape[-2], key.shape[-2]
+            kwargs["attn_mask"] = torch.ones(L, S, dtype=torch.bool,
+                                             device=query.device).tril(diagonal=S - L)
+        return torch_sdpa(*args, **kwargs)
+
+    ndim = query.ndim if isinstance(query, torch.Tensor) else -1
     route = (
-        all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in args)
+        all(isinstance(t, torch.Tensor) and t.ndim == ndim and not t.is_nested for t in args)
+        and ndim in (3, 4)
         and attn_mask is None
         and dropout_p == 0.0
         and query.dtype == key.dtype == value.dtype
         and query.device == key.device == value.device
-        and query.shape[0] == key.shape[0] == value.shape[0]
-        and key.shape[1] == value.shape[1] and key.shape[2] == value.shape[2]
+        and query.shape[:-3] == key.shape[:-3] == value.shape[:-3]
+        and key.shape[-3] == value.shape[-3] and key.shape[-2] == value.shape[-2]
         and query.shape[-1] == key.shape[-1]
-        and (query.shape[1] == key.shape[1] or (enable_gqa and key.shape[1] > 0
-                                                and query.shape[1] % key.shape[1] == 0))
-        and (not is_causal or query.shape[2] >= key.shape[2])
-        and min(query.shape[2], key.shape[2], query.shape[0], query.shape[1]) > 0
+        and (query.shape[-3] == key.shape[-3] or (enable_gqa and key.shape[-3] > 0
+                                                  and query.shape[-3] % key.shape[-3] == 0))
+        # lower-right with Nq > Nk leaves the first rows without keys: torch's semantics
+        and (not lower_right or query.shape[-2] <= key.shape[-2])
+        and min(query.shape[-2], key.shape[-2], query.shape[-3], *query.shape[:-3]) > 0
     )
     if not route:
-        return torch_sdpa(*args, **kwargs)
+        return to_torch()
+    if ndim == 3:  # (H, L, E): torch reads dim -3 as the heads (enable_gqa groups it)
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     Nq, Nk = query.shape[2], key.shape[2]
-    # torch's causal is top-left: j <= i, i.e. right = Nq - Nk in bottom-right terms.
-    window = (-1, Nq - Nk) if is_causal else (-1, -1)
+    if lower_right:
+        window = (-1, 0)  # fastattn's own (bottom-right) causal rule
+    elif is_causal and Nq < Nk:
+        # top-left: query i sees j <= i, so keys Nq.. are seen by no query; on the first Nq
+        # keys top-left and bottom-right coincide (their gradients are 0 through the slice)
+        key, value, Nk = key[:, :, :Nq], value[:, :, :Nq], Nq
+        window = (-1, 0)
+    elif is_causal:
+        # torch's causal is top-left: j <= i, i.e. right = Nq - Nk in bottom-right terms.
+        window = (-1, Nq - Nk)
+    else:
+        window = (-1, -1)
     p = Problem(
         device=query.device, dtype=query.dtype, B=query.shape[0], Hq=query.shape[1],
         Hkv=key.shape[1], Nq=Nq, Nk=Nk, D=query.shape[-1], Dv=value.shape[-1],
@@ -195,10 +242,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     try:
         impl = dispatch.select(p, "auto", candidates=_SDPA_FUSED)
     except dispatch.BackendUnavailableError:
-        return torch_sdpa(*args, **kwargs)
+        return to_torch()
     if impl.name == "sdpa":  # the GPU policy hands this call to torch (DESIGN.md)
-        return torch_sdpa(*args, **kwargs)
-    return impl.forward(query, key, value, p)[0]
+        return to_torch()
+    out = impl.forward(query, key, value, p)[0]
+    return out.squeeze(0) if ndim == 3 else out
 
 
 def _torch_sdpa():

@@ -1,0 +1,116 @@
+"""Regressions found by running PyTorch's own SDPA tests (test/test_transformers.py) with
+fastattn.patch_sdpa() active (tools/run_torch_sdpa_tests.py,
+benchmarks/results/torch_sdpa_conformance.md): each case is checked against torch's own
+function, called while unpatched, and against where the call ran (fastattn.patching.stats)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_cpu_ext
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fastattn
+from fastattn.patching import patch_sdpa, stats, unpatch_sdpa
+
+pytestmark = requires_cpu_ext
+
+ORIGINAL = F.scaled_dot_product_attention
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    stats.reset()
+    yield
+    unpatch_sdpa()
+    assert F.scaled_dot_product_attention is ORIGINAL
+
+
+def _qkv(B, H, Nq, Nk, D, dtype=torch.float32, Hkv=None, grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Nq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv or H, Nk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv or H, Nk, D, generator=g).to(dtype)
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def _grads(fn, q, k, v, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    out.backward(torch.ones_like(out).mul_(0.5).add_(torch.arange(out.shape[-1]) / 7))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+# torch's CausalBias routes itself from inside F.scaled_dot_product_attention
+# (__torch_function__ compares the called function with F's attribute). While patched, that
+# attribute is fastattn's wrapper, so the bias reached torch's builtin as a plain tensor:
+# wrong results for lower_right, "Explicit attn_mask should not be set" errors, and the
+# wrong error for is_causal=True.
+@pytest.mark.parametrize("make_bias", [causal_upper_left, causal_lower_right])
+@pytest.mark.parametrize("Nq,Nk", [(8, 8), (7, 19), (19, 7)])
+def test_causal_bias_under_patch_matches_torch(make_bias, Nq, Nk):
+    q, k, v = _qkv(2, 3, Nq, Nk, 16)
+    bias = make_bias(Nq, Nk)
+    ref = _grads(ORIGINAL, q, k, v, attn_mask=bias)
+    with patch_sdpa():
+        got = _grads(F.scaled_dot_product_attention, q, k, v, attn_mask=bias)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, equal_nan=True)
+    lower_right_empty_rows = make_bias is causal_lower_right and Nq > Nk
+    # every case but lower-right with rows that see no key runs on fastattn's kernel
+    assert (stats.fastattn, stats.torch) == ((0, 1) if lower_right_empty_rows else (1, 0))
+
+
+def test_causal_bias_with_is_causal_raises_torchs_error():
+    q, k, v = _qkv(1, 2, 8, 8, 16)
+    for fn in (fastattn.scaled_dot_product_attention, ORIGINAL):
+        with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+            fn(q, k, v, attn_mask=causal_upper_left(8, 8), is_causal=True)
+    with patch_sdpa():
+        with pytest.raises(ValueError, match="CausalBias should not be used with causal=True"):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(8, 8),
+                                           is_causal=True)
+
+
+def test_causal_bias_with_dropout_goes_to_torch_with_torchs_mask():
+    q, k, v = _qkv(1, 2, 6, 11, 8)
+    torch.manual_seed(3)
+    ref = ORIGINAL(q, k, v, attn_mask=causal_lower_right(6, 11), dropout_p=0.4)
+    with patch_sdpa():
+        torch.manual_seed(3)
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(6, 11),
+                                             dropout_p=0.4)
+    torch.testing.assert_close(got, ref)
+    assert (stats.fastattn, stats.torch) == (0, 1)
+
+
+# is_causal=True with Nq < Nk (top-left: keys Nq.. are seen by no query) used to go to torch;
+# it runs on fastattn's kernel over the first Nq keys, with zero gradients for the others.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_left_causal_with_fewer_queries_than_keys_is_served(dtype):
+    q, k, v = _qkv(2, 4, 23, 56, 16, dtype=dtype, Hkv=2)
+    ref = _grads(ORIGINAL, q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True)
+    with patch_sdpa():
+        got = _grads(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for a, b in zip(got, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b, **tol)
+    assert (stats.fastattn, stats.torch) == (1, 0)
+    assert got[2][:, :, 23:].abs().max() == 0 and got[3][:, :, 23:].abs().max() == 0
+
+
+# 3-D inputs (H, L, E) used to go to torch; they run on the kernel as one batch, with torch's
+# reading of dim -3 as the heads (enable_gqa groups it).
+@pytest.mark.parametrize("gqa", [False, True])
+def test_3d_inputs_are_served_and_match_torch(gqa):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(6, 10, 8, generator=g)
+    k = torch.randn(3 if gqa else 6, 13, 8, generator=g)
+    v = torch.randn(3 if gqa else 6, 13, 5, generator=g)
+    ref = _grads(ORIGINAL, q, k, v, is_causal=True, enable_gqa=gqa)
+    with patch_sdpa():
+        got = _grads(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=gqa)
+    assert got[0].shape == (6, 10, 5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    assert (stats.fastattn, stats.torch) == (1, 0)
