@@ -79,8 +79,9 @@ def test_uncovered_arguments_fall_back_to_torch():
     torch.manual_seed(0)
     model = SDPAModel()
     x = torch.randn(2, 9, 32)
-    mask = torch.rand(9, 9) < 0.7
-    mask[:, 0] = True
+    keep = torch.rand(9, 9) < 0.7
+    keep[:, 0] = True
+    mask = torch.zeros(9, 9).masked_fill(~keep, float("-inf"))  # additive: torch only
     ref = model(x, mask)
     q3 = torch.randn(4, 9, 16, dtype=torch.float64)  # float64: no fastattn kernel takes it
     with patch_sdpa():

@@ -114,3 +114,38 @@ def test_3d_inputs_are_served_and_match_torch(gqa):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     assert (stats.fastattn, stats.torch) == (1, 0)
+
+
+# Bool attn_masks (True = take part) used to go to torch; on the CPU they run as a block-sparse
+# mask built from them, in every shape torch broadcasts (2-D, key padding, per head, per
+# batch, 3-D inputs), with rows that see no key giving 0 as torch's function does.
+@pytest.mark.parametrize("mask_shape", [(13, 21), (2, 1, 1, 21), (1, 4, 13, 21), (2, 4, 13, 21),
+                                        (13, 1), (4, 13, 21)])
+def test_bool_mask_is_served_and_matches_torch(mask_shape):
+    g = torch.Generator().manual_seed(len(mask_shape))
+    three_d = len(mask_shape) == 3
+    q, k, v = _qkv(2, 4, 13, 21, 16, Hkv=2)
+    if three_d:
+        q, k, v = q[0], k[0].repeat(2, 1, 1), v[0].repeat(2, 1, 1)
+    mask = torch.rand(mask_shape, generator=g) < 0.6
+    mask.view(-1)[::5] = False
+    if mask_shape == (2, 4, 13, 21):
+        mask[1, 2, 3] = False  # a row that sees no key: 0 from both
+    ref = _grads(ORIGINAL, q, k, v, attn_mask=mask, enable_gqa=not three_d)
+    with patch_sdpa():
+        got = _grads(F.scaled_dot_product_attention, q, k, v, attn_mask=mask,
+                     enable_gqa=not three_d)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    assert (stats.fastattn, stats.torch) == (1, 0)
+
+
+def test_bool_mask_with_is_causal_is_left_to_torch():
+    # torch decides what a mask together with is_causal means (an error on some paths)
+    q, k, v = _qkv(1, 2, 8, 8, 16)
+    mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(1)) < 0.7
+    ref = ORIGINAL(q, k, v, attn_mask=mask, is_causal=True)
+    with patch_sdpa():
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    torch.testing.assert_close(got, ref)
+    assert (stats.fastattn, stats.torch) == (0, 1)

@@ -169,9 +169,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention, same signature and semantics
     (is_causal is top-left aligned, as in torch; torch's CausalBias masks as torch applies
-    them). Calls fastattn's fused kernels where they apply (3-D or 4-D inputs, no tensor
-    attn_mask, no dropout, a dtype and head dim a kernel takes) and torch's own function
-    otherwise."""
+    them). Calls fastattn's fused kernels where they apply (3-D or 4-D inputs, no attn_mask
+    or a bool one on the CPU (run as a block-sparse mask), no dropout, a dtype and head dim
+    a kernel takes) and torch's own function otherwise."""
     validate_attn_mask(attn_mask, query, key)  # before torch or a kernel sees it
     torch_sdpa = _torch_sdpa()
     lower_right = False
@@ -199,10 +199,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return torch_sdpa(*args, **kwargs)
 
     ndim = query.ndim if isinstance(query, torch.Tensor) else -1
+    # A bool mask (True = take part) runs as a block-sparse mask built from it, on the CPU
+    # (building it reads the mask on the host). With is_causal torch raises: left to torch.
+    bool_mask = (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
+                 and not is_causal and query.device.type == "cpu")
     route = (
         all(isinstance(t, torch.Tensor) and t.ndim == ndim and not t.is_nested for t in args)
         and ndim in (3, 4)
-        and attn_mask is None
+        and (attn_mask is None or bool_mask)
         and dropout_p == 0.0
         and query.dtype == key.dtype == value.dtype
         and query.device == key.device == value.device
@@ -232,10 +236,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         window = (-1, Nq - Nk)
     else:
         window = (-1, -1)
+    block_mask = None
+    if bool_mask:
+        m = attn_mask
+        while m.ndim < 4:  # validate_attn_mask: broadcasts to (*query.shape[:-2], Nq, Nk)
+            m = m.unsqueeze(0)
+        from .sparse import from_dense  # local: sparse is optional for dense calls
+
+        block_mask = _check_block_mask(from_dense(m.expand(m.shape[0], m.shape[1], Nq, Nk)),
+                                       query.shape[0], query.shape[1], Nq, Nk, query.device)
     p = Problem(
         device=query.device, dtype=query.dtype, B=query.shape[0], Hq=query.shape[1],
         Hkv=key.shape[1], Nq=Nq, Nk=Nk, D=query.shape[-1], Dv=value.shape[-1],
-        window=window, block_mask=None, scale=validate_scale(scale, query.shape[-1]),
+        window=window, block_mask=block_mask, scale=validate_scale(scale, query.shape[-1]),
         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in args),
         return_lse=False,
     )
