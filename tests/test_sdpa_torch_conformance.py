@@ -149,3 +149,14 @@ def test_bool_mask_with_is_causal_is_left_to_torch():
         got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
     torch.testing.assert_close(got, ref)
     assert (stats.fastattn, stats.torch) == (0, 1)
+
+
+def test_bool_mask_under_torch_compile_keeps_torchs_path():
+    # building the block mask reads the mask's values, which dynamo cannot trace (fullgraph
+    # compile failed); compiled calls with a bool mask keep torch's traceable path
+    q = torch.randn(1, 2, 9, 16)
+    mask = torch.rand(9, 9, generator=torch.Generator().manual_seed(2)) < 0.7
+    mask[:, 0] = True
+    fn = torch.compile(lambda q, m: fastattn.scaled_dot_product_attention(q, q, q, attn_mask=m),
+                       fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(q, mask), ORIGINAL(q, q, q, attn_mask=mask))

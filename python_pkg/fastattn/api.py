@@ -200,9 +200,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     ndim = query.ndim if isinstance(query, torch.Tensor) else -1
     # A bool mask (True = take part) runs as a block-sparse mask built from it, on the CPU
-    # (building it reads the mask on the host). With is_causal torch raises: left to torch.
+    # (building it reads the mask's values on the host, which torch.compile cannot trace:
+    # compiled calls keep torch's path). With is_causal torch decides: left to torch.
     bool_mask = (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
-                 and not is_causal and query.device.type == "cpu")
+                 and not is_causal and query.device.type == "cpu"
+                 and not torch.compiler.is_compiling())
     route = (
         all(isinstance(t, torch.Tensor) and t.ndim == ndim and not t.is_nested for t in args)
         and ndim in (3, 4)
