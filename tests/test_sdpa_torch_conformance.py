@@ -160,3 +160,39 @@ def test_bool_mask_under_torch_compile_keeps_torchs_path():
     fn = torch.compile(lambda q, m: fastattn.scaled_dot_product_attention(q, q, q, attn_mask=m),
                        fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(q, mask), ORIGINAL(q, q, q, attn_mask=mask))
+
+
+# torch's CPU SDPA lays its output out in the query's memory order; fastattn returned a
+# contiguous (B, H, L, Ev) whatever the query, so the common
+# `out.transpose(1, 2).view(B, L, H * Ev)` after a projection split into heads raised.
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1),
+                                   (2, 1, 0)])
+@pytest.mark.parametrize("kind", ["plain", "causal", "bool_mask"])
+def test_output_layout_follows_the_query_like_torch(order, kind):
+    B, H, L, E = 2, 3, 10, 8
+    shape = (B, H, L, E)
+    mem = [shape[i] for i in order] + [E]
+    inv = [list(order).index(i) for i in range(3)] + [3]
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(mem, generator=g).permute(inv) for _ in range(3))
+    kw = dict(is_causal=kind == "causal")
+    if kind == "bool_mask":
+        kw["attn_mask"] = torch.rand(L, L, generator=g) < 0.7
+    ref = ORIGINAL(q, k, v, **kw)
+    with patch_sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
+    assert stats.fastattn == 1
+    assert out.stride() == ref.stride()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_projection_split_into_heads_views_back_like_torch():
+    B, L, H, E = 2, 7, 4, 8
+    x = torch.randn(B, L, 3 * H * E)
+    q, k, v = (t.view(B, L, H, E).transpose(1, 2) for t in x.split(H * E, dim=-1))
+    with patch_sdpa():
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert stats.fastattn == 1
+    merged = y.transpose(1, 2).view(B, L, H * E)  # raised on a contiguous (B, H, L, E)
+    torch.testing.assert_close(merged, ORIGINAL(q, k, v, is_causal=True).transpose(1, 2)
+                               .reshape(B, L, H * E), atol=2e-5, rtol=2e-5)

@@ -260,8 +260,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return to_torch()
     if impl.name == "sdpa":  # the GPU policy hands this call to torch (DESIGN.md)
         return to_torch()
-    out = impl.forward(query, key, value, p)[0]
+    out = _in_layout_of(impl.forward(query, key, value, p)[0], query)
     return out.squeeze(0) if ndim == 3 else out
+
+
+def _in_layout_of(out, query):
+    """out (B, H, L, Ev) laid out in memory in the order of query's dims, as torch's CPU
+    SDPA returns it: for q = x.view(B, L, H, E).transpose(1, 2) (a projection split into
+    heads), out.transpose(1, 2) is contiguous and .view(B, L, H * Ev) works on it."""
+    order = sorted(range(3), key=lambda d: -query.stride(d))  # stable: ties keep dim order
+    if order == [0, 1, 2]:
+        return out
+    order.append(3)
+    return out.permute(order).contiguous().permute([order.index(d) for d in range(4)])
 
 
 def _torch_sdpa():
