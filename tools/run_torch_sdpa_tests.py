@@ -99,9 +99,24 @@ _fallback_why = collections.Counter()
 _served_what = collections.Counter()
 
 
-def _features(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-              enable_gqa=False):
-    """Why a call goes where it goes, in words (first matching feature)."""
+def _features(*args, **kwargs):
+    """Why a call goes where it goes, in words: its mask or shape kind, plus the dtype and
+    dropout when those alone keep it from fastattn's kernels."""
+    what = _kind(*args, **kwargs)
+    query = args[0] if args else kwargs.get("query")
+    extra = []
+    if isinstance(query, torch.Tensor) and query.dtype not in (
+            torch.float32, torch.float16, torch.bfloat16):
+        extra.append(str(query.dtype).replace("torch.", ""))
+    dropout_p = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
+    if dropout_p and what != "dropout_p > 0":
+        extra.append("dropout")
+    return ", ".join([what] + extra)
+
+
+def _kind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+          enable_gqa=False):
+    """The call's mask or shape kind (first matching feature)."""
     ts = (query, key, value)
     if not all(isinstance(t, torch.Tensor) for t in ts):
         return "non-tensor input"
@@ -109,18 +124,18 @@ def _features(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
         return "nested tensor"
     if attn_mask is not None:
         if type(attn_mask).__name__ == "CausalBias":
-            return "attn_mask=CausalBias (%s)" % getattr(attn_mask, "variant", "?")
+            return "attn_mask=CausalBias %s" % getattr(getattr(attn_mask, "variant", None), "name", "?")
         if isinstance(attn_mask, torch.Tensor):
             return "attn_mask %s %dD" % (str(attn_mask.dtype).replace("torch.", ""), attn_mask.ndim)
         return "attn_mask other"
     if dropout_p:
         return "dropout_p > 0"
     if any(t.ndim != 4 for t in ts):
-        return "%dD inputs" % query.ndim
+        return "%dD inputs%s" % (query.ndim, ", is_causal" if is_causal else "")
     if len({t.dtype for t in ts}) > 1:
         return "mixed dtypes"
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return "dtype %s" % str(query.dtype).replace("torch.", "")
+        return "dtype"
     if 0 in query.shape or 0 in key.shape:
         return "empty"
     if is_causal and query.shape[2] < key.shape[2]:
