@@ -196,3 +196,22 @@ def test_projection_split_into_heads_views_back_like_torch():
     merged = y.transpose(1, 2).view(B, L, H * E)  # raised on a contiguous (B, H, L, E)
     torch.testing.assert_close(merged, ORIGINAL(q, k, v, is_causal=True).transpose(1, 2)
                                .reshape(B, L, H * E), atol=2e-5, rtol=2e-5)
+
+
+# TorchScript resolves torch.nn.functional's functions through a table of builtins keyed by
+# the function object; while patched, scripting nn.MultiheadAttention or a
+# TransformerEncoderLayer (which call F.scaled_dot_product_attention) raised
+# "TypeError: ... code object was expected, got builtin_function_or_method".
+def test_torchscript_of_torch_modules_works_under_patch():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(embed_dim=32, num_heads=4, kdim=48, vdim=48).eval()
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
+    x, kv, src = torch.randn(5, 2, 32), torch.randn(7, 2, 48), torch.randn(2, 6, 16)
+    with patch_sdpa():
+        scripted_mha = torch.jit.script(mha)
+        scripted_layer = torch.jit.script(layer)
+        wrapper = F.scaled_dot_product_attention
+        torch.testing.assert_close(scripted_mha(x, kv, kv)[0], mha(x, kv, kv)[0])
+        torch.testing.assert_close(scripted_layer(src), layer(src))
+    from torch.jit import _builtins
+    assert _builtins._find_builtin(wrapper) is None  # removed from the table on restore
