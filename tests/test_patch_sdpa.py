@@ -81,7 +81,7 @@ def test_uncovered_arguments_fall_back_to_torch():
     x = torch.randn(2, 9, 32)
     keep = torch.rand(9, 9) < 0.7
     keep[:, 0] = True
-    mask = torch.zeros(9, 9).masked_fill(~keep, float("-inf"))  # additive: torch only
+    mask = torch.randn(9, 9).masked_fill(~keep, float("-inf"))  # a float bias: torch only
     ref = model(x, mask)
     q3 = torch.randn(4, 9, 16, dtype=torch.float64)  # float64: no fastattn kernel takes it
     with patch_sdpa():

@@ -215,3 +215,50 @@ def test_torchscript_of_torch_modules_works_under_patch():
         torch.testing.assert_close(scripted_layer(src), layer(src))
     from torch.jit import _builtins
     assert _builtins._find_builtin(wrapper) is None  # removed from the table on restore
+
+
+# nn.MultiheadAttention / nn.Transformer hand SDPA their masks as float masks of 0 and -inf
+# (test_transformers' TestTransformers runs served 17% of calls: those all went to torch).
+# Such a mask is a visibility mask and runs on the kernels; any other float value is a bias.
+def test_zero_neg_inf_float_mask_is_served_and_matches_torch():
+    q, k, v = _qkv(2, 4, 9, 12, 16)
+    keep = torch.rand(2, 1, 9, 12, generator=torch.Generator().manual_seed(6)) < 0.6
+    keep[0, 0, 4] = False  # a row of -inf only: 0, as torch gives
+    for dtype in (torch.float32, torch.bfloat16):
+        mask = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf"))
+        qq, kk, vv = (t.to(dtype) for t in (q, k, v))
+        ref = _grads(ORIGINAL, qq, kk, vv, attn_mask=mask)
+        stats.reset()
+        with patch_sdpa():
+            got = _grads(F.scaled_dot_product_attention, qq, kk, vv, attn_mask=mask)
+        tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, **tol)
+        assert (stats.fastattn, stats.torch) == (1, 0)
+
+
+def test_float_bias_and_mask_with_grad_stay_torchs():
+    q, k, v = _qkv(1, 2, 6, 6, 8)
+    bias = torch.randn(6, 6)
+    bias[0, 1] = float("-inf")
+    learned = torch.zeros(6, 6, requires_grad=True)
+    with patch_sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=learned).sum().backward()
+    torch.testing.assert_close(out, ORIGINAL(q, k, v, attn_mask=bias))
+    assert learned.grad is not None
+    assert (stats.fastattn, stats.torch) == (0, 2)
+
+
+def test_multihead_attention_with_padding_mask_runs_on_fastattn():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    x = torch.randn(3, 11, 32)
+    pad = torch.zeros(3, 11, dtype=torch.bool)
+    pad[1, 7:] = True
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(11)
+    ref = mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)[0]
+    with patch_sdpa():
+        out = mha(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)[0]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert (stats.fastattn, stats.torch) == (1, 0)

@@ -171,7 +171,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     (is_causal is top-left aligned, as in torch; torch's CausalBias masks as torch applies
     them). Calls fastattn's fused kernels where they apply (3-D or 4-D inputs, no attn_mask
     or a bool one on the CPU (run as a block-sparse mask), no dropout, a dtype and head dim
-    a kernel takes) and torch's own function otherwise."""
+    a kernel takes; a float mask of 0 and -inf only counts as a bool one) and torch's own
+    function otherwise."""
     validate_attn_mask(attn_mask, query, key)  # before torch or a kernel sees it
     torch_sdpa = _torch_sdpa()
     lower_right = False
@@ -202,9 +203,25 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     # A bool mask (True = take part) runs as a block-sparse mask built from it, on the CPU
     # (building it reads the mask's values on the host, which torch.compile cannot trace:
     # compiled calls keep torch's path). With is_causal torch decides: left to torch.
-    bool_mask = (isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
-                 and not is_causal and query.device.type == "cpu"
-                 and not torch.compiler.is_compiling())
+    maskable = (isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor)
+                and not is_causal and dropout_p == 0.0 and query.device.type == "cpu"
+                and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and not torch.compiler.is_compiling())
+    if maskable and attn_mask.dtype != torch.bool:
+        # A float mask of 0 and -inf only (nn.MultiheadAttention and nn.Transformer turn their
+        # bool and key-padding masks into these) is a visibility mask: torch gives the same
+        # result for it as for its bool form (rows of -inf only included: 0). Other values
+        # are a bias the kernels do not take; a mask that requires grad stays torch's.
+        visible = None
+        if not attn_mask.requires_grad and attn_mask.is_floating_point():
+            visible = attn_mask == 0
+            if not bool((visible | (attn_mask == float("-inf"))).all()):
+                visible = None
+        if visible is None:
+            maskable = False
+        else:
+            attn_mask = visible  # torch, if the call still goes there, gets the float mask
+    bool_mask = maskable and attn_mask.dtype == torch.bool
     route = (
         all(isinstance(t, torch.Tensor) and t.ndim == ndim and not t.is_nested for t in args)
         and ndim in (3, 4)
