@@ -39,7 +39,8 @@ written, whose functions raise unittest.SkipTest.
 PyTorch test file this was matched against: pytorch/pytorch test/test_transformers.py at
 commit 00030eb8e81f911c48c4d7634fa6b8bb2fae1a1b (the newest full copy of the file that was
 available; see benchmarks/results/torch_sdpa_conformance.md). It imports cleanly against
-torch 2.13.0, whose wheel ships the torch.testing._internal modules the file uses.
+torch 2.13.0, whose wheel ships the torch.testing._internal modules the file uses; those
+need expecttest (pip install expecttest).
 Exit status: pytest's.
 """
 
@@ -309,6 +310,10 @@ def main(argv=None) -> int:
         src = src / "test" / "test_transformers.py"
     if not src.is_file():
         ap.error(f"no such file: {src}")
+    try:
+        import expecttest  # noqa: F401  (torch.testing._internal.common_utils imports it)
+    except ImportError:
+        ap.error("PyTorch's test file needs expecttest: pip install expecttest")
 
     tmp = Path(tempfile.mkdtemp(prefix="fastattn_torch_sdpa_tests_"))
     try:
