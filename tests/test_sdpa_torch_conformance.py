@@ -3,14 +3,13 @@ fastattn.patch_sdpa() active (tools/run_torch_sdpa_tests.py,
 benchmarks/results/torch_sdpa_conformance.md): each case is checked against torch's own
 function, called while unpatched, and against where the call ran (fastattn.patching.stats)."""
 
+import fastattn
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cpu_ext
-from torch.nn.attention.bias import causal_lower_right, causal_upper_left
-
-import fastattn
 from fastattn.patching import patch_sdpa, stats, unpatch_sdpa
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 pytestmark = requires_cpu_ext
 
@@ -53,7 +52,7 @@ def test_causal_bias_under_patch_matches_torch(make_bias, Nq, Nk):
     ref = _grads(ORIGINAL, q, k, v, attn_mask=bias)
     with patch_sdpa():
         got = _grads(F.scaled_dot_product_attention, q, k, v, attn_mask=bias)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, equal_nan=True)
     lower_right_empty_rows = make_bias is causal_lower_right and Nq > Nk
     # every case but lower-right with rows that see no key runs on fastattn's kernel
@@ -92,7 +91,7 @@ def test_top_left_causal_with_fewer_queries_than_keys_is_served(dtype):
     with patch_sdpa():
         got = _grads(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
     tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.float(), b, **tol)
     assert (stats.fastattn, stats.torch) == (1, 0)
@@ -111,7 +110,7 @@ def test_3d_inputs_are_served_and_match_torch(gqa):
     with patch_sdpa():
         got = _grads(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=gqa)
     assert got[0].shape == (6, 10, 5)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     assert (stats.fastattn, stats.torch) == (1, 0)
 
@@ -135,7 +134,7 @@ def test_bool_mask_is_served_and_matches_torch(mask_shape):
     with patch_sdpa():
         got = _grads(F.scaled_dot_product_attention, q, k, v, attn_mask=mask,
                      enable_gqa=not three_d)
-    for a, b in zip(got, ref):
+    for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     assert (stats.fastattn, stats.torch) == (1, 0)
 
@@ -232,7 +231,7 @@ def test_zero_neg_inf_float_mask_is_served_and_matches_torch():
         with patch_sdpa():
             got = _grads(F.scaled_dot_product_attention, qq, kk, vv, attn_mask=mask)
         tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-        for a, b in zip(got, ref):
+        for a, b in zip(got, ref, strict=True):
             torch.testing.assert_close(a, b, **tol)
         assert (stats.fastattn, stats.torch) == (1, 0)
 

@@ -47,7 +47,6 @@ Exit status: pytest's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
