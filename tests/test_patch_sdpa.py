@@ -79,10 +79,11 @@ def test_uncovered_arguments_fall_back_to_torch():
     torch.manual_seed(0)
     model = SDPAModel()
     x = torch.randn(2, 9, 32)
-    mask = torch.rand(9, 9) < 0.7
-    mask[:, 0] = True
+    keep = torch.rand(9, 9) < 0.7
+    keep[:, 0] = True
+    mask = torch.randn(9, 9).masked_fill(~keep, float("-inf"))  # a float bias: torch only
     ref = model(x, mask)
-    q3 = torch.randn(4, 9, 16)  # 3-D inputs: torch only
+    q3 = torch.randn(4, 9, 16, dtype=torch.float64)  # float64: no fastattn kernel takes it
     with patch_sdpa():
         out = model(x, mask)
         y3 = F.scaled_dot_product_attention(q3, q3, q3)

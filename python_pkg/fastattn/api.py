@@ -156,49 +156,140 @@ def run(q, k, v, opts: Options, *, block_mask=None, alibi_slopes=None):
 _SDPA_FUSED = ("cuda", "triton", "cpu")
 
 
+def _causal_bias_variant(attn_mask):
+    """'upper_left' / 'lower_right' for torch's CausalBias objects
+    (torch.nn.attention.bias.causal_upper_left / causal_lower_right), else None."""
+    bias = getattr(getattr(torch.nn, "attention", None), "bias", None)
+    if bias is None or not isinstance(attn_mask, bias.CausalBias):
+        return None
+    return "upper_left" if attn_mask.variant == bias.CausalVariant.UPPER_LEFT else "lower_right"
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention, same signature and semantics
-    (is_causal is top-left aligned, as in torch). Calls fastattn's fused kernels where they
-    apply (4-D inputs, no attn_mask, no dropout) and torch's own function otherwise."""
+    (is_causal is top-left aligned, as in torch; torch's CausalBias masks as torch applies
+    them). Calls fastattn's fused kernels where they apply (3-D or 4-D inputs, no attn_mask
+    or a bool one on the CPU (run as a block-sparse mask), no dropout, a dtype and head dim
+    a kernel takes; a float mask of 0 and -inf only counts as a bool one) and torch's own
+    function otherwise."""
     validate_attn_mask(attn_mask, query, key)  # before torch or a kernel sees it
     torch_sdpa = _torch_sdpa()
+    lower_right = False
+    variant = _causal_bias_variant(attn_mask)
+    if variant is not None:
+        # What torch's CausalBias does (torch.nn.attention.bias.CausalBias._dispatch), done
+        # here: torch finds that code through F.scaled_dot_product_attention, which the
+        # patch replaces, so handing the bias object to torch's builtin would ignore it.
+        if is_causal:
+            raise ValueError("CausalBias should not be used with causal=True")
+        L, S = attn_mask.seq_len_q, attn_mask.seq_len_kv
+        if L == S or variant == "upper_left":
+            attn_mask, is_causal = None, True  # torch: is_causal=True, top-left
+        else:
+            attn_mask, lower_right = None, True  # bottom-right: query i sees j <= i + S - L
     args = (query, key, value)
     kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                   enable_gqa=enable_gqa)
+
+    def to_torch():
+        if lower_right:  # the mask torch's CausalBias materializes for this case
+            L, S = query.shape[-2], key.shape[-2]
+            kwargs["attn_mask"] = torch.ones(L, S, dtype=torch.bool,
+                                             device=query.device).tril(diagonal=S - L)
+        return torch_sdpa(*args, **kwargs)
+
+    ndim = query.ndim if isinstance(query, torch.Tensor) else -1
+    # A bool mask (True = take part) runs as a block-sparse mask built from it, on the CPU
+    # (building it reads the mask's values on the host, which torch.compile cannot trace:
+    # compiled calls keep torch's path). With is_causal torch decides: left to torch.
+    maskable = (isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor)
+                and not is_causal and dropout_p == 0.0 and query.device.type == "cpu"
+                and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and not torch.compiler.is_compiling())
+    if maskable and attn_mask.dtype != torch.bool:
+        # A float mask of 0 and -inf only (nn.MultiheadAttention and nn.Transformer turn their
+        # bool and key-padding masks into these) is a visibility mask: torch gives the same
+        # result for it as for its bool form (rows of -inf only included: 0). Other values
+        # are a bias the kernels do not take; a mask that requires grad stays torch's.
+        visible = None
+        if not attn_mask.requires_grad and attn_mask.is_floating_point():
+            visible = attn_mask == 0
+            if not bool((visible | (attn_mask == float("-inf"))).all()):
+                visible = None
+        if visible is None:
+            maskable = False
+        else:
+            attn_mask = visible  # torch, if the call still goes there, gets the float mask
+    bool_mask = maskable and attn_mask.dtype == torch.bool
     route = (
-        all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in args)
-        and attn_mask is None
+        all(isinstance(t, torch.Tensor) and t.ndim == ndim and not t.is_nested for t in args)
+        and ndim in (3, 4)
+        and (attn_mask is None or bool_mask)
         and dropout_p == 0.0
         and query.dtype == key.dtype == value.dtype
         and query.device == key.device == value.device
-        and query.shape[0] == key.shape[0] == value.shape[0]
-        and key.shape[1] == value.shape[1] and key.shape[2] == value.shape[2]
+        and query.shape[:-3] == key.shape[:-3] == value.shape[:-3]
+        and key.shape[-3] == value.shape[-3] and key.shape[-2] == value.shape[-2]
         and query.shape[-1] == key.shape[-1]
-        and (query.shape[1] == key.shape[1] or (enable_gqa and key.shape[1] > 0
-                                                and query.shape[1] % key.shape[1] == 0))
-        and (not is_causal or query.shape[2] >= key.shape[2])
-        and min(query.shape[2], key.shape[2], query.shape[0], query.shape[1]) > 0
+        and (query.shape[-3] == key.shape[-3] or (enable_gqa and key.shape[-3] > 0
+                                                  and query.shape[-3] % key.shape[-3] == 0))
+        # lower-right with Nq > Nk leaves the first rows without keys: torch's semantics
+        and (not lower_right or query.shape[-2] <= key.shape[-2])
+        and min(query.shape[-2], key.shape[-2], query.shape[-3], *query.shape[:-3]) > 0
     )
     if not route:
-        return torch_sdpa(*args, **kwargs)
+        return to_torch()
+    if ndim == 3:  # (H, L, E): torch reads dim -3 as the heads (enable_gqa groups it)
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     Nq, Nk = query.shape[2], key.shape[2]
-    # torch's causal is top-left: j <= i, i.e. right = Nq - Nk in bottom-right terms.
-    window = (-1, Nq - Nk) if is_causal else (-1, -1)
+    if lower_right:
+        window = (-1, 0)  # fastattn's own (bottom-right) causal rule
+    elif is_causal and Nq < Nk:
+        # top-left: query i sees j <= i, so keys Nq.. are seen by no query; on the first Nq
+        # keys top-left and bottom-right coincide (their gradients are 0 through the slice)
+        key, value, Nk = key[:, :, :Nq], value[:, :, :Nq], Nq
+        window = (-1, 0)
+    elif is_causal:
+        # torch's causal is top-left: j <= i, i.e. right = Nq - Nk in bottom-right terms.
+        window = (-1, Nq - Nk)
+    else:
+        window = (-1, -1)
+    block_mask = None
+    if bool_mask:
+        m = attn_mask
+        while m.ndim < 4:  # validate_attn_mask: broadcasts to (*query.shape[:-2], Nq, Nk)
+            m = m.unsqueeze(0)
+        from .sparse import from_dense  # local: sparse is optional for dense calls
+
+        block_mask = _check_block_mask(from_dense(m.expand(m.shape[0], m.shape[1], Nq, Nk)),
+                                       query.shape[0], query.shape[1], Nq, Nk, query.device)
     p = Problem(
         device=query.device, dtype=query.dtype, B=query.shape[0], Hq=query.shape[1],
         Hkv=key.shape[1], Nq=Nq, Nk=Nk, D=query.shape[-1], Dv=value.shape[-1],
-        window=window, block_mask=None, scale=validate_scale(scale, query.shape[-1]),
+        window=window, block_mask=block_mask, scale=validate_scale(scale, query.shape[-1]),
         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in args),
         return_lse=False,
     )
     try:
         impl = dispatch.select(p, "auto", candidates=_SDPA_FUSED)
     except dispatch.BackendUnavailableError:
-        return torch_sdpa(*args, **kwargs)
+        return to_torch()
     if impl.name == "sdpa":  # the GPU policy hands this call to torch (DESIGN.md)
-        return torch_sdpa(*args, **kwargs)
-    return impl.forward(query, key, value, p)[0]
+        return to_torch()
+    out = _in_layout_of(impl.forward(query, key, value, p)[0], query)
+    return out.squeeze(0) if ndim == 3 else out
+
+
+def _in_layout_of(out, query):
+    """out (B, H, L, Ev) laid out in memory in the order of query's dims, as torch's CPU
+    SDPA returns it: for q = x.view(B, L, H, E).transpose(1, 2) (a projection split into
+    heads), out.transpose(1, 2) is contiguous and .view(B, L, H * Ev) works on it."""
+    order = sorted(range(3), key=lambda d: -query.stride(d))  # stable: ties keep dim order
+    if order == [0, 1, 2]:
+        return out
+    order.append(3)
+    return out.permute(order).contiguous().permute([order.index(d) for d in range(4)])
 
 
 def _torch_sdpa():

@@ -101,6 +101,25 @@ def _make_wrappers(original):
     return scaled_dot_product_attention
 
 
+def _register_jit_builtin(wrapper, original):
+    """TorchScript compiles torch.nn.functional's code (nn.MultiheadAttention, scripted
+    TransformerEncoder layers) by looking its functions up in a table of builtins keyed by
+    the function object; the wrapper is not torch's object, so scripting such a module
+    failed while patched ("... code object was expected, got builtin_function_or_method").
+    The wrapper is entered under the original's op (scripted code runs torch's op, as it
+    does unpatched); returns the table to remove it from on restore, or None."""
+    try:
+        from torch.jit import _builtins
+
+        op = _builtins._find_builtin(original)
+        if op is None:
+            return None
+        _builtins._register_builtin(wrapper, op)
+        return _builtins._get_builtin_table()
+    except Exception:  # a torch without this table: scripting is left as torch has it
+        return None
+
+
 class SDPAPatch(contextlib.AbstractContextManager):
     """One installed patch. Returned by patch_sdpa(); `with` it, or call restore()."""
 
@@ -109,6 +128,8 @@ class SDPAPatch(contextlib.AbstractContextManager):
                         for m in modules]
         self._saved: list[tuple[object, object]] = []  # (namespace, its previous value)
         self._installed = False
+        self._jit_builtin = None  # TorchScript's builtin table, while the wrapper is in it
+        self._jit_wrapper = None
 
     def _install(self):
         with _lock:
@@ -121,6 +142,8 @@ class SDPAPatch(contextlib.AbstractContextManager):
                     raise ValueError(f"module {getattr(ns, '__name__', ns)!r} has no global "
                                      f"{_NAME!r} to patch")
             wrapper = _make_wrappers(original)
+            self._jit_builtin = _register_jit_builtin(wrapper, original)
+            self._jit_wrapper = wrapper
             for ns in [F, *self.modules]:
                 self._saved.append((ns, getattr(ns, _NAME)))
                 setattr(ns, _NAME, wrapper)
@@ -139,6 +162,9 @@ class SDPAPatch(contextlib.AbstractContextManager):
             for ns, prev in reversed(self._saved):
                 setattr(ns, _NAME, prev)
             self._saved.clear()
+            if self._jit_builtin is not None:
+                self._jit_builtin.pop(id(self._jit_wrapper), None)
+                self._jit_builtin = None
             self._installed = False
             _active.pop()
         log.debug("restored torch.nn.functional.%s", _NAME)
