@@ -169,10 +169,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  is_causal=False, scale=None, enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention, same signature and semantics
     (is_causal is top-left aligned, as in torch; torch's CausalBias masks as torch applies
-    them). Calls fastattn's fused kernels where they apply (3-D or 4-D inputs, no attn_mask
-    or a bool one on the CPU (run as a block-sparse mask), no dropout, a dtype and head dim
-    a kernel takes; a float mask of 0 and -inf only counts as a bool one) and torch's own
-    function otherwise."""
+    them). Calls fastattn's fused kernels where they apply (3-D or 4-D inputs, no tensor
+    attn_mask, no dropout, a dtype and head dim a kernel takes) and torch's own function
+    otherwise."""
     validate_attn_mask(attn_mask, query, key)  # before torch or a kernel sees it
     torch_sdpa = _torch_sdpa()
     lower_right = False
@@ -200,32 +199,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return torch_sdpa(*args, **kwargs)
 
     ndim = query.ndim if isinstance(query, torch.Tensor) else -1
-    # A bool mask (True = take part) runs as a block-sparse mask built from it, on the CPU
-    # (building it reads the mask's values on the host, which torch.compile cannot trace:
-    # compiled calls keep torch's path). With is_causal torch decides: left to torch.
-    maskable = (isinstance(attn_mask, torch.Tensor) and isinstance(query, torch.Tensor)
-                and not is_causal and dropout_p == 0.0 and query.device.type == "cpu"
-                and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                and not torch.compiler.is_compiling())
-    if maskable and attn_mask.dtype != torch.bool:
-        # A float mask of 0 and -inf only (nn.MultiheadAttention and nn.Transformer turn their
-        # bool and key-padding masks into these) is a visibility mask: torch gives the same
-        # result for it as for its bool form (rows of -inf only included: 0). Other values
-        # are a bias the kernels do not take; a mask that requires grad stays torch's.
-        visible = None
-        if not attn_mask.requires_grad and attn_mask.is_floating_point():
-            visible = attn_mask == 0
-            if not bool((visible | (attn_mask == float("-inf"))).all()):
-                visible = None
-        if visible is None:
-            maskable = False
-        else:
-            attn_mask = visible  # torch, if the call still goes there, gets the float mask
-    bool_mask = maskable and attn_mask.dtype == torch.bool
+    # Tensor masks (bool or additive float) stay torch's: the kernels take masks as block
+    # masks, and building one from a dense mask on every call (fastattn.sparse.from_dense)
+    # costs more than the attention it would save (BERT-style padding masks, B=16 H=12 N=128:
+    # 2.5x torch's time; a causal (N, N) mask at N=8192: ~0.8 s of analysis per call). Build
+    # the block mask once and pass it to fastattn.attention(block_mask=...) instead.
     route = (
         all(isinstance(t, torch.Tensor) and t.ndim == ndim and not t.is_nested for t in args)
         and ndim in (3, 4)
-        and (attn_mask is None or bool_mask)
+        and attn_mask is None
         and dropout_p == 0.0
         and query.dtype == key.dtype == value.dtype
         and query.device == key.device == value.device
@@ -255,19 +237,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         window = (-1, Nq - Nk)
     else:
         window = (-1, -1)
-    block_mask = None
-    if bool_mask:
-        m = attn_mask
-        while m.ndim < 4:  # validate_attn_mask: broadcasts to (*query.shape[:-2], Nq, Nk)
-            m = m.unsqueeze(0)
-        from .sparse import from_dense  # local: sparse is optional for dense calls
-
-        block_mask = _check_block_mask(from_dense(m.expand(m.shape[0], m.shape[1], Nq, Nk)),
-                                       query.shape[0], query.shape[1], Nq, Nk, query.device)
     p = Problem(
         device=query.device, dtype=query.dtype, B=query.shape[0], Hq=query.shape[1],
         Hkv=key.shape[1], Nq=Nq, Nk=Nk, D=query.shape[-1], Dv=value.shape[-1],
-        window=window, block_mask=block_mask, scale=validate_scale(scale, query.shape[-1]),
+        window=window, block_mask=None, scale=validate_scale(scale, query.shape[-1]),
         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in args),
         return_lse=False,
     )

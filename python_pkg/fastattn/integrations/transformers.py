@@ -22,10 +22,8 @@ How transformers' masks become fastattn arguments (query/key layout (B, H, N, D)
                                                                window=(W - 1, W - 1))
   bidirectional (encoders)                    None             attention()
   anything else: padding, packed sequences,   bool mask        scaled_dot_product_attention(
-  chunked, or_/and_mask_function, a static    (B, 1, Nq, Nk)     attn_mask=mask): on the
-  cache, a user's 4-D mask, under compile                      CPU the kernels with the mask
-                                                               as a block-sparse mask, else
-                                                               (GPU, compile) torch's SDPA
+  chunked, or_/and_mask_function, a static    (B, 1, Nq, Nk)     attn_mask=mask), i.e.
+  cache, a user's 4-D mask, under compile                      torch's SDPA with the mask
 
 "None" needs the queries to be the last Nq of the Nk keys (a DynamicCache, prefill or
 decode), which is fastattn's bottom-right alignment, and every key in view unpadded. A
