@@ -268,7 +268,8 @@ class ModelConfig:
         if self.n_kv_head and self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.pos not in ("rope", "learned"):
-            raise ValueError(f"pos must be 'rope' or 'learned', got {self.pos!r}")
+            raise ValueError(f"pos must be 'rope' or 'learned', got {self.pos!r}"
+                             + (" ('sincos' is for image (ViT) tasks only)" if self.pos == "sincos" else ""))
         if isinstance(self.patterns, str):
             self.patterns = tuple(p for p in self.patterns.split(",") if p)
         self.patterns = tuple(self.patterns)

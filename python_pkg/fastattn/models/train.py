@@ -131,7 +131,7 @@ def model_config_for(c: TrainConfig, task):
         return ViTConfig(image_size=task.image_size, patch=task.patch, channels=task.channels,
                          n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
                          n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout,
-                         pos="rope2d" if c.pos == "rope" else c.pos, pool=c.pool,
+                         pos={"rope": "rope2d", "sincos": "sincos2d"}.get(c.pos, c.pos), pool=c.pool,
                          backend=c.backend, patterns=c.patterns, kernel=c.kernel,
                          sparse_block=c.sparse_block, n_classes=task.n_classes)
     block = c.seq_len + (1 if task.kind == "encdec" else 0)  # decoder input has BOS
@@ -398,7 +398,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         "n_embd": ("model width", None),
         "dropout": ("residual/MLP dropout", None),
         "attn_dropout": ("attention-probability dropout inside the kernels", None),
-        "pos": ("position encoding (ViT: rope = 2D rotary)", ("rope", "learned")),
+        "pos": ("position encoding (ViT: rope = 2D rotary, sincos = fixed 2D sine-cosine, "
+                "ViT only)", ("rope", "learned", "sincos")),
         "pool": ("ViT: classify from the [CLS] state or the mean of the patch states",
                  ("cls", "mean")),
         "kernel": ("ViT: default kernel of 'neighborhood' layers (patches per side, odd)", None),

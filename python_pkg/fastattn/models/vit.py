@@ -5,9 +5,12 @@
     fastattn.attention) -> LayerNorm -> pool ([CLS] state or mean of the patch states) ->
     linear classifier
 
-Positions: "learned" (one vector per token, as in ViT) or "rope2d" (2D rotary: half of each
-head's rotary frequencies turn with the patch row, the other half with its column; the
-[CLS] token sits at (0, 0) without rotation). Attention patterns per layer, cycled:
+Positions: "learned" (one vector per token, as in ViT), "sincos2d" (fixed 2D sine-cosine
+vectors added to the patch embeddings, as in MAE and Beyer et al. 2022, "Better plain ViT
+baselines": every patch's row and column are linear in the low frequencies from step 0,
+which a 64 x 64 grid of learned vectors takes thousands of steps to learn) or "rope2d"
+(2D rotary: half of each head's rotary frequencies turn with the patch row, the other half
+with its column; the [CLS] token sits at (0, 0) without rotation). Attention patterns per layer, cycled:
 "dense", "neighborhood[:k]" (fastattn.sparse.neighborhood_2d, k x k patches, NATTEN-style
 shifted at the borders) and "axial" (own row and column); the [CLS] token, when present, is
 global in both sparse patterns (it sees and is seen by every patch).
@@ -51,7 +54,7 @@ class ViTConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     bias: bool = False
-    pos: str = "learned"  # "learned" | "rope2d"
+    pos: str = "learned"  # "learned" | "sincos2d" | "rope2d"
     rope_base: float = 100.0
     pool: str = "cls"  # "cls" | "mean"
     backend: str = "auto"
@@ -69,8 +72,10 @@ class ViTConfig:
                              f"{max(1, self.image_size // max(self.patch, 1)) * max(self.patch, 1)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if self.pos not in ("learned", "rope2d"):
-            raise ValueError(f"pos must be 'learned' or 'rope2d', got {self.pos!r}")
+        if self.pos not in ("learned", "sincos2d", "rope2d"):
+            raise ValueError(f"pos must be 'learned', 'sincos2d' or 'rope2d', got {self.pos!r}")
+        if self.pos == "sincos2d" and self.n_embd % 4:
+            raise ValueError(f"pos='sincos2d' needs n_embd divisible by 4, got {self.n_embd}")
         if self.pos == "rope2d" and (self.n_embd // self.n_head) % 4:
             raise ValueError(f"pos='rope2d' needs a head dim divisible by 4, got "
                              f"{self.n_embd // self.n_head}")
@@ -128,6 +133,18 @@ class Rotary2D(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def sincos_2d(grid: int, dim: int, n_prefix: int, base: float = 10000.0) -> torch.Tensor:
+    """Fixed 2D sine-cosine positions (1, n_prefix + grid * grid, dim): the first dim/2
+    channels encode the patch row (sin | cos of row * w_i), the rest its column, with
+    w_i = base^(-i / (dim/4)), i < dim/4; prefix tokens ([CLS]) get zeros."""
+    nf = dim // 4
+    w = 1.0 / base ** (torch.arange(nf, dtype=torch.float64) / nf)
+    t = torch.arange(grid * grid)
+    rc = [torch.outer((t // grid).double(), w), torch.outer((t % grid).double(), w)]
+    pe = torch.cat([f(a) for a in rc for f in (torch.sin, torch.cos)], dim=1)  # (g*g, dim)
+    return torch.cat([torch.zeros(n_prefix, dim, dtype=pe.dtype), pe]).float().unsqueeze(0)
+
+
 def vit_pattern_kwargs(spec: str, cfg: ViTConfig, device) -> dict:
     """fastattn.attention keyword arguments for one ViT layer pattern."""
     name, args = parse_vit_pattern(spec)
@@ -153,6 +170,10 @@ class ViT(nn.Module):
         self.patch_embed = nn.Linear(cfg.channels * P * P, C)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C)) if cfg.pool == "cls" else None
         self.wpe = nn.Parameter(torch.zeros(1, cfg.n_tokens, C)) if cfg.pos == "learned" else None
+        if cfg.pos == "sincos2d":  # a buffer, not a parameter: fixed, and in the checkpoint
+            self.register_buffer("pos_fixed", sincos_2d(cfg.grid, C, cfg.n_prefix))
+        else:
+            self.pos_fixed = None
         self.rope = (Rotary2D(C // cfg.n_head, cfg.grid, cfg.n_prefix, cfg.rope_base)
                      if cfg.pos == "rope2d" else None)
         self.drop = nn.Dropout(cfg.dropout)
@@ -163,6 +184,10 @@ class ViT(nn.Module):
         for p in (self.cls_token, self.wpe):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
+        # LeCun-normal patch embedding (as the JAX/timm ViTs' conv stem): a patch's embedding
+        # starts at the scale of the positions (sincos2d: unit entries), not 0.02 x pixels,
+        # which left the image content ~4% of the residual stream at step 0
+        nn.init.normal_(self.patch_embed.weight, std=self.patch_embed.in_features ** -0.5)
         self._mask_cache: dict = {}
 
     def _init(self, m):
@@ -205,6 +230,8 @@ class ViT(nn.Module):
             x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
         if self.wpe is not None:
             x = x + self.wpe
+        if self.pos_fixed is not None:
+            x = x + self.pos_fixed.to(x.dtype)
         x = self.drop(x)
         pos = torch.arange(x.shape[1], device=x.device)
         for blk, kw in zip(self.blocks, self.masks(x.device), strict=True):
