@@ -31,7 +31,8 @@ def tiny(**kw):
 
 
 @pytest.mark.parametrize("patterns", ["dense", "neighborhood:3", "axial", "neighborhood:3,dense"])
-@pytest.mark.parametrize("pos,pool", [("learned", "cls"), ("rope2d", "mean"), ("rope2d", "cls")])
+@pytest.mark.parametrize("pos,pool", [("learned", "cls"), ("rope2d", "mean"), ("rope2d", "cls"),
+                                      ("sincos2d", "cls")])
 def test_vit_forward_backward(patterns, pos, pool):
     torch.manual_seed(0)
     m = ViT(tiny(patterns=patterns, pos=pos, pool=pool))
@@ -43,6 +44,27 @@ def test_vit_forward_backward(patterns, pos, pool):
     grads = [p.grad for p in m.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert m.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_sincos2d_positions_encode_row_and_column():
+    """(1, 1 + g*g, C): [CLS] zeros; the first C/2 channels depend on the row only, the rest on
+    the column only, as sin | cos of position x w_i (w_0 = 1); distinct patches differ."""
+    from fastattn.models.vit import sincos_2d
+
+    g, C = 5, 16
+    pe = sincos_2d(g, C, n_prefix=1)
+    assert pe.shape == (1, 1 + g * g, C) and not pe[0, 0].any()
+    grid = pe[0, 1:].view(g, g, C)
+    assert torch.equal(grid[:, :1, : C // 2].expand(g, g, C // 2), grid[..., : C // 2])
+    assert torch.equal(grid[:1, :, C // 2:].expand(g, g, C // 2), grid[..., C // 2:])
+    r = torch.arange(g, dtype=torch.float32)
+    torch.testing.assert_close(grid[:, 0, 0], torch.sin(r))  # row sin at w_0 = 1
+    torch.testing.assert_close(grid[0, :, C // 2 + C // 4], torch.cos(r))  # column cos at w_0
+    assert torch.cdist(pe[0, 1:], pe[0, 1:]).add(torch.eye(g * g)).min() > 0.1
+    m = ViT(tiny(pos="sincos2d"))
+    assert "pos_fixed" in m.state_dict() and not any(p is m.pos_fixed for p in m.parameters())
+    with pytest.raises(ValueError, match="n_embd divisible by 4"):
+        tiny(pos="sincos2d", n_embd=18, n_head=2)
 
 
 def test_patchify_is_row_major():
