@@ -260,7 +260,13 @@ def vit_task_args(a) -> str:
     setting (86.7% after 800 steps) but not yet, within 600-800 steps, the harder defaults
     (8 sectors, blue distractors, noise 0.2: chance level); at 32 x 32 patches it needs the
     fixed sincos2d positions and the LeCun-normal patch embedding - see the result file."""
-    return (f"image_size={a.image_size},patch={a.patch},n_dirs=4,n_distractors=0,noise=0.0")
+    return (f"image_size={a.image_size},patch={a.patch},n_dirs={a.n_dirs},n_distractors=0,"
+            "noise=0.0")
+
+
+def vit_record(a) -> str:
+    """Run-directory and result-file name of a ViT setting (the 4-sector runs came first)."""
+    return "vit" if a.n_dirs == 4 else f"vit_{a.n_dirs}dirs"
 
 
 def vit_rows(a):
@@ -273,7 +279,7 @@ def vit_rows(a):
             "--seed", str(a.seed)]
     rows = []
     for name, pat in (("dense", "dense"), ("neighborhood", f"neighborhood:{a.kernel}")):
-        out = os.path.join(RUNS, "vit", name)
+        out = os.path.join(RUNS, vit_record(a), name)
         rows.append((name, pat, out, base + ["--patterns", pat, "--out", out]))
     return rows
 
@@ -290,12 +296,13 @@ def write_vit(a, argv):
     import shutil
 
     g = a.image_size // a.patch
+    rec = "vit_compass" + ("" if a.n_dirs == 8 else f"_{a.n_dirs}dirs")
     lines = header(f"ViT on {g} x {g} = {g * g} patches: dense vs 2D neighbourhood attention",
                    argv) + [
         f"- task: `compass` (fastattn.models.data.Compass), {a.image_size} x {a.image_size} "
         f"RGB images generated on the fly (`--task-args {vit_task_args(a)}`), patch {a.patch} "
-        f"-> {g * g} patch tokens + [CLS]: the compass sector (4 classes centred on E/N/W/S, "
-        f"chance 25%) of a green {a.image_size // 8} x {a.image_size // 8}-pixel marker seen "
+        f"-> {g * g} patch tokens + [CLS]: the compass sector ({a.n_dirs} classes, sector 0 "
+        f"centred on east, chance {100 / a.n_dirs:.1f}%) of a green {a.image_size // 8} x {a.image_size // 8}-pixel marker seen "
         "from a red one, at least a quarter of the image apart (so at least "
         f"{g // 4} patches: beyond one {a.kernel} x {a.kernel} neighbourhood, reachable by "
         "the [CLS] token, which is global in both rows)",
@@ -334,15 +341,15 @@ def write_vit(a, argv):
                      f"{status(out, a.steps)} | `{cmd_line(args)} --resume` |")
         if os.path.exists(os.path.join(out, "curves.png")):
             shutil.copyfile(os.path.join(out, "curves.png"),
-                            os.path.join(RESULTS, f"vit_compass_{name}_curves.png"))
-            images.append(f"![{name}](vit_compass_{name}_curves.png)")
+                            os.path.join(RESULTS, f"{rec}_{name}_curves.png"))
+            images.append(f"![{name}]({rec}_{name}_curves.png)")
     if images:
         lines += ["", "Training curves (train loss, val loss): " + " ".join(images)]
     if all(walls.values()) and len(walls) == 2:
         lines += ["", f"Measured time per step (training process wall time / steps, including "
                   f"evaluations): dense / neighbourhood = {walls['dense'] / walls['neighborhood']:.2f}x."]
     lines += ["", "A row without a test accuracy did not finish: no number is claimed for it."]
-    write("vit_compass", lines)
+    write(rec, lines)
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -522,6 +529,7 @@ def main():
     s.add_argument("--image-size", type=int, default=128)
     s.add_argument("--patch", type=int, default=2)
     s.add_argument("--kernel", type=int, default=7)
+    s.add_argument("--n-dirs", type=int, default=8, help="compass sectors (classes)")
     s.add_argument("--steps", type=int, default=1000)
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--seed", type=int, default=1337)
