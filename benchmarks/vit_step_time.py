@@ -41,11 +41,11 @@ PROVIDERS = [
 def build(grid: int, patch: int, pattern: str, backend: str, batch: int):
     cfg = ViTConfig(image_size=grid * patch, patch=patch, n_layer=2, n_head=2, n_embd=64,
                     pos="sincos2d", pool="cls", backend=backend, patterns=(pattern,),
-                    sparse_block=64, n_classes=4)
+                    sparse_block=64, n_classes=8)
     torch.manual_seed(0)
     model = ViT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    task = Compass(image_size=grid * patch, patch=patch, n_dirs=4, n_distractors=0, noise=0.0)
+    task = Compass(image_size=grid * patch, patch=patch, n_dirs=8, n_distractors=0, noise=0.0)
     b = task.batch("train", batch, 0, torch.Generator().manual_seed(1))
     return model, opt, b
 
