@@ -592,7 +592,7 @@ def main():
     s.add_argument("--test-examples", type=int, default=1024)
     for s in sub.choices.values():
         s.add_argument("--minutes", type=float, default=60.0,
-                       help="stop this sitting after about this many minutes")
+                       help="stop this sitting after about this many minutes (default 60; rows resume on the next call)")
         s.add_argument("--only", default="", help="run only rows whose name contains this")
         s.add_argument("--report-only", action="store_true",
                        help="run nothing: rewrite the result file from the run directories")
