@@ -310,6 +310,6 @@ def test_train_help_explains_every_option():
     bare = [d for d, a in opts.items() if not a.help or a.help.startswith("(default")]
     assert not bare, f"options without help text: {bare}"
     assert "listops" in opts["task"].choices and "reverse" in opts["task"].choices
-    assert set(opts["pos"].choices) == {"rope", "learned"}
+    assert set(opts["pos"].choices) == {"rope", "learned", "sincos"}
     assert "cpu" in opts["backend"].choices
     assert "bigbird" in opts["patterns"].help and "window:128" in opts["patterns"].help
