@@ -395,7 +395,7 @@ def write_vit(a, argv):
         d, nb = accs["dense"], accs["neighborhood"]
         lines += ["", f"Against the issue's bar: dense {d:.2f}% ({'below' if d < 95 else 'NOT below'}"
                   f" 95%); neighbourhood {nb:.2f}%, {nb - d:+.2f} points from dense ("
-                  f"{'within' if abs(nb - d) <= 2 or nb > d else 'NOT within'} 2 points), at "
+                  f"{'within' if abs(nb - d) <= 2 else 'more than' if nb > d else 'NOT within'} 2 points), at "
                   f"{walls['dense'] / walls['neighborhood']:.2f}x dense's speed per training step."]
     lines += ["", "A row without a test accuracy did not finish: no number is claimed for it."]
     write(rec, lines)
