@@ -244,7 +244,7 @@ def write_listops(a, argv):
         "right-padded to 2000, trees of 1000-1999 tokens (min_frac 0.5; the paper's "
         "lengths range up to 2000), a fresh stream of generated training trees (the paper: "
         "a fixed set of 96k), test: "
-        f"{a.test_examples} held-out trees from the val stream with a separate seed",
+        f"{a.test_examples // 32 * 32} held-out trees (whole batches of 32) from the val stream with a separate seed",
         f"- model (every row): BERT-style encoder, 2 layers x 64 wide, 2 heads (head dim 32), "
         f"rope, mean-pooled classifier (about 0.1M parameters); batch {a.batch}, {a.steps} "
         "steps, AdamW 1e-3 -> 1e-4 (warm-up 100, cosine), float32, backend cpu. The LRA "
