@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import fastattn
+from cpu_suite import machine_lines  # benchmarks/cpu_suite.py: CPU, kernel variant, torch, env
 from fastattn.models.data import Compass
 from fastattn.models.vit import ViT, ViTConfig
 
@@ -80,15 +80,6 @@ def interleaved(fns: dict, reps: int, pbar) -> dict:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def machine_lines(threads: int) -> list[str]:
-    info = fastattn.cpu_info()
-    return [f"- CPU: {info['cpu']}; {platform.machine()}, {os.cpu_count()} logical cores, "
-            f"{threads} torch thread(s)",
-            f"- fastattn kernel variant run: **{info['variant']}** ({info['features']})",
-            f"- torch {torch.__version__}, its CPU capability: "
-            f"{torch.backends.cpu.get_cpu_capability()}; build: {info['build']}"]
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grids", type=int, nargs="+", default=[32, 64],
@@ -116,7 +107,7 @@ def main():
     lines = ["# ViT step time: dense vs 2D neighbourhood / axial attention (one run)", "",
              f"- command: `{cmd}`",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M UTC}",
-             *machine_lines(a.threads),
+             *machine_lines(None),
              f"- model: ViT 2 layers x 64 wide, 2 heads (head dim 32), sincos2d positions, [CLS], "
              f"float32; batch {a.batch} compass images, patch {a.patch}; block masks 64 x 64 "
              "([CLS] global in both sparse patterns)",
