@@ -213,10 +213,11 @@ LRA = {"dense": ("Transformer", 36.37), "bigbird": ("BigBird", 36.05),
 
 
 def listops_rows(a):
-    base = ["--task", "listops", "--seq-len", "2000", "--batch-size", str(a.batch),
+    base = ["--task", "listops", "--task-args", "min_frac=0.25,value_p=0.25", "--seq-len", "2000",
+            "--batch-size", str(a.batch),
             "--steps", str(a.steps), "--lr", "1e-3", "--min-lr", "1e-4", "--warmup", "100",
-            "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--backend", "cpu",
-            "--sparse-block", "64", "--eval-every", "250", "--eval-batches", "4",
+            "--n-layer", "2", "--n-embd", "64", "--n-head", "2", "--pool", "mean",
+            "--pos", "learned", "--backend", "cpu", "--sparse-block", "64", "--eval-every", "250", "--eval-batches", "4",
             "--save-every", "25", "--seed", str(a.seed)]
     specs = [("dense", "dense"), ("bigbird", "bigbird"), ("longformer", "longformer:128"),
              ("fixed", "fixed:128:16"), ("blocklocal", "blocklocal:256"), ("window", "window:128")]
@@ -239,19 +240,35 @@ def run_listops(a, argv):
 def write_listops(a, argv):
     lines = header("ListOps (Long Range Arena) at sequence length 2000: fastattn's attentions "
                    "next to the LRA paper", argv) + [
-        "- task: fastattn.models.data.ListOps (`--task listops`): LRA's generator rule (max "
-        "depth 10, 2-10 arguments per operator, MIN/MAX/MED/SM, 10 classes), [CLS] + tokens "
-        "right-padded to 2000, trees of 1000-1999 tokens (min_frac 0.5; the paper's "
-        "lengths range up to 2000), a fresh stream of generated training trees (the paper: "
-        "a fixed set of 96k), test: "
-        f"{a.test_examples // 32 * 32} held-out trees (whole batches of 32) from the val stream with a separate seed",
+        "- task: fastattn.models.data.ListOps (`--task listops`, task args `min_frac=0.25,"
+        "value_p=0.25`): LRA's generator rule and setting (max depth 10, 2-10 arguments per "
+        "operator, a node below depth 10 is an operator with probability 0.25, MIN/MAX/MED/SM, "
+        "10 classes, trees of 500-1999 tokens: median about 980), [CLS] + tokens right-padded "
+        "to 2000, a fresh stream of generated training trees (the paper: a fixed set of 96k), "
+        f"test: {a.test_examples // 32 * 32} held-out trees (whole batches of 32) from the val "
+        "stream with a separate seed. On this distribution the majority class scores about "
+        "17% and knowing only the outermost operator about 35% (its Bayes rate, from 500 "
+        "generated trees): the LRA Transformer's 36% is about what that one token gives",
         f"- model (every row): BERT-style encoder, 2 layers x 64 wide, 2 heads (head dim 32), "
-        f"rope, mean-pooled classifier (about 0.1M parameters); batch {a.batch}, {a.steps} "
-        "steps, AdamW 1e-3 -> 1e-4 (warm-up 100, cosine), float32, backend cpu. The LRA "
-        "paper's ListOps model (google-research/long-range-arena, "
-        "lra_benchmarks/listops/configs/base_listops_config.py): 6 layers x 512 wide, 8 heads, "
-        "MLP 2048, [CLS] pooling (about 19M parameters in its layers), batch 32, 5000 steps, "
-        "warm-up 1000: this model is about 200x smaller and trains 2.5x fewer steps",
+        f"MLP 256, learned absolute positions, classifier on the mean final state (about 0.24M "
+        f"parameters, 0.13M of them the 2000 position vectors); batch {a.batch}, {a.steps} "
+        "steps, AdamW 1e-3 -> 1e-4 (warm-up 100, cosine), float32, backend cpu. This is the "
+        "small LRA model of the Nystromformer paper's PyTorch LRA code (mlpen/Nystromformer, "
+        "LRA/code/lra_config.py: 2 layers x 64, 2 heads, learned positions, mean pooling; "
+        "its softmax Transformer scores 37.1 on ListOps after 5000 steps). The LRA paper's own "
+        "model (google-research/long-range-arena, lra_benchmarks/listops/configs/"
+        "base_listops_config.py): 6 layers x 512 wide, 8 heads, MLP 2048, [CLS] pooling "
+        "(about 19M parameters in its layers), batch 32, 5000 steps, warm-up 1000",
+        "- why this setting: a first attempt (rotary positions, mean pooling, trees of 1000-1999 tokens "
+        "drawn with the operator probability raised to 0.45) stayed at chance for the whole "
+        "2000 steps: dense 14.42%, Longformer 13.76%, block-local 14.26% (training loss flat "
+        "at the label entropy, 2.28). With rotary (relative) positions no token but [CLS] "
+        "can single out the outermost operator at position 1, and a mean over 2000 states "
+        "drowns [CLS]; learned absolute positions let every token attend to position 1. "
+        "Short BigBird probes (same schedule): on those trees, [CLS] pooling with rotary or "
+        "learned positions stayed flat (training loss 2.28 at step 150-175); on LRA's trees, "
+        "learned positions + [CLS] pooling reached 2.24 by step 225-250 and learned + mean "
+        "pooling 1.89 (this row set's recipe; the BigBird row below continues that probe)",
         "- attentions: BigBird 64-token blocks, 1 global block at each end, 3-block window, 2 "
         "random blocks per query block (fixed seed); Longformer: 128 tokens each side + the "
         "[CLS] token global; Sparse Transformer fixed (bidirectional): stride 128, c = 16 "

@@ -190,6 +190,33 @@ def test_frozen_finetune_trains_only_the_head(tmp_path):
     assert not torch.equal(before["wte.weight"], ft2["model"].state_dict()["wte.weight"])
 
 
+def test_bert_classifier_pooling():
+    """pool="mean" (default) classifies the mean final state, "cls" the [CLS] (first) state:
+    with "cls", changing every token but the first moves the logits only through attention."""
+    torch.manual_seed(0)
+    cfg = dict(TINY, kind="bert", vocab_size=256, n_classes=5, backend="reference")
+    x = torch.randint(0, 256, (2, 40))
+    for pool in ("mean", "cls"):
+        m = Transformer(ModelConfig(**cfg, pool=pool)).eval()
+        with torch.no_grad():
+            h = m.encode(x)
+            want = m.classifier(h[:, 0] if pool == "cls" else h.mean(1))
+            assert torch.equal(m(x)[0]["cls"], want)
+    with pytest.raises(ValueError, match="pool"):
+        ModelConfig(**cfg, pool="max")
+
+
+def test_train_pool_auto_picks_per_model():
+    """--pool auto: mean for bert tasks (the recorded fine-tunes), cls for ViT; explicit wins."""
+    from fastattn.models.train import model_config_for
+    lo = D.make_task("listops")
+    assert model_config_for(TrainConfig(task="listops", seq_len=64), lo).pool == "mean"
+    assert model_config_for(TrainConfig(task="listops", seq_len=64, pool="cls"), lo).pool == "cls"
+    im = D.make_task("compass")
+    assert model_config_for(TrainConfig(task="compass"), im).pool == "cls"
+    assert model_config_for(TrainConfig(task="compass", pool="mean"), im).pool == "mean"
+
+
 def test_lr_schedule():
     c = TrainConfig(lr=1.0, min_lr=0.1, warmup=10, steps=110)
     assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
@@ -233,6 +260,12 @@ def test_listops_rules():
     assert b["idx"].shape == (4, 128) and ((b["labels"] >= 0) & (b["labels"] < 10)).all()
     toks, val = task.sample(random.Random(0), 128)
     assert 64 <= len(toks) <= 127 and 0 <= val <= 9
+    # LRA's own setting (value_p 0.25, lengths from a quarter of seq_len up)
+    lra = D.ListOps(min_frac=0.25, value_p=0.25)
+    lens = [len(lra.sample(random.Random(s), 256)[0]) for s in range(20)]
+    assert all(64 <= n <= 255 for n in lens)
+    with pytest.raises(ValueError, match="value_p"):
+        D.ListOps(value_p=1.5)
     # the capped generator draws the same tree when it fits and gives up when it does not
     for seed in range(60):
         tree = D.listops_tree(random.Random(seed), 1, 10, 10, 0.35)

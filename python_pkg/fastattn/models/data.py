@@ -296,18 +296,26 @@ def listops_tokens(t) -> list[str]:
 class ListOps(Task):
     """LRA ListOps as [CLS] + tokens, right-padded to seq_len; 10 classes (the value).
     Trees are drawn by the LRA rule and rejected until their length lies in
-    [min_frac * seq_len, seq_len - 1]; value_p is raised for long sequences so that trees
-    that long are not too rare to find (LRA used lengths up to 2000 with value_p 0.25)."""
+    [min_frac * seq_len, seq_len - 1]. value_p (probability that a node below max_depth is
+    an operator) defaults to an auto rule that raises it for long sequences so that long
+    trees are not too rare to find; LRA's own data used value_p 0.25 with lengths 500-2000,
+    i.e. min_frac=0.25, value_p=0.25 at seq_len 2000 (about 11 draws per kept tree)."""
 
     name, kind = "listops", "bert"
     vocab_size = len(LISTOPS_TOKENS)
     n_classes = 10
 
-    def __init__(self, min_frac: float = 0.5, max_depth: int = 10, max_args: int = 10):
+    def __init__(self, min_frac: float = 0.5, max_depth: int = 10, max_args: int = 10,
+                 value_p: float | None = None):
+        if value_p is not None and not 0.0 < value_p < 1.0:
+            raise ValueError(f"value_p must be in (0, 1), got {value_p}")
         self.min_frac, self.max_depth, self.max_args = min_frac, max_depth, max_args
+        self.value_p = value_p
 
     def sample(self, rng: random.Random, seq_len: int):
-        value_p = 0.25 if seq_len <= 512 else min(0.45, 0.25 + 0.05 * math.log2(seq_len / 512))
+        value_p = self.value_p
+        if value_p is None:
+            value_p = 0.25 if seq_len <= 512 else min(0.45, 0.25 + 0.05 * math.log2(seq_len / 512))
         lo = int(self.min_frac * seq_len)
         while True:  # rejection on the length; oversized trees are abandoned early
             res = listops_tree_capped(rng, seq_len - 1, 1, self.max_depth, self.max_args,

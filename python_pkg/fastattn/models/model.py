@@ -254,7 +254,10 @@ class ModelConfig:
     n_random_blocks: int = 2  # BigBird random blocks per query block
     n_global_tokens: int = 1  # Longformer global tokens / streaming sinks (first tokens)
     pattern_seed: int = 0  # BigBird's random blocks are fixed per model, like the paper's
-    n_classes: int = 0  # > 0 adds a classification head on the mean final state (bert)
+    n_classes: int = 0  # > 0 adds a classification head (bert)
+    # what the head reads: "mean" of the final states, or "cls" = the [CLS] (first) state, as
+    # BERT's and the LRA paper's classifiers do (a long mean dilutes one decisive token)
+    pool: str = "mean"
     # the head starts with an affine-free BatchNorm (the linear probe of He et al. 2022, MAE
     # sec. 4 / appendix: mean-pooled states vary little between inputs, standardized they do)
     probe_norm: bool = False
@@ -267,6 +270,8 @@ class ModelConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.n_kv_head and self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
         if self.pos not in ("rope", "learned"):
             raise ValueError(f"pos must be 'rope' or 'learned', got {self.pos!r}"
                              + (" ('sincos' is for image (ViT) tasks only)" if self.pos == "sincos" else ""))
@@ -428,9 +433,11 @@ class Transformer(nn.Module):
             out["nsp"] = self.nsp_head(pooled)
             add(F.cross_entropy(out["nsp"].float(), nsp_labels))
         if self.classifier is not None:
-            # mean of the final states: a frozen-feature probe that does not depend on how
-            # well NSP trained the [CLS] pooler (short pre-training leaves it near constant)
-            out["cls"] = self.classifier(self.drop(h.mean(1)))
+            # mean of the final states (default): a frozen-feature probe that does not depend
+            # on how well NSP trained the [CLS] pooler (short pre-training leaves it near
+            # constant); "cls": the raw [CLS] state, trained end to end with the task
+            feat = h[:, 0] if self.cfg.pool == "cls" else h.mean(1)
+            out["cls"] = self.classifier(self.drop(feat))
             if labels is not None:
                 add(F.cross_entropy(out["cls"].float(), labels))
         return out, loss

@@ -79,7 +79,7 @@ class TrainConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0  # attention-probability dropout inside the kernels
     pos: str = "rope"  # ViT: "rope" = 2D rotary
-    pool: str = "cls"  # ViT: classify from the [CLS] state or the mean of the patch states
+    pool: str = "auto"  # classifier input: [CLS] state or mean of states (auto: ViT cls, bert mean)
     kernel: int = 7  # ViT: default neighbourhood kernel (patches per side, odd)
     backend: str = "auto"
     patterns: str = "dense"
@@ -131,7 +131,7 @@ def model_config_for(c: TrainConfig, task):
         return ViTConfig(image_size=task.image_size, patch=task.patch, channels=task.channels,
                          n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
                          n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout,
-                         pos={"rope": "rope2d", "sincos": "sincos2d"}.get(c.pos, c.pos), pool=c.pool,
+                         pos={"rope": "rope2d", "sincos": "sincos2d"}.get(c.pos, c.pos), pool="cls" if c.pool == "auto" else c.pool,
                          backend=c.backend, patterns=c.patterns, kernel=c.kernel,
                          sparse_block=c.sparse_block, n_classes=task.n_classes)
     block = c.seq_len + (1 if task.kind == "encdec" else 0)  # decoder input has BOS
@@ -140,7 +140,7 @@ def model_config_for(c: TrainConfig, task):
                        n_kv_head=c.n_kv_head, n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout, pos=c.pos,
                        backend=c.backend, patterns=c.patterns, window=c.window,
                        sparse_block=c.sparse_block, n_classes=task.n_classes,
-                       probe_norm=c.probe_norm)
+                       probe_norm=c.probe_norm, pool="mean" if c.pool == "auto" else c.pool)
 
 
 def make_optimizer(model, c: TrainConfig):
@@ -214,6 +214,8 @@ def train(c: TrainConfig) -> dict:
                   attn_dropout=c.attn_dropout)
         if mc.get("kind") != "vit":
             mc["probe_norm"] = c.probe_norm
+        if c.pool != "auto":
+            mc["pool"] = c.pool
         if (mc.get("kind") == "vit") != (task.kind == "vit"):
             raise ValueError(f"--init-from {c.init_from} holds a {mc.get('kind')!r} model but "
                              f"task {c.task!r} trains a {task.kind!r} model")
@@ -400,8 +402,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
         "attn_dropout": ("attention-probability dropout inside the kernels", None),
         "pos": ("position encoding (ViT: rope = 2D rotary, sincos = fixed 2D sine-cosine, "
                 "ViT only)", ("rope", "learned", "sincos")),
-        "pool": ("ViT: classify from the [CLS] state or the mean of the patch states",
-                 ("cls", "mean")),
+        "pool": ("classifier input: the [CLS] state or the mean of the final states (auto: "
+                 "cls for ViT tasks, mean for bert tasks)", ("auto", "cls", "mean")),
         "kernel": ("ViT: default kernel of 'neighborhood' layers (patches per side, odd)", None),
         "backend": ("fastattn backend of every attention call", ("auto", *BACKEND_NAMES)),
         "patterns": (f"comma-separated attention pattern per layer, cycled over the layers: "
