@@ -182,7 +182,8 @@ def status(out: str, steps: int) -> str:
 
 def test_accuracy(out: str, task: str, task_args: str, n: int, batch: int, seed: int) -> float:
     """Accuracy of the run's final checkpoint on n held-out examples (the task's val split,
-    a generator seeded apart from training and from the periodic evaluations)."""
+    a generator seeded apart from training and from the periodic evaluations); task_args ""
+    means the run's own (from its checkpoint)."""
     import torch
 
     from fastattn.models.data import make_task
@@ -196,7 +197,8 @@ def test_accuracy(out: str, task: str, task_args: str, n: int, batch: int, seed:
     model = build_model(ck["model_config"])
     model.load_state_dict(ck["model"])
     model.eval()
-    t = make_task(task, **_task_kwargs(task_args))
+    # the held-out trees/images come from the distribution the run trained on
+    t = make_task(task, **_task_kwargs(task_args or ck["train_config"].get("task_args", "")))
     seq_len = ck["train_config"]["seq_len"]
     acc = t.evaluate(model, "val", batch, seq_len, max(1, n // batch),
                      torch.Generator().manual_seed(seed))["acc"]
