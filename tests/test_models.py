@@ -191,8 +191,8 @@ def test_frozen_finetune_trains_only_the_head(tmp_path):
 
 
 def test_bert_classifier_pooling():
-    """pool="mean" (default) classifies the mean final state, "cls" the [CLS] (first) state:
-    with "cls", changing every token but the first moves the logits only through attention."""
+    """pool="mean" (default) classifies the mean final state, "cls" the [CLS] (first) state;
+    any other value is refused by name."""
     torch.manual_seed(0)
     cfg = dict(TINY, kind="bert", vocab_size=256, n_classes=5, backend="reference")
     x = torch.randint(0, 256, (2, 40))

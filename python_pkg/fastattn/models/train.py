@@ -131,7 +131,8 @@ def model_config_for(c: TrainConfig, task):
         return ViTConfig(image_size=task.image_size, patch=task.patch, channels=task.channels,
                          n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head,
                          n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout,
-                         pos={"rope": "rope2d", "sincos": "sincos2d"}.get(c.pos, c.pos), pool="cls" if c.pool == "auto" else c.pool,
+                         pos={"rope": "rope2d", "sincos": "sincos2d"}.get(c.pos, c.pos),
+                         pool="cls" if c.pool == "auto" else c.pool,
                          backend=c.backend, patterns=c.patterns, kernel=c.kernel,
                          sparse_block=c.sparse_block, n_classes=task.n_classes)
     block = c.seq_len + (1 if task.kind == "encdec" else 0)  # decoder input has BOS
