@@ -301,7 +301,10 @@ def write_listops(a, argv):
               "niced machine, and paused with SIGSTOP while other measurements ran: it "
               "measures this machine's load as much as the kernels). "
               "Peak RSS is the training process's maximum resident memory. "
-              "A row without a test accuracy did not finish: no number is claimed for it."]
+              "A row without a test accuracy did not finish: no number is claimed for it.",
+              "", "In the run recorded on 2026-12-02 the BigBird row's first 259 steps were the "
+              "probe named under 'why this setting' (the same command, run by hand on one core, "
+              "about 6 min): its wall time covers steps 259-2000."]
     write("listops_lra", lines)
 
 
