@@ -206,6 +206,65 @@ def test_bert_classifier_pooling():
         ModelConfig(**cfg, pool="max")
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=requires_cpu_ext)])
+@pytest.mark.parametrize("pattern", ["dense", "window:8", "longformer:8", "bigbird"])
+def test_bert_pad_id_masks_padding(backend, pattern):
+    """pad_id set: padding keys are masked out of attention and the mean pool skips them, so
+    a right-padded row classifies exactly as the same row alone without padding (for
+    patterns that do not depend on the padded length), and nothing flows to the padding's
+    positions. BigBird's layout depends on the padded length: there the masked model must
+    agree with the reference backend on the padded batch."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(**dict(TINY, kind="bert", vocab_size=20, n_classes=3, backend=backend,
+                             pos="learned", block_size=80, patterns=(pattern,),
+                             sparse_block=16, pad_id=0))
+    m = Transformer(cfg).eval()
+    lens = [37, 64, 50]
+    x = torch.zeros(3, 80, dtype=torch.long)
+    for r, n in enumerate(lens):
+        x[r, :n] = torch.randint(1, 20, (n,))
+    out = m(x)[0]["cls"]
+    if pattern != "bigbird":
+        for r, n in enumerate(lens):
+            alone = m(x[r:r + 1, :n])[0]["cls"]
+            torch.testing.assert_close(out[r:r + 1], alone, atol=2e-5, rtol=1e-5)
+    else:
+        ref = Transformer(ModelConfig(**dict(cfg.to_dict(), backend="reference"))).eval()
+        ref.load_state_dict(m.state_dict())
+        torch.testing.assert_close(out, ref(x)[0]["cls"], atol=2e-5, rtol=1e-5)
+    m.train()
+    _, loss = m(x, labels=torch.tensor([0, 1, 2]))
+    loss.backward()
+    g = m.wpe.weight.grad
+    assert torch.count_nonzero(g[max(lens):]) == 0 and torch.count_nonzero(g[:max(lens)]) > 0
+    # without pad_id the padding is attended to (and reaches the gradient)
+    m2 = Transformer(ModelConfig(**dict(cfg.to_dict(), pad_id=None)))
+    m2.load_state_dict(m.state_dict())
+    m2(x, labels=torch.tensor([0, 1, 2]))[1].backward()
+    assert torch.count_nonzero(m2.wpe.weight.grad[max(lens):]) > 0
+
+
+def test_padding_block_mask_any_layout():
+    """Padding that is not a right-padded prefix is evaluated token by token, exactly."""
+    from fastattn.models.model import padding_block_mask
+    keep = torch.rand(2, 40, generator=torch.Generator().manual_seed(1)) > 0.3
+    for k in (keep, torch.arange(40) < torch.tensor([[17], [40]])):
+        dense = padding_block_mask(k, 16).to_dense()
+        want = k[:, None, :, None] & k[:, None, None, :]
+        assert torch.equal(dense.expand_as(want), want)
+
+
+def test_train_mask_padding_flag():
+    """--mask-padding sets the task's pad token on the model; refused where nothing pads."""
+    from fastattn.models.train import model_config_for
+    lo = D.make_task("listops")
+    assert model_config_for(TrainConfig(task="listops", seq_len=64), lo).pad_id is None
+    assert model_config_for(TrainConfig(task="listops", seq_len=64, mask_padding=True),
+                            lo).pad_id == lo.pad_id == D.LISTOPS_TOKENS.index("<pad>")
+    with pytest.raises(ValueError, match="mask-padding"):
+        model_config_for(TrainConfig(task="recall", mask_padding=True), D.make_task("recall"))
+
+
 def test_train_pool_auto_picks_per_model():
     """--pool auto: mean for bert tasks (the recorded fine-tunes), cls for ViT; explicit wins."""
     from fastattn.models.train import model_config_for

@@ -100,6 +100,7 @@ class Task:
     kind = "gpt"  # the model shape it trains
     vocab_size = BYTE_VOCAB
     n_classes = 0
+    pad_id = None  # the token id its batches pad with (None: it never pads)
 
     def batch(self, split: str, batch_size: int, seq_len: int, g: torch.Generator) -> dict:
         raise NotImplementedError
@@ -187,6 +188,7 @@ class CodeOrigin(Task):
     so val accuracy measures generalization to unseen files. Classes are balanced."""
 
     name, kind = "classify", "bert"
+    pad_id = PAD  # files shorter than the sequence are right-padded
     PACKAGES = ("asyncio", "email", "tkinter", "multiprocessing")
 
     def __init__(self, packages=PACKAGES):
@@ -303,6 +305,7 @@ class ListOps(Task):
 
     name, kind = "listops", "bert"
     vocab_size = len(LISTOPS_TOKENS)
+    pad_id = LISTOPS_TOKENS.index("<pad>")
     n_classes = 10
 
     def __init__(self, min_frac: float = 0.5, max_depth: int = 10, max_args: int = 10,

@@ -88,6 +88,37 @@ def pattern_kwargs(spec: str, T: int, causal: bool, cfg: ModelConfig, device) ->
     return kw
 
 
+def padding_block_mask(keep: torch.Tensor, block: int):
+    """keep (B, S) bool, True on real tokens -> a BlockMask with one layout per row b in
+    which a real query sees the real keys of its row and a padding query sees nothing.
+    Right padding (the usual case) is an interval rule, classified per block without
+    evaluating tokens (~0.1 s for 32 x 2000 at block 64); any other layout evaluates its
+    tokens."""
+    import fastattn.sparse as fs
+
+    B, S = keep.shape
+    lens = keep.sum(1)
+    if torch.equal(keep, torch.arange(S, device=keep.device) < lens[:, None]):
+        def fn(b, h, q, kv):
+            return (q < lens[b]) & (kv < lens[b])
+    else:
+        def fn(b, h, q, kv):  # b (E, 1, 1), q (E, BM, 1), kv (E, 1, BN)
+            return keep[b, q] & keep[b, kv]
+    return fs.from_mask_fn(fn, S, S, B=B, block_size=block, device=keep.device)
+
+
+def with_padding(layer_kw: list[dict], pad) -> list[dict]:
+    """Each layer's attention kwargs intersected with the padding BlockMask pad (layers
+    that share a pattern share the result)."""
+    out, seen = [], {}
+    for kw in layer_kw:
+        if id(kw) not in seen:
+            bm = kw.get("block_mask")
+            seen[id(kw)] = dict(kw, block_mask=pad if bm is None else bm & pad)
+        out.append(seen[id(kw)])
+    return out
+
+
 # ----------------------------------------------------------------------------- modules
 
 class Rotary(nn.Module):
@@ -262,6 +293,11 @@ class ModelConfig:
     # sec. 4 / appendix: mean-pooled states vary little between inputs, standardized they do)
     probe_norm: bool = False
     n_segments: int = 2  # bert token types (sentence A / B)
+    # bert: the token id that marks padding. When set, padding keys are masked out of every
+    # attention call (a padding query sees nothing: its attention output is 0) and the mean
+    # pool averages the real tokens only, as BERT's attention_mask does. None: every token
+    # is real (the padding is attended to like any token).
+    pad_id: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("gpt", "bert", "encdec"):
@@ -378,9 +414,20 @@ class Transformer(nn.Module):
         self._check_len(S)
         pos = torch.arange(S, device=idx.device)
         x = self._embed(idx, pos, segments)
-        for blk, kw in zip(self.enc, self.masks("enc", S, idx.device), strict=True):
+        masks = self.masks("enc", S, idx.device)
+        keep = self._keep(idx)
+        if keep is not None:  # padding masked out of every layer's attention
+            masks = with_padding(masks, padding_block_mask(keep, self.cfg.sparse_block))
+        for blk, kw in zip(self.enc, masks, strict=True):
             x = blk(x, kw, self.rope, pos)
         return self.ln_enc(x)
+
+    def _keep(self, idx):
+        """(B, S) bool, True on real tokens, or None when nothing is padding."""
+        if self.cfg.kind != "bert" or self.cfg.pad_id is None:
+            return None
+        keep = idx != self.cfg.pad_id
+        return None if bool(keep.all()) else keep
 
     def decode(self, idx, memory=None, cache=None):
         """Causal stack (gpt / encdec decoder): idx (B, T) -> (B, T, C). With a cache, idx
@@ -436,7 +483,14 @@ class Transformer(nn.Module):
             # mean of the final states (default): a frozen-feature probe that does not depend
             # on how well NSP trained the [CLS] pooler (short pre-training leaves it near
             # constant); "cls": the raw [CLS] state, trained end to end with the task
-            feat = h[:, 0] if self.cfg.pool == "cls" else h.mean(1)
+            keep = self._keep(idx)
+            if self.cfg.pool == "cls":
+                feat = h[:, 0]
+            elif keep is None:
+                feat = h.mean(1)
+            else:  # mean over the real tokens of each row
+                w = keep.unsqueeze(-1).to(h.dtype)
+                feat = (h * w).sum(1) / w.sum(1).clamp(min=1)
             out["cls"] = self.classifier(self.drop(feat))
             if labels is not None:
                 add(F.cross_entropy(out["cls"].float(), labels))

@@ -80,6 +80,8 @@ class TrainConfig:
     attn_dropout: float = 0.0  # attention-probability dropout inside the kernels
     pos: str = "rope"  # ViT: "rope" = 2D rotary
     pool: str = "auto"  # classifier input: [CLS] state or mean of states (auto: ViT cls, bert mean)
+    mask_padding: bool = False  # bert: mask the task's padding out of attention and the pool
+    bias: bool = False  # biases in the linear layers and LayerNorms (BERT has them)
     kernel: int = 7  # ViT: default neighbourhood kernel (patches per side, odd)
     backend: str = "auto"
     patterns: str = "dense"
@@ -134,14 +136,26 @@ def model_config_for(c: TrainConfig, task):
                          pos={"rope": "rope2d", "sincos": "sincos2d"}.get(c.pos, c.pos),
                          pool="cls" if c.pool == "auto" else c.pool,
                          backend=c.backend, patterns=c.patterns, kernel=c.kernel,
-                         sparse_block=c.sparse_block, n_classes=task.n_classes)
+                         sparse_block=c.sparse_block, n_classes=task.n_classes, bias=c.bias)
     block = c.seq_len + (1 if task.kind == "encdec" else 0)  # decoder input has BOS
     return ModelConfig(kind=task.kind, vocab_size=task.vocab_size, block_size=block,
                        n_layer=c.n_layer, n_dec_layer=c.n_dec_layer, n_head=c.n_head,
                        n_kv_head=c.n_kv_head, n_embd=c.n_embd, dropout=c.dropout, attn_dropout=c.attn_dropout, pos=c.pos,
                        backend=c.backend, patterns=c.patterns, window=c.window,
                        sparse_block=c.sparse_block, n_classes=task.n_classes,
-                       probe_norm=c.probe_norm, pool="mean" if c.pool == "auto" else c.pool)
+                       probe_norm=c.probe_norm, pool="mean" if c.pool == "auto" else c.pool,
+                       pad_id=padding_id(c, task), bias=c.bias)
+
+
+def padding_id(c: TrainConfig, task):
+    """The pad token the model masks (--mask-padding), or None."""
+    if not c.mask_padding:
+        return None
+    if task.kind != "bert" or task.pad_id is None:
+        raise ValueError(f"--mask-padding: task {c.task!r} has no padding to mask (it is for "
+                         f"bert tasks whose batches are padded, e.g. listops, classify); "
+                         f"drop the flag")
+    return task.pad_id
 
 
 def make_optimizer(model, c: TrainConfig):
@@ -217,6 +231,8 @@ def train(c: TrainConfig) -> dict:
             mc["probe_norm"] = c.probe_norm
         if c.pool != "auto":
             mc["pool"] = c.pool
+        if c.mask_padding:
+            mc["pad_id"] = padding_id(c, task)
         if (mc.get("kind") == "vit") != (task.kind == "vit"):
             raise ValueError(f"--init-from {c.init_from} holds a {mc.get('kind')!r} model but "
                              f"task {c.task!r} trains a {task.kind!r} model")
@@ -405,6 +421,10 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                 "ViT only)", ("rope", "learned", "sincos")),
         "pool": ("classifier input: the [CLS] state or the mean of the final states (auto: "
                  "cls for ViT tasks, mean for bert tasks)", ("auto", "cls", "mean")),
+        "bias": ("biases in the linear layers and LayerNorms (BERT and the LRA models have "
+                 "them; off: the GPT-2-style default)", None),
+        "mask_padding": ("bert tasks: mask padding tokens out of attention and out of the "
+                         "mean pool (like BERT's attention_mask)", None),
         "kernel": ("ViT: default kernel of 'neighborhood' layers (patches per side, odd)", None),
         "backend": ("fastattn backend of every attention call", ("auto", *BACKEND_NAMES)),
         "patterns": (f"comma-separated attention pattern per layer, cycled over the layers: "
