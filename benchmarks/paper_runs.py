@@ -271,6 +271,14 @@ def write_listops(a, argv):
         "learned positions stayed flat (training loss 2.28 at step 150-175); on LRA's trees, "
         "learned positions + [CLS] pooling reached 2.24 by step 225-250 and learned + mean "
         "pooling 1.89 (this row set's recipe; the BigBird row below continues that probe)",
+        "- two more changes probed and not adopted (same command plus `--mask-padding --bias`: "
+        "padding masked out of attention and out of the mean pool, as the LRA and "
+        "Nystromformer code do, and BERT's linear/LayerNorm biases; per-run logs not kept in "
+        "the repo): dense stayed on the plateau through step 746 (training loss 2.252 over its "
+        "last 100 steps, val 2.244 at step 500) and Longformer through step 640 (2.248, val "
+        "2.245 at step 500), where the dense row below had left it at about step 650; masking "
+        "skips the padded blocks (median step 1.53 s dense and 1.17 s Longformer, against the "
+        "rows' 2.41 s and 1.45 s below) but did not shorten the plateau within those steps",
         "- attentions: BigBird 64-token blocks, 1 global block at each end, 3-block window, 2 "
         "random blocks per query block (fixed seed); Longformer: 128 tokens each side + the "
         "[CLS] token global; Sparse Transformer fixed (bidirectional): stride 128, c = 16 "
