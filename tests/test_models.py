@@ -263,6 +263,11 @@ def test_train_mask_padding_flag():
                             lo).pad_id == lo.pad_id == D.LISTOPS_TOKENS.index("<pad>")
     with pytest.raises(ValueError, match="mask-padding"):
         model_config_for(TrainConfig(task="recall", mask_padding=True), D.make_task("recall"))
+    # --bias reaches the model (BERT's linear and LayerNorm biases)
+    mc = model_config_for(TrainConfig(task="listops", seq_len=64, bias=True), lo)
+    m = Transformer(mc)
+    assert mc.bias and m.enc[0].attn.q.bias is not None and m.ln_enc.bias is not None
+    assert Transformer(model_config_for(TrainConfig(task="listops", seq_len=64), lo)).ln_enc.bias is None
 
 
 def test_train_pool_auto_picks_per_model():
