@@ -285,20 +285,24 @@ def write_listops(a, argv):
         "summary positions; block-local: non-overlapping 256-token chunks; sliding window: "
         "128 tokens each side",
         "",
-        "| fastattn attention | LRA row | LRA accuracy | fastattn test accuracy | steps | "
-        "median s/step | wall time | peak RSS | status | command |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fastattn attention | LRA row | LRA accuracy | fastattn test accuracy | minus LRA "
+        "(bar: within 5) | steps | median s/step | wall time | peak RSS | status | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, pat, out, args in listops_rows(a):
         paper, acc = LRA[name]
         fin = final_record(out, a.steps)
         cache = os.path.join(out, f"test_{a.test_examples}_2024.json")
-        test = "-"
+        test, diff = "-", "-"
         if fin is not None and os.path.exists(cache):
             with open(cache) as f:
-                test = f"**{100 * json.load(f)['acc']:.2f}%**"
+                pct = 100 * json.load(f)["acc"]
+            test = f"**{pct:.2f}%**"
+            if acc is not None:
+                d = pct - acc
+                diff = f"{d:+.2f} ({'within' if abs(d) <= 5 else 'outside'})"
         st = runner_state(out)
-        lines.append(f"| {pat} | {paper} | {acc if acc is not None else '-'} | {test} | "
+        lines.append(f"| {pat} | {paper} | {acc if acc is not None else '-'} | {test} | {diff} | "
                      f"{steps_done(out)}/{a.steps} | {median_step_s(out, a.batch * 2000):.2f} | "
                      f"{sittings_cell(st)} | {peak_mb(out):.0f} MB | "
                      f"{status(out, a.steps)} | `{cmd_line(args)} --resume` |")
@@ -312,10 +316,26 @@ def write_listops(a, argv):
               "A row without a test accuracy did not finish: no number is claimed for it.",
               "", "In the run recorded on 2026-12-02 the BigBird row's first 259 steps were the "
               "probe named under 'why this setting' (the same command, run by hand on one core, "
-              "about 6 min): its wall time covers steps 259-2000. Its Longformer and sliding-"
-              "window rows both score 16.38% = 325/1984, the share of class 0 in the test set: "
+              "about 6 min): its wall time covers steps 259-2000. Its Longformer, sliding-"
+              "window and fixed rows all score 16.38% = 325/1984, the share of class 0 in the test set: "
               "what predicting class 0 for every tree scores (the test set's most frequent class, 9, "
-              "is 18.65%)."]
+              "is 18.65%). The fixed and block-local rows ran on 2026-12-02 in a second sitting, "
+              "one core each, the same command and code path as the other rows.",
+              "", "Reading (ours, from these runs): the rows that learned are those in which "
+              "many tokens see the outermost operator (position 1) among few keys: BigBird's "
+              "first block is global, so every query sees position 1 among about 450 keys; "
+              "block-local's first chunk gives 256 tokens a 256-key view of it. Sliding window "
+              "and Longformer give only the first ~130 tokens such a view (the window row's "
+              "training loss began to fall in its last 200 steps), fixed only the first "
+              "128-token stride (among ~380 keys), and dense gives every token a 1-in-2000 share: they stayed on the "
+              "plateau, or, for dense, left it late (step ~650) and only partly. So in this "
+              "small model and budget block-local attention scores far above the LRA paper's "
+              "local-attention row (37.8 vs 15.8) and dense far below its Transformer row; the "
+              "paper's 6 x 512 model trained 5000 steps. Users of the LRA code report a ListOps "
+              "Transformer at about 17% too (google-research/long-range-arena issue #60, with "
+              "the official config; in issue #15 a 17.5% test score was put down to "
+              "checkpointing, and a comment found a smaller learning rate or a larger batch "
+              "useful)."]
     write("listops_lra", lines)
 
 
