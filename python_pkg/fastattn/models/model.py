@@ -410,12 +410,15 @@ class Transformer(nn.Module):
 
     def encode(self, idx, segments=None):
         """Bidirectional stack (bert / encdec encoder): idx (B, S) -> (B, S, C)."""
+        return self._encode(idx, segments, self._keep(idx))
+
+    def _encode(self, idx, segments, keep):
+        # keep: (B, S) bool of real tokens (self._keep), or None
         B, S = idx.shape
         self._check_len(S)
         pos = torch.arange(S, device=idx.device)
         x = self._embed(idx, pos, segments)
         masks = self.masks("enc", S, idx.device)
-        keep = self._keep(idx)
         if keep is not None:  # padding masked out of every layer's attention
             masks = with_padding(masks, padding_block_mask(keep, self.cfg.sparse_block))
         for blk, kw in zip(self.enc, masks, strict=True):
@@ -464,7 +467,8 @@ class Transformer(nn.Module):
         return logits, loss
 
     def _bert(self, idx, segments, mlm_labels, nsp_labels, labels):
-        h = self.encode(idx, segments)
+        keep = self._keep(idx)  # padding, masked in attention and in the mean pool
+        h = self._encode(idx, segments, keep)
         pooled = self.pooler(h[:, 0])
         out, loss = {}, None
 
@@ -483,7 +487,6 @@ class Transformer(nn.Module):
             # mean of the final states (default): a frozen-feature probe that does not depend
             # on how well NSP trained the [CLS] pooler (short pre-training leaves it near
             # constant); "cls": the raw [CLS] state, trained end to end with the task
-            keep = self._keep(idx)
             if self.cfg.pool == "cls":
                 feat = h[:, 0]
             elif keep is None:
