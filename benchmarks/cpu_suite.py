@@ -163,7 +163,8 @@ def memory_section(args, rows, pbar):
 def machine_lines(peak):
     info = fastattn.cpu_info()
     env = {k: os.environ[k] for k in ("FASTATTN_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
-                                      "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+                                      "MKL_ENABLE_INSTRUCTIONS", "GLIBC_TUNABLES", "LD_PRELOAD")
+           if k in os.environ}
     lines = [f"- CPU: {info['cpu']}; {platform.machine()}, {os.cpu_count()} logical cores, "
              f"{torch.get_num_threads()} threads",
              f"- fastattn kernel variant run: **{info['variant']}** ({info['features']})",
@@ -180,6 +181,19 @@ def machine_lines(peak):
     return lines
 
 
+def variant_peak(peak):
+    """(GFLOP/s, ISA name) of the float32 FMA peak at the width of the kernel variant that runs:
+    the avx2 variant is held to the 8-lane peak even on an AVX-512 host (its fraction of the
+    16-lane peak would read as half)."""
+    if not peak:
+        return None, None
+    variant = fastattn.cpu_info()["variant"]
+    isa = "avx512" if variant.startswith("avx512") else variant
+    if isa in peak.get("isa", {}):
+        return peak["isa"][isa]["peak_gflops"], isa
+    return None, None  # generic (SSE/NEON) width: no measured peak
+
+
 def write_report(args, rows, gemm, out, peak=None):
     def f(x, nd=3):
         return "" if x is None else f"{x:.{nd}f}"
@@ -193,12 +207,13 @@ def write_report(args, rows, gemm, out, peak=None):
              "noisy); seconds per call; B=1, H=8", "",
              "## Dense: fastattn cpu vs torch SDPA", "",
              "FLOPs: 4*B*H*N^2*D (x0.5 causal, x3.5 fwd+bwd). Fractions: of the float32 FMA peak "
-             "above and of torch.mm's best float32 rate in this run. On the avx512bf16 variant "
+             f"above at the vector width of the kernel variant run ({pk_isa or 'not measured'}) and of "
+             "torch.mm's best float32 rate in this run. On the avx512bf16 variant "
              "bfloat16 rows run vdpbf16ps (two bfloat16 products per float32 lane), so their "
              "fractions of the float32 figures can exceed 1.", "",
              "| N | D | dtype | causal | mode | fastattn s | sdpa s | fastattn / sdpa | GFLOP/s "
              "(sdpa) | of peak | of torch.mm |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    pk = (peak or {}).get("peak_gflops")
+    pk, pk_isa = variant_peak(peak)
     for r in rows:
         if r["section"] == "dense":
             frac = r["gflops"] * 1e9 / gemm["float32"]
