@@ -198,6 +198,7 @@ def write_report(args, rows, gemm, out, peak=None):
     def f(x, nd=3):
         return "" if x is None else f"{x:.{nd}f}"
 
+    pk, pk_isa = variant_peak(peak)
     lines = ["# fastattn cpu backend vs peers (one run)", "",
              f"- command: `python {' '.join(sys.argv)}`",
              f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
@@ -213,7 +214,6 @@ def write_report(args, rows, gemm, out, peak=None):
              "fractions of the float32 figures can exceed 1.", "",
              "| N | D | dtype | causal | mode | fastattn s | sdpa s | fastattn / sdpa | GFLOP/s "
              "(sdpa) | of peak | of torch.mm |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    pk, pk_isa = variant_peak(peak)
     for r in rows:
         if r["section"] == "dense":
             frac = r["gflops"] * 1e9 / gemm["float32"]
