@@ -17,6 +17,7 @@
 #include "cpu/attention_cpu.h"
 #include "cpu/kernel_stats.h"
 #include "cpu/operands.h"
+#include "cpu/output_cache.h"
 #include "cpu/isa/kernel_tables.h"
 
 namespace {
@@ -218,6 +219,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("release_workspace", &fastattn::cpu::release_workspace,
         "Frees the operand buffers the cpu kernels keep for the calling thread between calls "
         "(csrc/cpu/operands.h: at most 128 MB per thread)");
+  m.def("output_cache_stats", []() {
+    const auto st = fastattn::cpu::output_cache_stats();
+    pybind11::dict d;
+    d["limit_bytes"] = st.limit_bytes;
+    d["kept_bytes"] = st.kept_bytes;
+    d["kept_blocks"] = st.kept_blocks;
+    d["hits"] = st.hits;
+    d["misses"] = st.misses;
+    return d;
+  }, "The cpu output cache's limit, kept blocks and hit/miss counts (csrc/cpu/output_cache.h)");
+  m.def("set_output_cache_limit", &fastattn::cpu::set_output_cache_limit, pybind11::arg("bytes"),
+        "Sets the cpu output cache's limit in bytes (0: off) and frees kept blocks beyond it");
+  m.def("empty_output_cache", &fastattn::cpu::empty_output_cache,
+        "Frees every block the cpu output cache keeps");
   m.def("native_build", []() {
 #if defined(__AVX2__)
     return true;

@@ -14,6 +14,7 @@
 #include "cpu/isa/kernel_tables.h"
 #include "cpu/kernel_stats.h"
 #include "cpu/operands.h"
+#include "cpu/output_cache.h"
 #include "cpu/task_queue.h"
 #include "cpu/sparse_lists.h"
 
@@ -89,9 +90,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   at::Tensor lse2 = at::where(at::isinf(lse) & (lse < 0), at::full({}, INFINITY, lse.options()), lse * log2e)
                         .to(at::kFloat)
                         .contiguous();
-  at::Tensor dq_acc = at::zeros({a.S, s.B, s.Hq, s.Nq, s.Dp}, q.options().dtype(at::kFloat));
-  at::Tensor dk32 = at::empty({s.B, s.Hkv, s.Nk, s.Dp}, q.options().dtype(at::kFloat));
-  at::Tensor dv32 = at::empty({s.B, s.Hkv, s.Nk, s.Dvp}, q.options().dtype(at::kFloat));
+  // large gradients come from the output cache (output_cache.h: no fresh pages every call)
+  at::Tensor dq_acc = empty_output({a.S, s.B, s.Hq, s.Nq, s.Dp}, q.options().dtype(at::kFloat)).zero_();
+  at::Tensor dk32 = empty_output({s.B, s.Hkv, s.Nk, s.Dp}, q.options().dtype(at::kFloat));
+  at::Tensor dv32 = empty_output({s.B, s.Hkv, s.Nk, s.Dvp}, q.options().dtype(at::kFloat));
   a.delta = delta.data_ptr<float>();
   a.lse2 = lse2.data_ptr<float>();
   a.dq = dq_acc.data_ptr<float>();

@@ -9,6 +9,7 @@
 #include "cpu/isa/kernel_tables.h"
 #include "cpu/kernel_stats.h"
 #include "cpu/operands.h"
+#include "cpu/output_cache.h"
 #include "cpu/sparse_lists.h"
 #include "cpu/task_queue.h"
 
@@ -79,8 +80,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
     a.v = v32.data_ptr<float>();
     a.ldv = v32.stride(2), a.sv_b = v32.stride(0), a.sv_h = v32.stride(1);
   }
-  at::Tensor out = at::empty({s.B, s.Hq, s.Nq, s.Dv}, q.options());
-  at::Tensor out32 = f32 && whole ? out : at::empty({s.B, s.Hq, s.Nq, s.Dvp}, q.options().dtype(at::kFloat));
+  // large outputs come from the output cache (output_cache.h: no fresh pages every call)
+  at::Tensor out = empty_output({s.B, s.Hq, s.Nq, s.Dv}, q.options());
+  at::Tensor out32 = f32 && whole ? out : empty_output({s.B, s.Hq, s.Nq, s.Dvp}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options().dtype(at::kFloat));
   a.out = out32.data_ptr<float>();
   a.ldo = out32.stride(2), a.so_b = out32.stride(0), a.so_h = out32.stride(1);

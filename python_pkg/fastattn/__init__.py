@@ -6,6 +6,7 @@ behind one drop-in API."""
 from . import distributed, flash_attn_compat, nn, sparse
 from ._version import __version__
 from .api import attention, scaled_dot_product_attention
+from .backends.cpu import cpu_output_cache, empty_cpu_output_cache
 from .backends.cpu import kernel_info as cpu_info
 from .decode import decode_attention
 from .dispatch import BackendUnavailableError, available_backends
@@ -20,6 +21,8 @@ __all__ = [
     "flash_attn_compat",
     "available_backends",
     "cpu_info",
+    "cpu_output_cache",
+    "empty_cpu_output_cache",
     "BackendUnavailableError",
     "sparse",
     "distributed",

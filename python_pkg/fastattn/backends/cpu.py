@@ -153,6 +153,30 @@ def release_workspace() -> None:
     _C.release_workspace()
 
 
+def cpu_output_cache(limit_mb: float | None = None) -> dict:
+    """The cpu kernels' output cache (csrc/cpu/output_cache.h). Large outputs (forward out,
+    backward dQ/dK/dV, from 1 MiB) are allocated from blocks freed by earlier calls of the same
+    size, like PyTorch's CUDA caching allocator, instead of fresh pages every call (at N=16384,
+    H=8, D=64 a fresh 32 MiB output costs ~13 ms of page faults with glibc). Freed blocks are
+    kept up to a limit: 256 MiB by default, FASTATTN_CPU_CACHE_MB at import, or limit_mb here
+    (0 turns it off and frees what is kept). Returns limit_bytes, kept_bytes, kept_blocks and
+    the hits / misses of cached allocations so far."""
+    if _C is None:
+        raise RuntimeError(f"the compiled extension fastattn._C is not usable: {_LOAD_ERROR}")
+    if limit_mb is not None:
+        if isinstance(limit_mb, bool) or not isinstance(limit_mb, (int, float)) or not limit_mb >= 0:
+            raise ValueError(f"limit_mb={limit_mb!r}: pass a number of MiB >= 0 (0 turns the cache off)")
+        _C.set_output_cache_limit(int(limit_mb * (1 << 20)))
+    return dict(_C.output_cache_stats())
+
+
+def empty_cpu_output_cache() -> None:
+    """Frees every block the cpu output cache keeps (the limit stays; see cpu_output_cache)."""
+    if _C is None:
+        raise RuntimeError(f"the compiled extension fastattn._C is not usable: {_LOAD_ERROR}")
+    _C.empty_output_cache()
+
+
 def kernel_stats(reset: bool = False) -> dict:
     """What the cpu kernels did (csrc/cpu/kernel_stats.h): fwd_visits / bwd_visits, the mask
     blocks computed since the last reset (one per (batch, head, query block, key block); a
