@@ -90,6 +90,7 @@ def main():
              f"- command: `python {' '.join(sys.argv)}`",
              f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
              *machine_lines(None),
+             f"- fastattn output cache (csrc/cpu/output_cache.h): {fastattn.cpu_output_cache()}",
              f"- timing: medians of {args.reps} interleaved repetitions after a warm-up call each; "
              f"B=1, H={H}, N={N}, D={D}, float32, forward", "",
              "| call | density | fastattn s | ideal s (density x dense) | / ideal | fit s (fixed + slope x density) |",
@@ -105,8 +106,9 @@ def main():
     lines += ["", f"Fit over the windows from 127 on: fixed = {fixed * 1e3:.1f} ms, slope = {slope:.3f} s per "
               f"unit of density = {slope / dense:.2f} x the dense time (1.00 = every visible score "
               "costs what it costs in the dense forward).",
-              f"First touch of the fresh output costs {1e3 * (t['fresh output, written'] - t['same output, rewritten']):.1f} ms "
-              "more than rewriting a kept one (page faults: the process maps a new block for each call's output)."]
+              f"First touch of a fresh output costs {1e3 * (t['fresh output, written'] - t['same output, rewritten']):.1f} ms "
+              "more than rewriting a kept one (page faults: glibc maps a new block for each one this "
+              "large); fastattn's output cache (limit above; 0 = off) reuses freed output blocks instead."]
     if w511 is not None:
         ideal = w511.density * dense
         lines.append(f"At L=511 the bar (<= 1.3 x ideal) leaves {0.3 * ideal * 1e3:.1f} ms for everything "
