@@ -24,7 +24,6 @@ import datetime
 import os
 import statistics
 import sys
-import time
 
 import torch
 from tqdm import tqdm
@@ -34,20 +33,7 @@ from fastattn import sparse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_suite import machine_lines  # noqa: E402  (benchmarks/cpu_suite.py)
-
-
-def timed(fns: dict, reps: int, pbar) -> dict:
-    """Median seconds per callable; the callables alternate inside each repetition."""
-    for f in fns.values():
-        f()  # warm-up
-    times = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[n].append(time.perf_counter() - t0)
-        pbar.update(1)
-    return {n: statistics.median(t) for n, t in times.items()}
+from vit_step_time import interleaved  # noqa: E402  (medians of alternating calls)
 
 
 def main():
@@ -76,7 +62,7 @@ def main():
     fns["same output, rewritten"] = lambda: kept.fill_(1.0)
     fns["K^T panel copy"] = lambda: panel.copy_(k.reshape(1, H, N // 128, 128, D).transpose(3, 4))
     with tqdm(total=args.reps, desc="repetitions") as pbar:
-        t = timed(fns, args.reps, pbar)
+        t = interleaved(fns, args.reps, pbar)
 
     dense = t["dense"]
     xs = [masks[L].density for L in args.windows]
