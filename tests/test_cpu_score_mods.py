@@ -97,6 +97,17 @@ def test_block_mask(mods):
     _check(q, k, v, F32, block_mask=bm, **_mods(mods, 1, 2))
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("mods", [pytest.param({}, id="none"), MODS[3], MODS[5]])
+def test_scattered_full_blocks(dtype, mods):
+    """BigBird's full blocks lie apart (global, window, random): the forward runs the full
+    blocks of a query block as one softmax span, its modifiers and P V per run of adjacent
+    key blocks; the last key block is narrower (150 = 9 x 16 + 6)."""
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 32, dtype, seed=5)
+    bm = fs.bigbird(150, bigbird_block_size=16, num_random_blocks=2, seed=1)
+    _check(q, k, v, dtype, block_mask=bm, **_mods(mods, 1, 4))
+
+
 def test_dropout_keep_bits_match_the_reference_exactly():
     # v = identity rows: out[i] = P_drop[i, :] (one-hot keys), so the kernel's keep pattern
     # is read off its output and must equal score_mods' mask bit for bit

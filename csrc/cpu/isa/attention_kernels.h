@@ -5,7 +5,8 @@
 //
 // Forward, per task = (batch, query head, TM-row query slice), FlashAttention-2 schedule:
 //   m = -inf, l = 0, acc = 0                                  // (TM), (TM), (TM, Dv) float32
-//   for each visited key tile (tiles.h; partial tiles narrowed to the keys the slice sees):
+//   for each visited key tile (tiles.h; partial tiles narrowed to the keys the slice sees;
+//   successive full tiles, adjacent or not, share one pass as a span of up to 512 keys):
 //     S = (Q * scale*log2e) K^T        (TM, n)   gemm on the tile's K^T panel
 //     softcap / ALiBi (score_mods.h), token mask on partial tiles
 //     m' = max(m, rowmax S); P = exp2(S - m'); l = l*2^(m-m') + rowsum P; acc *= 2^(m-m')
@@ -349,8 +350,11 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
     }
     vzero(acc, m * Dvp);
 
-    // The slice's visits in key order. A run of consecutive full tiles is one span of up
-    // to LS keys: one softmax pass and one P V product for the whole span.
+    // The slice's visits in key order. Full tiles that follow each other in the list form one
+    // span of up to kSpanKeys keys, whether or not their keys are adjacent (block-sparse
+    // masks scatter them: BigBird's global, window and random blocks): one softmax pass for
+    // the span, its S columns u * BN.. from tile visits[e + u], and one P V product per run
+    // of adjacent tiles (keys in order, so a run gives the same sums as one longer tile).
     int64_t nvis = 0;
     for_each_kv_tile(w, a.lists, b, h, qt, s.BM, s.BN, [&](const Visit& vis) { visits[nvis++] = vis; });
     if (sub == 0) visited += nvis;
@@ -358,12 +362,21 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
       const Visit vis = visits[e];
       int64_t last = e;
       if (vis.full && merge)
-        while (last + 1 < nvis && visits[last + 1].full && visits[last + 1].t == visits[last].t + 1 &&
-               (last + 2 - e) * s.BN <= kSpanKeys)
-          ++last;
+        while (last + 1 < nvis && visits[last + 1].full && (last + 2 - e) * s.BN <= kSpanKeys) ++last;
+      const Visit* span = visits + e;  // span[u].t: the key tile of S columns [u * BN, u * BN + width)
       const int64_t tiles = last - e + 1;
       e = last + 1;
-      int64_t j0 = vis.t * s.BN, n = std::min((vis.t + tiles) * s.BN, s.Nk) - j0;
+      const auto width = [&](int64_t t) { return std::min(s.BN, s.Nk - t * s.BN); };
+      // f(u0, t0, keys): each run of adjacent key tiles of the span (one run for a partial tile)
+      const auto for_each_run = [&](auto&& f) {
+        for (int64_t u0 = 0; u0 < tiles;) {
+          int64_t u1 = u0 + 1;
+          while (u1 < tiles && span[u1].t == span[u1 - 1].t + 1) ++u1;
+          f(u0, span[u0].t, (u1 - 1 - u0) * s.BN + width(span[u1 - 1].t));
+          u0 = u1;
+        }
+      };
+      int64_t j0 = vis.t * s.BN, n = (tiles - 1) * s.BN + width(span[tiles - 1].t);
       // partial tile: only the keys some row of this slice sees
       const int64_t skip = vis.full ? 0 : narrow_keys(w, i0, i0 + m, j0, n);
       if (skip < 0) continue;
@@ -376,17 +389,17 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         for (int64_t r = 0; r < m; ++r) vstore(rmax + r * kW, vsplat(kNegInf));
       if (vis.full) {
         for (int64_t u = 0; u < tiles; ++u) {
-          const int64_t nu = tiles == 1 ? n : std::min(s.BN, s.Nk - (vis.t + u) * s.BN);
+          const int64_t nu = tiles == 1 ? n : width(span[u].t);
           if (bf) {
 #ifdef FASTATTN_BF16_DOT
-            const uint16_t* panel = a.kt2 + ((b * s.Hkv + hk) * s.NKB + vis.t + u) * (Dp / 2) * BNp * 2;
+            const uint16_t* panel = a.kt2 + ((b * s.Hkv + hk) * s.NKB + span[u].t) * (Dp / 2) * BNp * 2;
             if (fused_max)
               gemm_bf16<false, true, true>(m, nu, Dp / 2, qb, Dp, panel, BNp, st + u * s.BN, LS, a.scale_log2, rmax);
             else gemm_bf16<false, true>(m, nu, Dp / 2, qb, Dp, panel, BNp, st + u * s.BN, LS, a.scale_log2);
 #endif
             continue;
           }
-          const float* panel = kt_h + (vis.t + u) * D * BNp;
+          const float* panel = kt_h + span[u].t * D * BNp;
           if (fused_max) gemm<false, false, true>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS, rmax);
           else gemm<false, false>(m, nu, D, qp, Dp, panel, BNp, st + u * s.BN, LS);
         }
@@ -404,7 +417,11 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
           gemm<false, false>(mr, nn, D, qp + r0 * Dp, Dp, panel, BNp, st + r0 * LS + sk, LS);
         });
       }
-      if (has_mods) apply_score_mods_rows(st, LS, i0, m, j0, n, s.Nk - s.Nq, mods, b, h);
+      if (has_mods && vis.full)  // ALiBi reads key positions: per run of adjacent tiles
+        for_each_run([&](int64_t u0, int64_t t0, int64_t keys) {
+          apply_score_mods_rows(st + u0 * s.BN, LS, i0, m, t0 * s.BN, keys, s.Nk - s.Nq, mods, b, h);
+        });
+      else if (has_mods) apply_score_mods_rows(st, LS, i0, m, j0, n, s.Nk - s.Nq, mods, b, h);
       const uint8_t* bits = !vis.full && vis.mask_id >= 0
           ? a.lists.masks + (static_cast<int64_t>(vis.mask_id) * s.BM + sub) * s.BN + skip : nullptr;
       if (!vis.full) mask_partial_rows(st, LS, i0, m, j0, n, w, bits, s.BN, kNegInf);
@@ -414,7 +431,11 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         const float mx = fused_max ? lanes_max(rmax + r * kW) : vrow_max(row, nW);
         online_softmax_row(row, nW, mx, m_i[r], l_i[r], acc + r * Dvp, Dvp);
       }
-      if (dropout) apply_dropout_rows(st, LS, i0, m, j0, n, mods, bh, s.Nq);
+      if (dropout && vis.full)  // the keep mask hashes key positions: per run of adjacent tiles
+        for_each_run([&](int64_t u0, int64_t t0, int64_t keys) {
+          apply_dropout_rows(st + u0 * s.BN, LS, i0, m, t0 * s.BN, keys, mods, bh, s.Nq);
+        });
+      else if (dropout) apply_dropout_rows(st, LS, i0, m, j0, n, mods, bh, s.Nq);
       if (bf) {
 #ifdef FASTATTN_BF16_DOT
         // acc += P V with P rounded to bfloat16: (m, n) x (n, Dv), key pairs from j0 (even)
@@ -423,8 +444,11 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         if (!vis.full && a.vbad != nullptr)  // non-finite V rows: only to the rows that see them
           v2 = pv_nonfinite_keys_bf16(pb, LS, i0, m, j0, n, w, bits, s.BN, a.vbad + (b * s.Hkv + hk) * s.Nk + j0,
                                       v2, acc, Dvp, reinterpret_cast<uint16_t*>(vtmp));
-        if (vis.full) {
-          gemm_bf16<true>(m, Dvp, (n + 1) / 2, pb, LS, v2, Dvp, acc, Dvp);
+        if (vis.full) {  // per run of adjacent tiles (BN is even: pairs never straddle runs)
+          for_each_run([&](int64_t u0, int64_t t0, int64_t keys) {
+            const uint16_t* vr = a.v2 + ((b * s.Hkv + hk) * (s.NKB * s.BN / 2) + t0 * s.BN / 2) * Dvp * 2;
+            gemm_bf16<true>(m, Dvp, (keys + 1) / 2, pb + u0 * s.BN, LS, vr, Dvp, acc, Dvp);
+          });
         } else {
           for_each_sub_slice(w, i0, m, j0, n, [&](int64_t r0, int64_t mr, int64_t sk, int64_t nn) {
             gemm_bf16<true>(mr, Dvp, (nn + 1) / 2, pb + r0 * LS + sk, LS, v2 + (sk / 2) * Dvp * 2, Dvp,
@@ -443,8 +467,10 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         ldv = Dvp;
       }
       // acc += P V: (m, n) x (n, Dv)
-      if (vis.full) {
-        gemm<true, false>(m, Dvp, n, st, LS, vj, ldv, acc, Dvp);
+      if (vis.full) {  // per run of adjacent tiles
+        for_each_run([&](int64_t u0, int64_t t0, int64_t keys) {
+          gemm<true, false>(m, Dvp, keys, st + u0 * s.BN, LS, v_h + t0 * s.BN * a.ldv, a.ldv, acc, Dvp);
+        });
       } else {
         for_each_sub_slice(w, i0, m, j0, n, [&](int64_t r0, int64_t mr, int64_t sk, int64_t nn) {
           gemm<true, false>(mr, Dvp, nn, st + r0 * LS + sk, LS, vj + sk * ldv, ldv, acc + r0 * Dvp, Dvp);
