@@ -104,7 +104,7 @@ def test_cached_outputs_are_ordinary_resizable_tensors():
     assert out.numpy().shape == out.shape  # shares memory with numpy like any CPU tensor
 
 
-@pytest.mark.parametrize("bad", [-1, "64", True, float("nan")])
+@pytest.mark.parametrize("bad", [-1, "64", True, float("nan"), float("inf")])
 def test_bad_limit_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="limit_mb"):
         fastattn.cpu_output_cache(limit_mb=bad)

@@ -3,7 +3,7 @@
 // Why: glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
 // mapping and unmaps it on free, so each call's output is paged in anew: at N=16384, H=8,
 // D=64 the 32 MiB float32 output costs 13 ms of page faults (writing a kept block: 1 ms),
-// a third of a sliding-window forward (benchmarks/results/cpu_sparse_fixed_cost_*.md).
+// 40% of a sparse forward's fixed cost (benchmarks/results/cpu_sparse_fixed_cost_*.md).
 // Like PyTorch's CUDA caching allocator, freed output blocks are kept for the next call of
 // the same size instead of going back to the system.
 //

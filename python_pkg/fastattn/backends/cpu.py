@@ -164,8 +164,10 @@ def cpu_output_cache(limit_mb: float | None = None) -> dict:
     if _C is None:
         raise RuntimeError(f"the compiled extension fastattn._C is not usable: {_LOAD_ERROR}")
     if limit_mb is not None:
-        if isinstance(limit_mb, bool) or not isinstance(limit_mb, (int, float)) or not limit_mb >= 0:
-            raise ValueError(f"limit_mb={limit_mb!r}: pass a number of MiB >= 0 (0 turns the cache off)")
+        if (isinstance(limit_mb, bool) or not isinstance(limit_mb, (int, float))
+                or not 0 <= limit_mb < float("inf")):
+            raise ValueError(f"limit_mb={limit_mb!r}: pass a finite number of MiB >= 0 "
+                             "(0 turns the cache off)")
         _C.set_output_cache_limit(int(limit_mb * (1 << 20)))
     return dict(_C.output_cache_stats())
 
