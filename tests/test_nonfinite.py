@@ -97,6 +97,9 @@ CASES = [
                                  block_size=(64, 64)), (4, 101)),
     ("causal-blocks", 128, 128, (-1, -1), lambda: sparse.causal(128, 128, block_size=(64, 64)),
      (10, 100)),
+    # no mask, whole tiles only: the cpu kernels fold the row maxima into the S product
+    # there, skipping NaN (a q row of NaN must still give a NaN row, not an empty one)
+    ("dense", 512, 512, (-1, -1), None, (5, 300)),
 ]
 WHICH = [("q", NAN), ("k", NAN), ("v", NAN), ("v", INF)]  # (an inf in k gives +-inf scores)
 
@@ -128,6 +131,8 @@ def test_cpu_kernel_every_isa(isa, monkeypatch):
     monkeypatch.setenv("FASTATTN_CPU_ISA", isa)
     test_cpu_kernel(CASES[1], "v", NAN, torch.float32)
     test_cpu_kernel(CASES[2], "k", NAN, torch.float32)
+    test_cpu_kernel(CASES[4], "q", NAN, torch.float32)
+    test_cpu_kernel(CASES[4], "k", NAN, torch.float32)
 
 
 @requires_cpu_ext

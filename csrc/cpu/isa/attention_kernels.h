@@ -131,8 +131,9 @@ inline float vrow_max(const float* x, int64_t n) {
 }
 
 // x[c] = exp2(x[c] - b) for c < n (a multiple of kW); returns the sum. b is the row's
-// maximum: when it is finite (no NaN or inf in the row) every exponent is <= 0 or -inf and
-// the short vexp2_nonpos does; otherwise the general vexp2 propagates NaN as torch does.
+// maximum: when it is finite every exponent is <= 0, -inf or NaN (a NaN score the fused
+// maxima skipped) and the short vexp2_nonpos does (NaN stays NaN, so the sum and the row's
+// output become NaN as in torch); otherwise the general vexp2 handles inf and NaN maxima.
 inline float vexp2_sub_sum(float* x, int64_t n, float b) {
   vf s = vf{};
   const vf bv = vsplat(b);
@@ -263,12 +264,12 @@ inline int64_t fwd_scratch_floats(const FwdArgs& a) {
          4 * (a.s.NKB + 1);  // + the visit list (16 bytes a visit)
 }
 
-// Row maximum from the per-lane maxima the S product folded in (NaN if any lane saw one).
-inline float lanes_max(const float* rm) {
-  const vf v = vload(rm);
-  for (int i = 0; i < kW; ++i)
-    if (v[i] != v[i]) return v[i];
-  return hmax(v);
+// Row maximum from the per-lane maxima the S product folded in (gemm.h: NaN scores skipped).
+// -inf means every score of the row was -inf or NaN: the row is scanned again, so NaN is
+// still seen (vrow_max) and a NaN row does not pass for one that sees no key.
+inline float lanes_max(const float* rm, const float* row, int64_t nW) {
+  const float mx = hmax(vload(rm));
+  return mx == kNegInf ? vrow_max(row, nW) : mx;
 }
 
 // Rows per sub-slice of a partial tile under a causal/window rule (two 6-row micro-kernel
@@ -428,7 +429,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
       fill_tail(st, LS, m, n, nW, kNegInf);
       for (int64_t r = 0; r < m; ++r) {
         float* row = st + r * LS;
-        const float mx = fused_max ? lanes_max(rmax + r * kW) : vrow_max(row, nW);
+        const float mx = fused_max ? lanes_max(rmax + r * kW, row, nW) : vrow_max(row, nW);
         online_softmax_row(row, nW, mx, m_i[r], l_i[r], acc + r * Dvp, Dvp);
       }
       if (dropout && vis.full)  // the keep mask hashes key positions: per run of adjacent tiles

@@ -27,8 +27,10 @@ inline namespace FASTATTN_ISA_VISIBILITY FASTATTN_ISA {
 constexpr int kMR = FASTATTN_GEMM_MR;
 constexpr int kNV = FASTATTN_GEMM_NV;
 
-// MAX: also folds the new C rows into rmax (MR x kW per-lane running maxima, NaN sticks),
-// so the softmax needs no separate pass for its row maxima.
+// MAX: also folds the new C rows into rmax (MR x kW per-lane running maxima), so the
+// softmax needs no separate pass for its row maxima. NaN entries are skipped (one maxps per
+// vector): the softmax's exp2 then carries them into the row's sum and output (and a row
+// whose maxima stay -inf is re-scanned), so a NaN score still makes its row NaN.
 template <int MR, int NV, bool ACC, bool AT, bool MAX = false>
 inline void micro(int64_t K, const float* __restrict A, int64_t lda, const float* __restrict B, int64_t ldb,
                   float* __restrict C, int64_t ldc, float* __restrict rmax = nullptr) {
@@ -59,7 +61,7 @@ inline void micro(int64_t K, const float* __restrict A, int64_t lda, const float
     for (int i = 0; i < MR; ++i) {
       vf mx = vload(rmax + i * kW);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) mx = (c[i][j] > mx) | (c[i][j] != c[i][j]) ? c[i][j] : mx;
+      for (int j = 0; j < NV; ++j) mx = vmax(c[i][j], mx);  // one maxps; NaN entries skipped
       vstore(rmax + i * kW, mx);
     }
   }

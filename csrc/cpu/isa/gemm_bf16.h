@@ -63,7 +63,7 @@ inline void micro_bf16(int64_t K2, const uint16_t* __restrict A, int64_t lda, co
     for (int i = 0; i < MR; ++i) {
       vf mx = vload(rmax + i * kW);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) mx = (c[i][j] > mx) | (c[i][j] != c[i][j]) ? c[i][j] : mx;
+      for (int j = 0; j < NV; ++j) mx = vmax(c[i][j], mx);  // one maxps; NaN entries skipped
       vstore(rmax + i * kW, mx);
     }
   }

@@ -12,6 +12,8 @@
 #include "cpu/isa/kernel_tables.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>  // intrinsics carry their own target attributes (vec.h: vmax)
+
 #define FASTATTN_ISA avx2
 #define FASTATTN_VEC_BYTES 32
 #if defined(__clang__)

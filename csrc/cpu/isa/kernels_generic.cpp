@@ -1,5 +1,9 @@
 // The generic variant of the CPU attention kernels: compiled with the build's baseline
 // flags (x86-64-v2 on x86, the default elsewhere), 16-byte vectors. Runs on every CPU.
+#if defined(__x86_64__)
+#include <immintrin.h>  // SSE intrinsics (vec.h: vmax); baseline on x86-64
+#endif
+
 #define FASTATTN_ISA generic
 #define FASTATTN_VEC_BYTES 16
 
