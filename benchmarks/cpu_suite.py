@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -49,17 +50,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cpu_peak  # noqa: E402  (benchmarks/cpu_peak.py)
 
 
+# Repetition policy (set from the command line in main): at least `reps` per case, and for
+# short calls more, until every provider has run about MIN_SECONDS in total (at most
+# MAX_REPS): a median of 3 on this shared host is one slow spell away from a wrong ratio.
+MIN_SECONDS, MAX_REPS = 0.0, 15
+
+
 def interleaved(runners: dict, reps: int) -> dict:
-    """Median seconds per provider; providers alternate inside each repetition."""
+    """Median seconds per provider; providers alternate inside each repetition. The first
+    repetition's slowest call sets how many follow (the repetition policy above)."""
     times = {n: [] for n in runners}
     for r in runners.values():
         r.prepare()
         r.call()  # warm-up (and torch.compile for flex)
-    for _ in range(reps):
+    target = reps
+    while len(next(iter(times.values()))) < target:
         for n, r in runners.items():
             t0 = time.perf_counter()
             r.call()
             times[n].append(time.perf_counter() - t0)
+        if len(next(iter(times.values()))) == 1 and MIN_SECONDS > 0:
+            slowest = max(t[0] for t in times.values())
+            target = max(reps, min(MAX_REPS, math.ceil(MIN_SECONDS / max(slowest, 1e-9))))
     for r in runners.values():
         r.release()
     return {n: statistics.median(t) for n, t in times.items()}
@@ -204,7 +216,8 @@ def write_report(args, rows, gemm, out, peak=None):
              f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
              *machine_lines(peak),
              "- timing: medians of interleaved repetitions after a warm-up call per provider "
-             f"(reps={args.reps}; sparse section {args.sparse_reps}: its calls are short and the host "
+             f"(at least {args.reps} per case, sparse section {args.sparse_reps}; shorter calls repeated "
+             f"until each provider ran ~{args.min_seconds:g} s, at most {args.max_reps}: the host is "
              "noisy); seconds per call; B=1, H=8", "",
              "## Dense: fastattn cpu vs torch SDPA", "",
              "FLOPs: 4*B*H*N^2*D (x0.5 causal, x3.5 fwd+bwd). Fractions: of the float32 FMA peak "
@@ -248,7 +261,7 @@ def write_report(args, rows, gemm, out, peak=None):
             else:
                 lines.append(f"N={r['N']}, H=8, D=64, causal fwd: {r['extra_bytes'] / 2**20:.1f} MiB "
                              f"beyond inputs and outputs (one fp32 N x N score matrix for 8 heads "
-                             f"would be {r['n2_bytes'] / 2**30:.0f} GiB).")
+                             f"would be {r['n2_bytes'] / 2**30:.1f} GiB).")
     with open(out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -284,7 +297,11 @@ def plot(rows, out):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/cpu_suite")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per case, at least")
+    ap.add_argument("--min-seconds", type=float, default=5.0,
+                    help="more repetitions for short calls until each provider ran this long "
+                         "(0: exactly --reps)")
+    ap.add_argument("--max-reps", type=int, default=15)
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--head-dims", type=int, nargs="+", default=[64])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
@@ -296,8 +313,11 @@ def main():
     ap.add_argument("--memory-n", type=int, default=65536)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args()
+    global MIN_SECONDS, MAX_REPS
+    MIN_SECONDS, MAX_REPS = args.min_seconds, args.max_reps
     if args.quick:
         args.lengths, args.sparse_n, args.memory_n, args.reps, args.sparse_reps = [1024], 2048, 4096, 2, 2
+        MIN_SECONDS = 0.0
     rows: list[dict] = []
     n_dense = len(dense_cases(args))
     with tqdm(total=n_dense + 4 + 2 + 1, desc="cpu suite") as pbar:
