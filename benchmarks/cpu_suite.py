@@ -105,7 +105,7 @@ def dense_section(args, rows, pbar):
         pbar.update(1)
 
 
-def sparse_section(args, rows, pbar, dense_t):
+def sparse_section(args, rows, pbar):
     N, D = args.sparse_n, 64
     patterns = {
         "sliding_window(511, causal)": sparse.sliding_window(N, N, 511, causal=True),
@@ -117,18 +117,22 @@ def sparse_section(args, rows, pbar, dense_t):
         for mode in ("fwd", "fwd+bwd"):
             q, k, v, dout = make_inputs(1, 8, N, D, torch.float32, "cpu", mode)
             runners = {"fastattn": ModeRunner(lambda a, b, c: fastattn.attention(
-                a, b, c, block_mask=bm, backend="cpu"), q, k, v, dout, mode)}
+                a, b, c, block_mask=bm, backend="cpu"), q, k, v, dout, mode),
+                       # the ideal's base, timed in the same repetitions: a slow spell of the
+                       # shared host then moves both sides of fastattn / ideal alike
+                       "dense": ModeRunner(lambda a, b, c: fastattn.attention(a, b, c, backend="cpu"),
+                                           q, k, v, dout, mode)}
             if mode == "fwd":  # FlexAttention has no CPU backward
                 fbm = create_block_mask(layout_mask_mod(bm), None, None, N, N, device="cpu")
                 flex = compiled_flex()
                 runners["flex"] = ModeRunner(lambda a, b, c: flex(a, b, c, block_mask=fbm),
                                              q, k, v, dout, mode)
             t = interleaved(runners, args.sparse_reps)
-            dense = dense_t.get((N, D, mode))
+            dense = t["dense"]
             rows.append(dict(section="sparse", N=N, D=D, dtype="float32", pattern=name, mode=mode,
                              density=bm.density, fastattn=t["fastattn"],
                              peer="flex" if "flex" in t else "", peer_t=t.get("flex"),
-                             ideal=None if dense is None else bm.density * dense))
+                             ideal=bm.density * dense))
             pbar.update(1)
 
 
@@ -237,7 +241,8 @@ def write_report(args, rows, gemm, out, peak=None):
     lines += ["", f"torch.mm 4096^2 in this run (best of 3): float32 {gemm['float32'] / 1e9:.1f} GFLOP/s, "
               f"bfloat16 (2048^2) {gemm['bfloat16'] / 1e9:.1f} GFLOP/s.", "",
               "## Sparse: fastattn cpu vs torch.compile(flex_attention)", "",
-              "ideal = density x fastattn's own dense (non-causal) time at the same N, D, mode.", "",
+              "ideal = density x fastattn's own dense (non-causal) time at the same N, D, mode, timed "
+              "interleaved with the sparse calls (same repetitions).", "",
               "| pattern | N | mode | density | fastattn s | flex s | flex / fastattn | ideal s | "
               "fastattn / ideal |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -319,29 +324,16 @@ def main():
         args.lengths, args.sparse_n, args.memory_n, args.reps, args.sparse_reps = [1024], 2048, 4096, 2, 2
         MIN_SECONDS = 0.0
     rows: list[dict] = []
-    n_dense = len(dense_cases(args))
-    with tqdm(total=n_dense + 4 + 2 + 1, desc="cpu suite") as pbar:
+    steps = {"dense": len(dense_cases(args)), "sparse": 4, "naive": 2, "memory": 1}
+    with tqdm(total=sum(n for sec, n in steps.items() if sec not in args.skip), desc="cpu suite") as pbar:
         peak = cpu_peak.measure()
         # bfloat16 at 2048: held to AVX2 (MKL/oneDNN ISA caps) torch's bf16 GEMM has no fast
         # kernel and 4096^3 would take minutes
         gemm = {"float32": gemm_rate(torch.float32), "bfloat16": gemm_rate(torch.bfloat16, n=2048)}
         if "dense" not in args.skip:
             dense_section(args, rows, pbar)
-        # own dense non-causal float32 D=64 time per (N, mode), for the sparse ideal
-        dense_t = {}
-        need = [(args.sparse_n, 64, m) for m in ("fwd", "fwd+bwd")]
-        for N, D, mode in ([] if "sparse" in args.skip else need):
-            hit = [r for r in rows if r["section"] == "dense" and (r["N"], r["D"], r["mode"]) == (N, D, mode)
-                   and r["dtype"] == "float32" and not r["causal"]]
-            if hit:
-                dense_t[(N, D, mode)] = hit[0]["fastattn"]
-            else:
-                q, k, v, dout = make_inputs(1, 8, N, D, torch.float32, "cpu", mode)
-                r = ModeRunner(lambda a, b, c: fastattn.attention(a, b, c, backend="cpu"),
-                               q, k, v, dout, mode)
-                dense_t[(N, D, mode)] = interleaved({"x": r}, args.reps)["x"]
         if "sparse" not in args.skip:
-            sparse_section(args, rows, pbar, dense_t)
+            sparse_section(args, rows, pbar)
         if "naive" not in args.skip:
             naive_section(args, rows, pbar)
         if "memory" not in args.skip:
