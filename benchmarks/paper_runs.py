@@ -278,7 +278,9 @@ LONG_NOTES = [
     "2100-5000 on 2 threads (OMP_NUM_THREADS=2, --threads 2, resumed from the step-2100 "
     "checkpoint), both by hand with the command shown, outside the runner (so no wall time): "
     "fastattn's kernels give bitwise the same results on 1 and 2 threads, torch's linear "
-    "layers may round differently.",
+    "layers may round differently. It scores 23.44% against 22.38% at 2000 steps (validation "
+    "loss on 128 trees 2.10 at step 2500, 1.99 at 5000): in this 2-layer x 64 model the "
+    "paper's budget does not close the gap to its Transformer row (36.37).",
 ]
 
 
