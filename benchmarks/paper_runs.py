@@ -74,7 +74,7 @@ def machine() -> str:
     load = os.getloadavg()
     return (f"{host_cpu()} (this file written here), {os.cpu_count()} cores shared with other jobs, "
             f"torch {torch.__version__}, Python {platform.python_version()}, 1 torch thread "
-            f"per run; load average when this file was written {load[0]:.1f} / {load[1]:.1f} / "
+            f"per run unless a note says otherwise; load average when this file was written {load[0]:.1f} / {load[1]:.1f} / "
             f"{load[2]:.1f}")
 
 
@@ -160,8 +160,8 @@ def header(title: str, argv: list[str]) -> list[str]:
     return [f"# {title}", "",
             f"- runner: `python benchmarks/{os.path.basename(__file__)} {' '.join(argv)}` "
             "(re-run the same command to continue unfinished rows; each row below is one "
-            "`fastattn train` command, resumable with `--resume`; the runner adds `--threads 1 "
-            "--max-time <seconds left in the sitting> --no-progress` and OMP_NUM_THREADS=1)",
+            "`fastattn train` command, resumable with `--resume`; the runner adds `--threads <--threads, default 1> "
+            "--max-time <seconds left in the sitting> --no-progress` and OMP_NUM_THREADS to match)",
             f"- file written: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
             f"- machine: {machine()}", ""]
 
@@ -285,6 +285,7 @@ LONG_NOTES = [
 
 
 def write_listops(a, argv):
+    argv = [x for x in argv if x != "--long"]  # the header names the main table's command
     lines = header("ListOps (Long Range Arena) at sequence length 2000: fastattn's attentions "
                    "next to the LRA paper", argv) + [
         "- task: fastattn.models.data.ListOps (`--task listops`, task args `min_frac=0.25,"
