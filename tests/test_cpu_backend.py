@@ -214,3 +214,36 @@ def test_cpu_long_keys_use_tall_tiles(window, dtype):
     odd query and key counts, more than one query tile, Dv != D."""
     q, k, v = make_qkv(1, 2, 1, 261, 12301, 32, dtype, Dv=24)
     check_against_oracle(_call("cpu", window=window), q, k, v, window=window)
+
+
+@pytest.mark.parametrize("D", [37, 64])
+@pytest.mark.parametrize("mask", ["dense", "window", "bigbird"])
+def test_cpu_lazy_key_panels_match_prebuilt(D, mask):
+    """float32 K with unit-stride rows: the forward's tasks transpose each K^T panel on first
+    use (attention_fwd_cpu.cpp); any other K gets all panels built before the tasks. Both
+    hold the same panels, so the outputs are bitwise equal, on 1 and on 2 threads: D not a
+    multiple of 4 (the transpose's scalar tail), a partial last key tile, a row stride != D,
+    GQA (two query heads claim each kv head's panels)."""
+    Nq, Nk = (1100, 1100) if mask == "bigbird" else (300, 1100)
+    q = torch.randn(1, 4, Nq, D)
+    k = torch.randn(1, 2, Nk, D + 3)[..., :D]            # unit stride, row stride D + 3: lazy
+    k_pre = k.transpose(2, 3).contiguous().transpose(2, 3)  # stride(3) = Nk: prebuilt panels
+    assert k.stride(3) == 1 and k_pre.stride(3) != 1
+    v = torch.randn(1, 2, Nk, D)
+    kw = {"dense": {}, "window": {"window": (200, 0)},
+          "bigbird": {"block_mask": sparse.bigbird(Nk, bigbird_block_size=64)}}[mask]
+    n = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for kk in (k, k_pre):
+                outs.append(fastattn.attention(q, kk, v, backend="cpu", return_lse=True, **kw))
+    finally:
+        torch.set_num_threads(n)
+    for o, l in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(l, outs[0][1])
+    check_against_oracle(lambda a, b, c: fastattn.attention(a, b, c, backend="cpu", return_lse=True, **kw),
+                         q.requires_grad_(), k.detach().requires_grad_(), v.requires_grad_(),
+                         window=kw.get("window", (-1, -1)),
+                         mask=kw["block_mask"].to_dense() if "block_mask" in kw else None)

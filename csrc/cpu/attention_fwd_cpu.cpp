@@ -67,14 +67,25 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   }
   a.bf16 = use_bf16_dot(kern, q, k, v, BM, BN);
   const bool f32 = q.scalar_type() == at::kFloat, whole = s.Dv == s.Dvp;
-  at::Tensor kt, v32;
+  at::Tensor kt, v32, kt_state;
   if (a.bf16) {  // bfloat16 paired operands (kernel_args.h)
     kt = key_panels_paired_bf16(k, s.NKB, BN, s.BNp, s.Dp, kSlotKt);  // (B, Hkv, NKB, Dp/2, BNp, 2)
     v32 = row_pairs_bf16(v, s.NKB * BN, s.Dvp, kSlotV);              // (B, Hkv, NKB*BN/2, Dvp, 2)
     a.kt2 = u16(kt);
     a.v2 = u16(v32);
   } else {
-    kt = key_panels(k, s.NKB, BN, s.BNp, kSlotKt);  // (B, Hkv, NKB, D, BNp)
+    if (k.scalar_type() == at::kFloat && k.stride(3) == 1) {
+      // float32 K: each panel is transposed by the first task that needs it (FwdArgs::kt_state),
+      // from cache into the products; a separate pass over K before the tasks cost a sliding
+      // window forward ~4 ms of ~55 (N=16384, H=8: 32 MB read, written and read again).
+      kt = workspace(kSlotKt, {s.B, s.Hkv, s.NKB, s.D, s.BNp}, k.options());
+      kt_state = at::zeros({s.B * s.Hkv * s.NKB}, k.options().dtype(at::kInt));
+      a.k = k.data_ptr<float>();
+      a.sk_b = k.stride(0), a.sk_h = k.stride(1), a.sk_n = k.stride(2);
+      a.kt_state = reinterpret_cast<uint32_t*>(kt_state.data_ptr<int32_t>());
+    } else {
+      kt = key_panels(k, s.NKB, BN, s.BNp, kSlotKt);  // (B, Hkv, NKB, D, BNp)
+    }
     v32 = f32 && whole && v.stride(3) == 1 ? v : padded_f32(v, s.Nk, s.Dvp, 1.0, kSlotV);
     a.kt = kt.data_ptr<float>();
     a.v = v32.data_ptr<float>();

@@ -66,7 +66,15 @@ struct FwdArgs {
   const void* q;         // its TM rows into scratch (times scale * log2e)
   int64_t sq_b, sq_h, sq_n;
   float scale_log2;
-  const float* kt;       // K^T panels
+  float* kt;             // K^T panels (written by the tasks when kt_state is set)
+  // Lazily built K^T panels (float32 K with unit-stride rows): instead of one pass over K
+  // before the tasks, the first task that needs a panel transposes it from K (rows k +
+  // b*sk_b + h*sk_h + j*sk_n) into kt; kt_state (B, Hkv, NKB) marks it 0 unbuilt,
+  // 1 being built, 2 ready. The panel then goes from cache to the products instead of a
+  // round trip through memory. nullptr: kt was built before the tasks.
+  const float* k = nullptr;
+  int64_t sk_b = 0, sk_h = 0, sk_n = 0;
+  uint32_t* kt_state = nullptr;
   const float* v;        // V rows (B, Hkv, >= Nk, ...), row stride ldv, batch/head strides
   int64_t ldv, sv_b, sv_h;
   float* out;            // float32 rows, row stride ldo, batch/head strides so_b, so_h

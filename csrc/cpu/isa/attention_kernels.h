@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <thread>
 
 #include "cpu/isa/gemm.h"
 #include "cpu/isa/vec.h"
@@ -57,6 +58,12 @@ constexpr bool kBf16Dot = false;
 // Zigzag order of query tiles so each chunk of tasks a thread takes mixes light and heavy
 // causal tiles.
 inline int64_t zigzag(int64_t k, int64_t n) { return (k & 1) ? n - 1 - (k >> 1) : (k >> 1); }
+// Under a window bounded on both sides every query tile costs about the same, and tiles in
+// key order let each task find most of its K/V rows still in L2 from the task before (a
+// window's tiles share all but one tile's keys); zigzag would alternate between both ends.
+inline int64_t task_tile(int64_t k, int64_t n, const Shape& s) {
+  return (s.left >= 0 && s.right >= 0) ? k : zigzag(k, n);
+}
 
 // Applies the token rule of a partial tile to row-major tile x (rows [i0, i0+m), cols
 // [j0, j0+n)): entries outside a row's window/causal range or cleared in the bitmask become
@@ -296,6 +303,84 @@ inline void for_each_sub_slice(const WindowRule& w, int64_t i0, int64_t m, int64
   }
 }
 
+// dst (D x BNp, row stride BNp) = src^T for n keys (src rows of D floats, stride ld); the
+// columns [n, BNp) zero. x86: 4 x 4 register transposes (SSE, present on every x86-64).
+inline void transpose_keys(const float* src, int64_t ld, int64_t n, int64_t D, float* dst, int64_t BNp) {
+  int64_t c0 = 0;
+#if defined(__x86_64__)
+  const int64_t D4 = D / 4 * 4;
+  for (; c0 + 4 <= n; c0 += 4) {
+    const float* r0 = src + c0 * ld;
+    for (int64_t d = 0; d < D4; d += 4) {
+      __m128 x0 = _mm_loadu_ps(r0 + d), x1 = _mm_loadu_ps(r0 + ld + d);
+      __m128 x2 = _mm_loadu_ps(r0 + 2 * ld + d), x3 = _mm_loadu_ps(r0 + 3 * ld + d);
+      _MM_TRANSPOSE4_PS(x0, x1, x2, x3);
+      _mm_storeu_ps(dst + d * BNp + c0, x0);
+      _mm_storeu_ps(dst + (d + 1) * BNp + c0, x1);
+      _mm_storeu_ps(dst + (d + 2) * BNp + c0, x2);
+      _mm_storeu_ps(dst + (d + 3) * BNp + c0, x3);
+    }
+    for (int64_t d = D4; d < D; ++d)
+      for (int64_t c = c0; c < c0 + 4; ++c) dst[d * BNp + c] = src[c * ld + d];
+  }
+#endif
+  for (int64_t c = c0; c < n; ++c)
+    for (int64_t d = 0; d < D; ++d) dst[d * BNp + c] = src[c * ld + d];
+  if (n < BNp)
+    for (int64_t d = 0; d < D; ++d) std::fill(dst + d * BNp + n, dst + (d + 1) * BNp, 0.f);
+}
+
+// Makes K^T panel t of (b, hk) ready when the driver left the panels to the tasks
+// (FwdArgs::kt_state): the first task to claim it transposes it, any other waits for that
+// (a few microseconds). The panel's contents do not depend on who built it.
+inline void ensure_panel(const FwdArgs& a, int64_t b, int64_t hk, int64_t t) {
+  const Shape& s = a.s;
+  uint32_t* st = a.kt_state + (b * s.Hkv + hk) * s.NKB + t;
+  if (__atomic_load_n(st, __ATOMIC_ACQUIRE) == 2) return;
+  uint32_t expect = 0;
+  if (__atomic_compare_exchange_n(st, &expect, 1u, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+    const int64_t j0 = t * s.BN;
+    transpose_keys(a.k + b * a.sk_b + hk * a.sk_h + j0 * a.sk_n, a.sk_n, std::min(s.BN, s.Nk - j0), s.D,
+                   a.kt + ((b * s.Hkv + hk) * s.NKB + t) * s.D * s.BNp, s.BNp);
+    __atomic_store_n(st, 2u, __ATOMIC_RELEASE);
+    return;
+  }
+  for (int spins = 0; __atomic_load_n(st, __ATOMIC_ACQUIRE) != 2; ++spins) {
+#if defined(__x86_64__)
+    _mm_pause();
+#endif
+    if (spins >= 256) std::this_thread::yield();  // the builder may be descheduled
+  }
+}
+
+// Rows of memory the next task will read first (its Q rows; the K rows of the next panel it
+// may have to transpose), prefetched into L2 a few cache lines at a time while this task
+// computes: read cold at the task's start, they stalled the loads for ~15% of the forward's
+// non-product time (sliding window, N=16384, Zen 5).
+struct RowPrefetch {
+  const char* base[2] = {nullptr, nullptr};
+  int64_t rows[2] = {0, 0}, stride[2] = {0, 0}, lines_per_row[2] = {0, 0};
+  int i = 0;
+  int64_t row = 0, line = 0;  // the next line to issue: range i, row, line in the row
+
+  void add(int k, const void* p, int64_t nrows, int64_t row_stride_bytes, int64_t row_bytes) {
+    base[k] = static_cast<const char*>(p);
+    rows[k] = nrows;
+    stride[k] = row_stride_bytes;
+    lines_per_row[k] = (row_bytes + 63) / 64;
+  }
+  void step(int64_t lines) {  // issues the next `lines` cache lines
+    for (; lines > 0 && i < 2; --lines) {
+      if (row >= rows[i]) {  // this range done (or empty): the next one
+        ++i, row = 0, line = 0;
+        continue;
+      }
+      __builtin_prefetch(base[i] + row * stride[i] + line * 64, 0, 2);
+      if (++line == lines_per_row[i]) line = 0, ++row;
+    }
+  }
+};
+
 inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scratch) {
   const Shape& s = a.s;
   const int64_t TM = a.TM, BNp = s.BNp, Dp = s.Dp, Dvp = s.Dvp, D = s.D;
@@ -323,7 +408,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
   int64_t visited = 0;  // blocks computed, counted at each block's first slice
 
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t bh = task / a.NQT, i0 = zigzag(task % a.NQT, a.NQT) * TM;
+    const int64_t bh = task / a.NQT, i0 = task_tile(task % a.NQT, a.NQT, s) * TM;
     const int64_t qt = i0 / s.BM, sub = i0 - qt * s.BM;  // query tile of the lists, row offset in it
     const int64_t b = bh / s.Hq, h = bh % s.Hq, hk = h / group;
     const int64_t m = std::min(TM, s.Nq - i0);
@@ -358,7 +443,21 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
     // of adjacent tiles (keys in order, so a run gives the same sums as one longer tile).
     int64_t nvis = 0;
     for_each_kv_tile(w, a.lists, b, h, qt, s.BM, s.BN, [&](const Visit& vis) { visits[nvis++] = vis; });
+    if (!bf && a.kt_state != nullptr)
+      for (int64_t e = 0; e < nvis; ++e) ensure_panel(a, b, hk, visits[e].t);
     if (sub == 0) visited += nvis;
+    RowPrefetch pf;  // for the next task of this range
+    if (task + 1 < end) {
+      const int64_t nbh = (task + 1) / a.NQT, ni0 = task_tile((task + 1) % a.NQT, a.NQT, s) * TM;
+      const int64_t esz = a.q_elem == Elem::kF32 ? 4 : 2;
+      pf.add(0, static_cast<const char*>(a.q) + ((nbh / s.Hq) * a.sq_b + (nbh % s.Hq) * a.sq_h + ni0 * a.sq_n) * esz,
+             std::min(TM, s.Nq - ni0), a.sq_n * esz, D * esz);
+      const int64_t nt = nvis > 0 ? visits[nvis - 1].t + 1 : s.NKB;  // the panel after this slice's last
+      if (!bf && a.kt_state != nullptr && nt < s.NKB && nbh == bh &&
+          __atomic_load_n(a.kt_state + (b * s.Hkv + hk) * s.NKB + nt, __ATOMIC_RELAXED) == 0)
+        pf.add(1, a.k + b * a.sk_b + hk * a.sk_h + nt * s.BN * a.sk_n, std::min(s.BN, s.Nk - nt * s.BN),
+               a.sk_n * 4, D * 4);
+    }
     for (int64_t e = 0; e < nvis;) {
       const Visit vis = visits[e];
       int64_t last = e;
@@ -431,6 +530,7 @@ inline void fwd_tasks(const FwdArgs& a, int64_t begin, int64_t end, float* scrat
         float* row = st + r * LS;
         const float mx = fused_max ? lanes_max(rmax + r * kW, row, nW) : vrow_max(row, nW);
         online_softmax_row(row, nW, mx, m_i[r], l_i[r], acc + r * Dvp, Dvp);
+        pf.step(4);
       }
       if (dropout && vis.full)  // the keep mask hashes key positions: per run of adjacent tiles
         for_each_run([&](int64_t u0, int64_t t0, int64_t keys) {

@@ -14,7 +14,7 @@
 
 #include "cpu/isa_namespace.h"
 #if defined(__x86_64__)
-#include <immintrin.h>  // intrinsics carry their own target attributes (vmax only)
+#include <immintrin.h>  // intrinsics carry their own target attributes (vmax, hsum/hmax)
 #endif
 
 #ifndef FASTATTN_VEC_BYTES
@@ -53,7 +53,43 @@ inline vf vmax(vf a, vf b) {
 }
 
 // Horizontal sum / maximum as a pairwise tree (depth log2(kW), not a kW-long chain of
-// dependent adds: the softmax does one per row and span).
+// dependent adds: the softmax does one per row and span): lane i with lane i + w for
+// w = kW/2, ..., 1. On x86 the halves come from register extracts and shuffles; the
+// element-wise loop below is the same tree, but GCC compiles it through a stack copy whose
+// reload stalls on store forwarding (~5% of a sliding-window forward, Zen 5).
+#if defined(__x86_64__) && FASTATTN_VEC_BYTES >= 16
+#if FASTATTN_VEC_BYTES == 64
+inline __m128 fold_to_128(__m512 x, bool is_max) {
+  // the all-lanes masked extracts: the plain ones (and GCC 12's cast, built on one) trip
+  // -Wmaybe-uninitialized with their undefined source, as in vmax
+  const __m256 z = _mm256_setzero_ps();
+  const __m256 lo = _mm512_mask_extractf32x8_ps(z, static_cast<__mmask8>(0xff), x, 0);
+  const __m256 hi = _mm512_mask_extractf32x8_ps(z, static_cast<__mmask8>(0xff), x, 1);
+  const __m256 y = is_max ? _mm256_max_ps(hi, lo) : _mm256_add_ps(lo, hi);
+  const __m128 ylo = _mm256_castps256_ps128(y), yhi = _mm256_extractf128_ps(y, 1);
+  return is_max ? _mm_max_ps(yhi, ylo) : _mm_add_ps(ylo, yhi);
+}
+#elif FASTATTN_VEC_BYTES == 32
+inline __m128 fold_to_128(__m256 x, bool is_max) {
+  const __m128 lo = _mm256_castps256_ps128(x), hi = _mm256_extractf128_ps(x, 1);
+  return is_max ? _mm_max_ps(hi, lo) : _mm_add_ps(lo, hi);
+}
+#else
+inline __m128 fold_to_128(__m128 x, bool) { return x; }
+#endif
+// t[i] (+|max)= t[i + 2], then t[0] (+|max)= t[1]; max(a, b) = a > b ? a : b (b on NaN), as
+// in the loop form.
+inline float hsum(vf x) {
+  const __m128 t = fold_to_128(x, false);
+  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps(u, u, 1)));
+}
+inline float hmax(vf x) {
+  const __m128 t = fold_to_128(x, true);
+  const __m128 u = _mm_max_ps(_mm_movehl_ps(t, t), t);
+  return _mm_cvtss_f32(_mm_max_ss(_mm_shuffle_ps(u, u, 1), u));
+}
+#else
 inline float hsum(vf x) {
   float t[kW];
   std::memcpy(t, &x, sizeof(t));
@@ -72,6 +108,7 @@ inline float hmax(vf x) {
     for (int i = 0; i < w; ++i) t[i] = t[i + w] > t[i] ? t[i + w] : t[i];
   return t[0];
 }
+#endif
 
 // 2^f for |f| <= 0.5: the degree-6 polynomial of kernel_math.h's exp2_fast.
 inline vf vexp2_poly(vf f) {
