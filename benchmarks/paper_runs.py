@@ -386,8 +386,9 @@ def write_listops(a, argv):
               "that the outermost operator gives on this distribution. fastattn's task keeps the "
               'closing brackets (the corrected input), so more than 35% is reachable in principle; '
               'the rows here that learned (BigBird 38.5, block-local 37.8) reached a little more '
-              "than that operator's 35%. The LRA model also differs from the one here in ways not tried: fixed '
-              'sine-cosine positions, token embeddings initialized with standard deviation 1, '
+              "than that operator's 35%. The LRA model also differs from the one here in ways "
+              "not tried: fixed sine-cosine positions, token embeddings initialized with "
+              "standard deviation 1, "
               'dropout 0.1, weight decay 0.1, warm-up 1000 steps '
               '(lra_benchmarks/models/transformer/transformer.py and '
               'listops/configs/base_listops_config.py at commit 980ceee).']
